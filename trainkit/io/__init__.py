@@ -1,0 +1,48 @@
+"""Shared tensor IO: lazy readers for every model format and a sharded safetensors writer.
+
+Used by ``trainkit.merge`` and by checkpoint export (``trainkit ckpt export``).
+
+Example::
+
+    from trainkit.io import open_reader, plan_shards, ShardedWriter
+    src = open_reader("path/to/hf_model")           # or x.safetensors, x.pt, trainkit:DIR@STEP#model.
+    plan = plan_shards({k: src.meta(k) for k in src.keys()})
+    with ShardedWriter("out", plan) as w:
+        for k in src.keys():
+            w.write(k, src.get(k))
+"""
+
+from trainkit.io.readers import (
+    CheckpointReader,
+    DictReader,
+    InputSpec,
+    SafetensorsReader,
+    ShardedSafetensorsReader,
+    TensorReader,
+    TorchFileReader,
+    flatten_state,
+    load_checkpoint_state,
+    open_reader,
+    parse_input_spec,
+)
+from trainkit.io.safetensors_format import TensorMeta
+from trainkit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, ShardPlan, plan_shards
+
+__all__ = [
+    "CheckpointReader",
+    "DictReader",
+    "InputSpec",
+    "SafetensorsReader",
+    "ShardedSafetensorsReader",
+    "TensorReader",
+    "TorchFileReader",
+    "TensorMeta",
+    "flatten_state",
+    "load_checkpoint_state",
+    "open_reader",
+    "parse_input_spec",
+    "DEFAULT_SHARD_BYTES",
+    "ShardedWriter",
+    "ShardPlan",
+    "plan_shards",
+]

@@ -1,0 +1,100 @@
+"""``trainkit merge METHOD``: streamed merge of model files into a model directory."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["register"]
+
+_METHODS = ("ties", "dare_ties", "task_arithmetic", "average")  # mirrors trainkit.merge.METHODS
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().rstrip("b")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "merge",
+        help="merge fine-tuned models (TIES and friends), streamed",
+        description=(
+            "Merge fine-tuned variants of one base model, tensor by tensor with bounded memory. "
+            "Inputs: a Hugging Face directory (model.safetensors or shards + index), a .safetensors "
+            "file, a torch .pt/.bin file, or a trainkit checkpoint written trainkit:DIR@STEP#PREFIX "
+            "(e.g. trainkit:runs/ckpt@1000#model.)."
+        ),
+    )
+    p.add_argument("method", choices=_METHODS, help="merge method (preset)")
+    p.add_argument("--base", required=True, help="the base (pre-trained) model")
+    p.add_argument("--models", nargs="+", required=True, help="fine-tuned models")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--density", type=float, default=None, help="fraction of each task vector kept (default 0.2 for ties)")
+    p.add_argument("--lam", type=float, default=1.0, help="scale of the merged task vector (default 1.0)")
+    p.add_argument("--scope", choices=("global", "tensor"), default="global", help="trim threshold over all tensors or per tensor")
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per model")
+    p.add_argument("--compat", choices=("mergekit",), default=None, help="reproduce mergekit 0.1.5's ties arithmetic")
+    p.add_argument(
+        "--vocab-mismatch",
+        choices=("error", "shared"),
+        default="error",
+        help="embedding row-count mismatch: error (default) or merge the shared rows",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of dare_ties' random trim")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="tensors merged in parallel (default: all cores)")
+    p.add_argument("--shard-size", type=_size, default="2GB", help="maximum output shard size (default 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    p.add_argument("--progress", choices=("auto", "on", "off"), default="auto", help="progress bar on stderr")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from trainkit.merge.files import merge_files
+    from trainkit.merge.methods import make_config
+    from trainkit.merge.plan import MergeInputError
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        print(f"trainkit merge: error: output directory {out} is not empty (use --overwrite)", file=sys.stderr)
+        return 2
+    progress = sys.stderr.isatty() if args.progress == "auto" else args.progress == "on"
+    try:
+        cfg = make_config(
+            args.method,
+            len(args.models),
+            density=args.density,
+            lam=args.lam,
+            scope=args.scope,
+            weights=args.weights,
+            compat=args.compat,
+            seed=args.seed,
+            vocab_mismatch=args.vocab_mismatch,
+        )
+        t0 = time.perf_counter()
+        record = merge_files(
+            args.base,
+            args.models,
+            out,
+            cfg,
+            threads=max(1, args.threads),
+            shard_bytes=args.shard_size,
+            progress=progress,
+            command=shlex.join(["trainkit", *sys.argv[1:]]) if sys.argv else None,
+        )
+    except (MergeInputError, ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
+        print(f"trainkit merge: error: {exc}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - t0
+    print(
+        f"merged {len(args.models)} model(s) with {args.method} ({args.scope} scope) into {out}: "
+        f"{record['output']['tensors']} tensors, {len(record['output']['shards'])} shard(s), {elapsed:.2f}s"
+    )
+    return 0

@@ -1,0 +1,305 @@
+"""The streaming merge engine: threshold passes, then a tensor-by-tensor merge pass.
+
+Memory: at any moment at most ``threads`` tensors are in flight, each holding
+its base and one float32 task vector per model plus a few accumulators, so peak
+anonymous memory is about ``threads * (n_models + 5) * largest tensor * 4`` bytes,
+whatever the model size. Inputs are memory-mapped (file-backed pages) and each
+output tensor is written to its final place in its shard at once.
+
+Passes:
+
+1. ``scope="global"`` with a magnitude trim: radix-selection histogram passes
+   (two for float32) find each task vector's exact threshold over all tensors.
+   mergekit-compat exact-k adds one counting pass only when entries tie at the
+   threshold, to hand out the tied entries in tensor order.
+2. The merge pass. In global scope a tensor whose exact-zero vote sums make its
+   values depend on the global majority sign (known only at the end) is
+   deferred and merged again after the pass; this is rare (exact cancellation).
+
+Parallelism: tensors run in a thread pool (torch kernels release the GIL) while
+the kernel is asked to read ahead the next tensors' bytes (``posix_fadvise``),
+so reads overlap with compute.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from trainkit.io.readers import TensorReader
+from trainkit.merge.kernel import (
+    DEFER,
+    Keep,
+    apply_trim,
+    combine,
+    magnitude_rank,
+    random_keep,
+    task_vectors,
+    tensor_thresholds,
+)
+from trainkit.merge.methods import MergeConfig
+from trainkit.merge.plan import MergeInputError, MergePlan, TensorTask, plan_merge
+from trainkit.merge.progress import Progress
+from trainkit.merge.threshold import RadixSelect
+
+__all__ = ["TensorSink", "DictSink", "MergeStats", "run_merge"]
+
+
+class TensorSink(Protocol):
+    """Receives output tensors, one call per tensor, from any worker thread."""
+
+    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+
+
+class DictSink:
+    """Collects the output in a dict (the in-memory API)."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.tensors[name] = tensor
+
+
+@dataclass
+class MergeStats:
+    """What a merge did: passes run, their seconds, thresholds, deferred tensors."""
+
+    passes: list[tuple[str, float]] = field(default_factory=list)
+    thresholds: list[float | None] = field(default_factory=list)
+    deferred: int = 0
+    sign_balance: float = 0.0
+    bytes_per_pass: int = 0
+
+    def to_json(self) -> dict:
+        return {
+            "passes": [{"name": n, "seconds": round(s, 4)} for n, s in self.passes],
+            "thresholds": self.thresholds,
+            "deferred_tensors": self.deferred,
+            "bytes_read_per_pass": self.bytes_per_pass,
+        }
+
+
+class _Inputs:
+    """The readers plus slicing for shared-rows merges."""
+
+    def __init__(self, base: TensorReader, models: list[TensorReader]):
+        self.base, self.models = base, models
+
+    def operands(self, task: TensorTask) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Return (full base tensor, merged slice of the base, merged slices of the models)."""
+        full = self.base.get(task.name)
+        ms = [m.get(task.name) for m in self.models]
+        if task.rows is None:
+            return full, full, ms
+        return full, full[: task.rows], [m[: task.rows] for m in ms]
+
+    def prefetch(self, task: TensorTask) -> None:
+        for r in (self.base, *self.models):
+            fn = getattr(r, "prefetch", None)
+            if fn is not None:
+                fn(task.name)
+
+
+def _parallel(
+    tasks: list[TensorTask],
+    work: Callable[[TensorTask], object],
+    done: Callable[[TensorTask, object], None],
+    inputs: _Inputs,
+    threads: int,
+    progress: Progress,
+    nbytes: Callable[[TensorTask], int],
+) -> None:
+    """Run ``work`` over ``tasks`` with at most ``threads`` in flight, reading ahead."""
+    pending: dict[Future, TensorTask] = {}
+    it = iter(tasks)
+    ahead = list(tasks[: threads * 2])
+    for t in ahead:
+        inputs.prefetch(t)
+    next_prefetch = len(ahead)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="trainkit-merge") as pool:
+        try:
+            while True:
+                while len(pending) < threads:
+                    t = next(it, None)
+                    if t is None:
+                        break
+                    pending[pool.submit(work, t)] = t
+                    if next_prefetch < len(tasks):
+                        inputs.prefetch(tasks[next_prefetch])
+                        next_prefetch += 1
+                if not pending:
+                    break
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    t = pending.pop(f)
+                    done(t, f.result())
+                    progress.update(nbytes(t))
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+
+
+def _check_finite(task: TensorTask, tvs: list[torch.Tensor], models: list[TensorReader]) -> list[str]:
+    bad = []
+    for tv, m in zip(tvs, models):
+        # A sum is non-finite whenever an entry is; confirm, since a sum can also overflow.
+        if not torch.isfinite(tv.sum()) and not bool(torch.isfinite(tv).all()):
+            bad.append(f"{task.name}: non-finite values (inf/nan) in {m.description} or the base")
+    return bad
+
+
+def run_merge(
+    base: TensorReader,
+    models: list[TensorReader],
+    cfg: MergeConfig,
+    sink: TensorSink,
+    *,
+    plan: MergePlan | None = None,
+    threads: int = 1,
+    progress: bool = False,
+) -> MergeStats:
+    """Merge ``models`` into ``base`` tensor by tensor, writing each result to ``sink``."""
+    plan = plan or plan_merge(base, models, cfg)
+    inputs = _Inputs(base, models)
+    stats = MergeStats()
+    n = len(models)
+    merged = sorted((t for t in plan.tasks if t.merged), key=lambda t: -t.merged_numel)
+    copied = [t for t in plan.tasks if not t.merged]
+    itemsize = {t.name: t.dtype.itemsize for t in plan.tasks}
+
+    def nbytes(t: TensorTask) -> int:
+        return t.merged_numel * itemsize[t.name] * (n + 1)
+
+    stats.bytes_per_pass = sum(nbytes(t) for t in merged)
+    checked_finite = False
+    problems: list[str] = []
+
+    def run_pass(label: str, tasks: list[TensorTask], work, done) -> None:
+        bar = Progress(label, sum(nbytes(t) for t in tasks), enabled=progress)
+        t0 = time.perf_counter()
+        _parallel(tasks, work, done, inputs, max(1, threads), bar, nbytes)
+        bar.close()
+        stats.passes.append((label, time.perf_counter() - t0))
+        if problems:
+            raise MergeInputError(problems)
+
+    global_keeps: list[Keep] | None = None
+    quotas: dict[str, list[int | None]] = {}
+    rank, exact_k = magnitude_rank(plan.total, cfg)
+    if cfg.method.trim == "magnitude" and cfg.scope == "global" and rank > 0:
+        sel = RadixSelect([rank] * n, plan.dtype)
+        first = True
+
+        def hist_work(t: TensorTask):
+            _, b, ms = inputs.operands(t)
+            _, tvs = task_vectors(b, ms, cfg, plan.dtype)
+            bad = _check_finite(t, tvs, models) if first else []
+            if bad:
+                return bad
+            for i, tv in enumerate(tvs):
+                sel.add(i, sel.histogram(tv.abs_(), i))
+            return []
+
+        while not sel.done:
+            run_pass(f"threshold {sel.pass_index + 1}", merged, hist_work, lambda t, r: problems.extend(r))
+            first = False
+            sel.advance()
+        checked_finite = True
+        thresholds = [sel.threshold(i) for i in range(n)]
+        stats.thresholds = thresholds
+        global_keeps = [Keep(thr, None) for thr in thresholds]
+        if exact_k:
+            keep_count = plan.total - rank + 1
+            need = [keep_count - sel.count_greater(i, plan.total) for i in range(n)]
+            if any(need[i] != sel.count_equal(i) for i in range(n)):
+                quotas = _tie_quotas(plan, merged, inputs, cfg, thresholds, need, run_pass)
+
+    balance = 0.0
+    deferred: list[TensorTask] = []
+
+    def merge_one(t: TensorTask, majority: int | None):
+        full, b, ms = inputs.operands(t)
+        bf, tvs = task_vectors(b, ms, cfg, plan.dtype)
+        bad = [] if checked_finite else _check_finite(t, tvs, models)
+        if bad:
+            return bad
+        if cfg.method.trim == "magnitude":
+            if global_keeps is None:
+                keeps = tensor_thresholds(tvs, cfg)
+            else:
+                q = quotas.get(t.name)
+                keeps = [Keep(k.threshold, q[i] if q else None) for i, k in enumerate(global_keeps)]
+            for i, k in enumerate(keeps):
+                tvs[i] = apply_trim(tvs[i], k)  # replace in place of the list: frees the untrimmed one
+        elif cfg.method.trim == "random":
+            for i in range(len(tvs)):
+                tvs[i] = random_keep(tvs[i], cfg.density, cfg.seed, i, t.name)
+        res = combine(bf, tvs, cfg, majority)
+        if res.values is not None:
+            out = res.values.to(t.dtype)
+            if t.rows is not None:
+                full_out = full.clone()
+                full_out[: t.rows] = out
+                out = full_out
+            sink.write(t.name, out)
+        return res
+
+    def merge_done(t: TensorTask, res) -> None:
+        nonlocal balance
+        if isinstance(res, list):
+            problems.extend(res)
+            return
+        balance += res.sign_balance
+        if res.values is None:
+            deferred.append(t)
+
+    first_majority = DEFER if (cfg.method.elect and cfg.scope == "global" and cfg.compat is None) else None
+    run_pass("merge", merged, lambda t: merge_one(t, first_majority), merge_done)
+    for t in copied:
+        sink.write(t.name, base.get(t.name).clone())
+    stats.sign_balance = balance
+    if deferred:
+        majority = 1 if balance > 0 else (-1 if balance < 0 else 0)
+        stats.deferred = len(deferred)
+        run_pass("merge deferred", deferred, lambda t: merge_one(t, majority), merge_done)
+    return stats
+
+
+def _tie_quotas(
+    plan: MergePlan,
+    merged: list[TensorTask],
+    inputs: _Inputs,
+    cfg: MergeConfig,
+    thresholds: list[float | None],
+    need: list[int],
+    run_pass,
+) -> dict[str, list[int | None]]:
+    """Exact-k with ties at the threshold: count ties per tensor, hand them out in plan order."""
+    counts: dict[str, list[int]] = {}
+
+    def work(t: TensorTask):
+        _, b, ms = inputs.operands(t)
+        _, tvs = task_vectors(b, ms, cfg, plan.dtype)
+        return [int((tv.abs() == thr).sum()) if thr is not None else 0 for tv, thr in zip(tvs, thresholds)]
+
+    run_pass("threshold ties", merged, work, lambda t, c: counts.__setitem__(t.name, c))
+    quotas: dict[str, list[int | None]] = {}
+    left = list(need)
+    for t in plan.tasks:
+        if t.name not in counts:
+            continue
+        q: list[int | None] = []
+        for i, c in enumerate(counts[t.name]):
+            take = max(0, min(c, left[i]))
+            left[i] -= take
+            q.append(take)
+        quotas[t.name] = q
+    return quotas
+

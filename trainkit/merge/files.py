@@ -1,0 +1,138 @@
+"""Merging model files to a model directory: readers -> engine -> sharded writer.
+
+Besides the weights it copies the base directory's other files (config.json,
+tokenizer files, ...) and writes ``merge.json``: method, parameters, inputs with
+SHA-256 content hashes, and the trainkit version, so a merge can be reproduced
+and audited. Hashes are computed in a background thread during the merge.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+from trainkit import __version__
+from trainkit.io.readers import InputSpec, TensorReader, open_reader, parse_input_spec
+from trainkit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, plan_shards
+from trainkit.merge.engine import MergeStats, run_merge
+from trainkit.merge.methods import MergeConfig
+from trainkit.merge.plan import plan_merge
+
+__all__ = ["merge_files", "sha256_file", "WEIGHT_SUFFIXES"]
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+class _Hasher(threading.Thread):
+    """Hashes every input file while the merge runs."""
+
+    def __init__(self, readers: list[TensorReader]):
+        super().__init__(daemon=True, name="trainkit-merge-hash")
+        self.files = sorted({p for r in readers for p in r.files()})
+        self.result: dict[Path, str] = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for p in self.files:
+                self.result[p] = sha256_file(p)
+        except BaseException as exc:  # reported by the caller
+            self.error = exc
+
+
+def _copy_side_files(base: InputSpec, out: Path) -> list[str]:
+    if base.checkpoint or not base.path.is_dir():
+        return []
+    copied = []
+    for p in sorted(base.path.iterdir()):
+        if p.is_file() and p.suffix not in WEIGHT_SUFFIXES and p.name not in WEIGHT_INDEXES and p.name != "merge.json":
+            shutil.copy2(p, out / p.name)
+            copied.append(p.name)
+    return copied
+
+
+def merge_files(
+    base: str | Path,
+    models: list[str | Path],
+    out: str | Path,
+    cfg: MergeConfig,
+    *,
+    threads: int = 1,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = False,
+    command: str | None = None,
+) -> dict:
+    """Merge model files into ``out`` (sharded safetensors + index + merge.json).
+
+    Returns the ``merge.json`` record.
+    """
+    out = Path(out)
+    base_spec = parse_input_spec(str(base))
+    model_specs = [parse_input_spec(str(m)) for m in models]
+    base_r = open_reader(base_spec)
+    model_rs = [open_reader(s) for s in model_specs]
+    plan = plan_merge(base_r, model_rs, cfg)
+    shard_plan = plan_shards({t.name: base_r.meta(t.name) for t in plan.tasks}, shard_bytes)
+    out.mkdir(parents=True, exist_ok=True)
+    hasher = _Hasher([base_r, *model_rs])
+    hasher.start()
+    prev_threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)  # parallelism comes from tensors in flight, not inside each op
+    try:
+        with ShardedWriter(out, shard_plan) as writer:
+            stats: MergeStats = run_merge(base_r, model_rs, cfg, writer, plan=plan, threads=threads, progress=progress)
+    finally:
+        torch.set_num_threads(prev_threads)
+    copied = _copy_side_files(base_spec, out)
+    hasher.join()
+    if hasher.error is not None:
+        raise hasher.error
+
+    def describe(spec: InputSpec, reader: TensorReader) -> dict:
+        return {
+            "spec": repr(spec),
+            "files": [
+                {"path": str(p), "bytes": p.stat().st_size, "sha256": hasher.result[p]} for p in reader.files()
+            ],
+        }
+
+    record = {
+        "method": cfg.method.name,
+        "parameters": cfg.to_json(),
+        "inputs": {
+            "base": describe(base_spec, base_r),
+            "models": [describe(s, r) for s, r in zip(model_specs, model_rs)],
+        },
+        "trainkit_version": __version__,
+        "torch_version": torch.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "output": {
+            "shards": list(shard_plan.shard_names),
+            "total_size": shard_plan.total_size,
+            "tensors": len(plan.tasks),
+            "copied_files": copied,
+        },
+        "threads": threads,
+        "stats": stats.to_json(),
+    }
+    (out / "merge.json").write_text(json.dumps(record, indent=2))
+    return record

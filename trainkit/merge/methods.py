@@ -1,0 +1,137 @@
+"""Merge methods: one parameterised task-vector algorithm, named presets in a registry.
+
+Every method maps ``(base, [models])`` to ``base + lam * combine(trim(w_i * (m_i - base)))``.
+The presets differ only in how they trim and combine:
+
+=================  =============  ==========  =====================================
+preset             trim           sign vote   combine
+=================  =============  ==========  =====================================
+``average``        none           no          weighted mean (sum / sum of weights)
+``task_arithmetic`` none          no          sum
+``ties``           magnitude      yes         disjoint mean over agreeing entries
+``dare_ties``      random (DARE)  yes         disjoint mean over agreeing entries
+=================  =============  ==========  =====================================
+
+The registry is a plain dict (no registration by import side effect), so the
+set of methods is visible in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["MergeMethod", "MergeConfig", "METHODS", "make_config", "Trim", "Combine", "Scope", "Compat"]
+
+Trim = Literal["none", "magnitude", "random"]
+Combine = Literal["sum", "mean", "disjoint_mean"]
+Scope = Literal["global", "tensor"]
+Compat = Literal["mergekit"] | None
+
+
+@dataclass(frozen=True, slots=True)
+class MergeMethod:
+    """One point in the family: how task vectors are trimmed, voted and combined."""
+
+    name: str
+    trim: Trim
+    elect: bool
+    combine: Combine
+    default_density: float = 1.0
+
+
+METHODS: dict[str, MergeMethod] = {
+    "average": MergeMethod("average", trim="none", elect=False, combine="mean"),
+    "task_arithmetic": MergeMethod("task_arithmetic", trim="none", elect=False, combine="sum"),
+    "ties": MergeMethod("ties", trim="magnitude", elect=True, combine="disjoint_mean", default_density=0.2),
+    "dare_ties": MergeMethod("dare_ties", trim="random", elect=True, combine="disjoint_mean", default_density=0.2),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MergeConfig:
+    """Everything that determines a merge's output. Made by :func:`make_config`.
+
+    Attributes:
+        method: the preset.
+        density: fraction of each task vector kept by the trim, in (0, 1].
+        lam: scale of the combined task vector added to the base.
+        scope: ``"global"`` = one trim threshold per task vector over all merged
+            parameters (the authors' code); ``"tensor"`` = one per tensor (mergekit, PEFT).
+        weights: per-model weights (None = all 1).
+        compat: ``"mergekit"`` reproduces mergekit 0.1.5's ties arithmetic.
+        seed: seed of the random trim (``dare_ties``).
+        vocab_mismatch: ``"error"`` or ``"shared"`` (merge only the rows all models share
+            on embedding-like tensors; extra base rows are kept, extra model rows dropped).
+    """
+
+    method: MergeMethod
+    density: float
+    lam: float
+    scope: Scope
+    weights: tuple[float, ...] | None
+    compat: Compat
+    seed: int
+    vocab_mismatch: Literal["error", "shared"]
+
+    def weight(self, i: int) -> float:
+        return 1.0 if self.weights is None else self.weights[i]
+
+    def to_json(self) -> dict:
+        return {
+            "method": self.method.name,
+            "density": self.density,
+            "lam": self.lam,
+            "scope": self.scope,
+            "weights": list(self.weights) if self.weights is not None else None,
+            "compat": self.compat,
+            "seed": self.seed,
+            "vocab_mismatch": self.vocab_mismatch,
+        }
+
+
+def make_config(
+    method: str,
+    n_models: int,
+    *,
+    density: float | None = None,
+    lam: float = 1.0,
+    scope: str = "global",
+    weights: list[float] | tuple[float, ...] | None = None,
+    compat: str | None = None,
+    seed: int = 0,
+    vocab_mismatch: str = "error",
+) -> MergeConfig:
+    """Validate merge parameters and freeze them; every problem is reported at once."""
+    problems: list[str] = []
+    spec = METHODS.get(method)
+    if spec is None:
+        raise ValueError(f"unknown merge method {method!r}; known: {sorted(METHODS)}")
+    if n_models < 1:
+        problems.append("the model list is empty: give at least one fine-tuned model")
+    if density is None:
+        density = spec.default_density
+    if not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
+        problems.append(f"density must be in (0, 1], got {density!r}")
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam)):
+        problems.append(f"lam must be a finite number, got {lam!r}")
+    if scope not in ("global", "tensor"):
+        problems.append(f"scope must be 'global' or 'tensor', got {scope!r}")
+    if compat not in (None, "mergekit"):
+        problems.append(f"compat must be None or 'mergekit', got {compat!r}")
+    if compat == "mergekit" and spec.name != "ties":
+        problems.append(f"compat='mergekit' reproduces mergekit's ties only, not {spec.name!r}")
+    if vocab_mismatch not in ("error", "shared"):
+        problems.append(f"vocab_mismatch must be 'error' or 'shared', got {vocab_mismatch!r}")
+    if weights is not None:
+        weights = tuple(float(w) for w in weights)
+        if len(weights) != n_models:
+            problems.append(f"{len(weights)} weights given for {n_models} models")
+        if not all(math.isfinite(w) for w in weights):
+            problems.append(f"weights must be finite, got {list(weights)}")
+        if spec.combine == "mean" and len(weights) == n_models and sum(weights) == 0:
+            problems.append("weights of 'average' sum to zero")
+    if problems:
+        raise ValueError("invalid merge parameters:\n  - " + "\n  - ".join(problems))
+    return MergeConfig(spec, float(density), float(lam), scope, weights, compat, int(seed), vocab_mismatch)  # type: ignore[arg-type]
