@@ -53,7 +53,7 @@ def ref_ties(base, models, density, lam=1.0, scope="global", weights=None):
 
 
 def ref_mergekit_ties(base, models, density, lam=1.0, weights=None):
-    """mergekit 0.1.5's ties per tensor: argsort exact-k trim, weights, vote (>= 0 is +)."""
+    """mergekit 0.1.5's ties per tensor: argsort exact-k trim (torch's unstable tie order), weights, vote (>= 0 is +)."""
     weights = weights or [1.0] * len(models)
     out = {}
     for name, b0 in base.items():
@@ -64,7 +64,7 @@ def ref_mergekit_ties(base, models, density, lam=1.0, weights=None):
             if density < 1:
                 k = max(1, int(density * delta.numel()))
                 mask = torch.zeros(delta.numel())
-                mask[torch.argsort(delta.abs().reshape(-1), descending=True, stable=True)[:k]] = 1
+                mask[torch.argsort(delta.abs().reshape(-1), descending=True)[:k]] = 1
                 delta = delta * mask.reshape(delta.shape)
             deltas.append(delta)
         deltas = torch.stack(deltas)

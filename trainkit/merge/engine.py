@@ -225,6 +225,12 @@ def run_merge(
     deferred: list[TensorTask] = []
 
     def merge_one(t: TensorTask, majority: int | None):
+        res = _merge_once(t, majority)
+        if not isinstance(res, list) and res.retry_majority is not None:
+            res = _merge_once(t, res.retry_majority)
+        return res
+
+    def _merge_once(t: TensorTask, majority: int | None):
         full, b, ms = inputs.operands(t)
         bf, tvs = task_vectors(b, ms, cfg, plan.dtype)
         bad = [] if checked_finite else _check_finite(t, tvs, models)

@@ -44,11 +44,15 @@ class Keep:
 
     ``threshold=None`` keeps everything. Otherwise entries with ``|tv| > threshold``
     are kept, plus those equal to it: all of them (``quota=None``, the authors'
-    rule) or only the first ``quota`` in flat order (mergekit's exact-k rule).
+    rule) or only ``quota`` of them (mergekit's exact-k rule), the first in flat
+    order, or, with ``argsort_k`` set, exactly the ``argsort_k`` entries that
+    ``torch.argsort(|tv|, descending=True)`` puts first, which is how mergekit
+    breaks ties (torch's unstable sort order).
     """
 
     threshold: float | None = None
     quota: int | None = None
+    argsort_k: int | None = None
 
 
 @dataclass(slots=True)
@@ -58,12 +62,14 @@ class TensorResult:
     ``sign_balance`` is (#entries elected +) - (#entries elected -); the global
     majority sign that breaks exact-zero sums is the sign of its total.
     ``ambiguous`` says the tensor has an exact-zero sum over nonzero entries,
-    i.e. its values depend on that majority.
+    i.e. its values depend on that majority. ``retry_majority`` asks the caller
+    to recompute the tensor with that majority (the in-place fast path guessed +1).
     """
 
     values: torch.Tensor | None
     sign_balance: float
     ambiguous: bool
+    retry_majority: int | None = None
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -81,7 +87,7 @@ def task_vectors(
     b = base.to(dtype)
     tvs = []
     for i, m in enumerate(models):
-        tv = torch.sub(m, b) if m.dtype == dtype else torch.sub(m.to(dtype), b)
+        tv = torch.sub(m, b) if m.dtype == dtype else m.to(dtype).sub_(b)
         w = cfg.weight(i)
         if w != 1.0 and cfg.compat is None:
             tv.mul_(w)
@@ -114,11 +120,15 @@ def tensor_thresholds(tvs: list[torch.Tensor], cfg: MergeConfig) -> list[Keep]:
             continue
         a = tv.abs().reshape(-1)
         thr = a.kthvalue(rank).values.item()
-        quota = None
-        if exact_k:
-            keep = tv.numel() - rank + 1
-            quota = keep - int((a > thr).sum())
-        keeps.append(Keep(thr, quota))
+        if not exact_k:
+            keeps.append(Keep(thr))
+            continue
+        keep = tv.numel() - rank + 1
+        quota = keep - int((a > thr).sum())
+        if int((a == thr).sum()) > quota:  # ties straddle the cut: break them as mergekit does
+            keeps.append(Keep(thr, quota, argsort_k=keep))
+        else:
+            keeps.append(Keep(thr))
     return keeps
 
 
@@ -128,10 +138,15 @@ def _prev_float(x: float, dtype: torch.dtype) -> float:
 
 
 def apply_trim(tv: torch.Tensor, keep: Keep) -> torch.Tensor:
-    """Zero the entries of ``tv`` that the trim drops."""
+    """Zero the entries of ``tv`` that the trim drops (may reuse ``tv``'s memory)."""
     if keep.threshold is None:
         return tv
     thr = keep.threshold
+    if keep.argsort_k is not None:
+        w = tv.abs().reshape(-1)
+        mask = torch.zeros(w.numel(), dtype=tv.dtype)
+        mask[torch.argsort(w, descending=True)[: keep.argsort_k]] = 1
+        return tv.mul_(mask.reshape(tv.shape))
     if keep.quota is None:
         if thr <= 0.0:
             return tv
@@ -143,7 +158,7 @@ def apply_trim(tv: torch.Tensor, keep: Keep) -> torch.Tensor:
     if keep.quota > 0:
         ties = (a == thr).reshape(-1).nonzero().reshape(-1)[: keep.quota]
         mask.reshape(-1)[ties] = True
-    return tv * mask
+    return tv.mul_(mask)
 
 
 def random_keep(tv: torch.Tensor, density: float, seed: int, model: int, name: str) -> torch.Tensor:
@@ -164,10 +179,11 @@ def combine(
 ) -> TensorResult:
     """Combine trimmed task vectors into ``base + lam * combined``.
 
-    ``majority`` breaks exact-zero vote sums in the authors' rule: +1 or -1 (or 0,
-    which the authors' code treats like -1); ``None`` means "this tensor's own
-    majority" (tensor scope) and ``"defer"`` is spelled as majority=2: return no
-    values if they would depend on a majority not known yet.
+    Consumes ``kept`` (its tensors are reused in place). ``majority`` breaks
+    exact-zero vote sums in the authors' rule: +1 or -1 (or 0, which the
+    authors' code treats like -1); ``None`` means this tensor's own majority
+    (tensor scope); :data:`DEFER` means: return no values if they would depend
+    on a majority not known yet.
     """
     method = cfg.method
     acc = kept[0].clone()
@@ -182,54 +198,80 @@ def combine(
     return _combine_disjoint(base, kept, acc, cfg, majority)
 
 
-def _agreeing(kept: list[torch.Tensor], e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of |entries| whose sign is e, and their count, in model order."""
-    sel = torch.zeros_like(e)
+def _signs(s: torch.Tensor, zero_to: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn the vote sum ``s`` into elected signs in place; exact zeros get ``zero_to``."""
+    zero = s == 0
+    e = s.sign_()
+    if zero_to > 0:
+        e.add_(zero)
+    else:
+        e.sub_(zero.to(e.dtype))
+    return e, zero
+
+
+def _agree_in_place(kept: list[torch.Tensor], e: torch.Tensor, weights: list[float] | None = None):
+    """Sum of |entries| whose sign is ``e`` and their count (or summed weights), in model order.
+
+    Each ``kept`` tensor is overwritten: ``k * e`` is exact (a sign flip), and
+    summing the agreeing magnitudes then multiplying by ``e`` gives bit for bit
+    the sum of the agreeing signed values.
+    """
     cnt = torch.zeros_like(e)
-    for k in kept:
-        p = k * e
-        cnt += p > 0
-        sel += p.clamp_min_(0)
-    return sel, cnt
+    sel: torch.Tensor | None = None
+    for i, k in enumerate(kept):
+        p = k.mul_(e)
+        agree = p > 0
+        if weights is None or weights[i] == 1.0:
+            cnt.add_(agree)
+        else:
+            cnt.add_(agree * torch.tensor(weights[i], dtype=e.dtype))
+        p.clamp_min_(0)
+        if sel is None:
+            sel = p
+        else:
+            sel.add_(p)
+        kept[i] = None  # type: ignore[call-overload]
+    assert sel is not None
+    return sel.mul_(e), cnt
 
 
 def _combine_disjoint(
     base: torch.Tensor, kept: list[torch.Tensor], s: torch.Tensor, cfg: MergeConfig, majority: int | None
 ) -> TensorResult:
-    one = torch.ones((), dtype=s.dtype)
-    e = torch.where(s >= 0, one, -one)  # elect +1 on zero sums first; fixed below if needed
-    sel, cnt = _agreeing(kept, e)
-    ambiguous = bool(((s == 0) & (cnt > 0)).any())
-    balance = float(torch.sign(s).sum(dtype=torch.float64)) if (majority == DEFER or ambiguous) else 0.0
+    guess = 1 if majority in (None, DEFER) else (1 if majority > 0 else -1)
+    e, zero = _signs(s, guess)
+    sel, cnt = _agree_in_place(kept, e)
+    unknown = majority in (None, DEFER)
+    ambiguous = unknown and bool((zero & (cnt > 0)).any())
+    balance = 0.0
+    if majority == DEFER or ambiguous:
+        n_neg = int((e < 0).sum())
+        n_pos = int((e > 0).sum()) - int(zero.sum())
+        balance = float(n_pos - n_neg)
     if ambiguous:
         if majority == DEFER:
             return TensorResult(None, balance, True)
-        m = (1 if balance > 0 else -1) if majority is None else majority
-        if m <= 0:
-            e = torch.where(s > 0, one, -one)
-            sel, cnt = _agreeing(kept, e)
-    mean = e * sel / cnt.clamp_min_(1)
-    return TensorResult(base + cfg.lam * mean, balance, ambiguous)
+        if balance <= 0:  # the tensor's own majority is not +1: redo with it
+            return TensorResult(None, balance, True, retry_majority=-1)
+    mean = sel.div_(cnt.clamp_min_(1))
+    if cfg.lam != 1.0:
+        mean.mul_(cfg.lam)
+    return TensorResult(mean.add_(base), balance, ambiguous)
 
 
 def _combine_mergekit(base: torch.Tensor, kept: list[torch.Tensor], s: torch.Tensor, cfg: MergeConfig) -> TensorResult:
     """mergekit 0.1.5 ties: weights before the vote, zero sum -> +1, weighted divisor."""
     ws = [cfg.weight(i) for i in range(len(kept))]
-    wd = [k * w if w != 1.0 else k for k, w in zip(kept, ws)]
     if any(w != 1.0 for w in ws):
-        s = wd[0].clone()
-        for x in wd[1:]:
+        for i, w in enumerate(ws):
+            kept[i].mul_(w)
+        s = kept[0].clone()
+        for x in kept[1:]:
             s += x
-    one = torch.ones((), dtype=s.dtype)
-    e = torch.where(s >= 0, one, -one)
-    mixed = torch.zeros_like(s)
-    divisor = torch.zeros_like(s)
-    for x, w in zip(wd, ws):
-        agree = (x * e) > 0
-        mixed += x * agree
-        divisor += agree * torch.tensor(w, dtype=s.dtype)
-    divisor[divisor == 0] = 1
-    mixed /= divisor
+    e, _ = _signs(s, 1)
+    mixed, divisor = _agree_in_place(kept, e, ws)
+    divisor.masked_fill_(divisor == 0, 1)
+    mixed.div_(divisor)
     if cfg.lam != 1.0:
-        mixed *= cfg.lam
-    return TensorResult(base + mixed, 0.0, False)
+        mixed.mul_(cfg.lam)
+    return TensorResult(mixed.add_(base), 0.0, False)
