@@ -47,7 +47,7 @@ from trainkit.merge.plan import MergeInputError, MergePlan, TensorTask, plan_mer
 from trainkit.merge.progress import Progress
 from trainkit.merge.threshold import RadixSelect
 
-__all__ = ["TensorSink", "DictSink", "MergeStats", "run_merge"]
+__all__ = ["TensorSink", "DictSink", "MergeStats", "run_merge", "limit_heap_retention"]
 
 
 class TensorSink(Protocol):
@@ -155,6 +155,25 @@ def _check_finite(task: TensorTask, tvs: list[torch.Tensor], models: list[Tensor
     return bad
 
 
+def limit_heap_retention() -> None:
+    """Make glibc return large freed blocks to the OS at once.
+
+    By default glibc raises its mmap threshold after big blocks are freed, so
+    later tensor-sized allocations come from the heap and stay resident after
+    ``free``: RssAnon then grows with fragmentation instead of tracking the live
+    working set. A fixed 1 MiB threshold keeps every tensor buffer in its own
+    mapping. No-op where glibc is absent.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_MMAP_THRESHOLD = -3
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_merge(
     base: TensorReader,
     models: list[TensorReader],
@@ -167,6 +186,7 @@ def run_merge(
 ) -> MergeStats:
     """Merge ``models`` into ``base`` tensor by tensor, writing each result to ``sink``."""
     plan = plan or plan_merge(base, models, cfg)
+    limit_heap_retention()
     inputs = _Inputs(base, models)
     stats = MergeStats()
     n = len(models)
@@ -199,13 +219,14 @@ def run_merge(
 
         def hist_work(t: TensorTask):
             _, b, ms = inputs.operands(t)
-            _, tvs = task_vectors(b, ms, cfg, plan.dtype)
-            bad = _check_finite(t, tvs, models) if first else []
-            if bad:
-                return bad
-            for i, tv in enumerate(tvs):
+            bad: list[str] = []
+            for i, m in enumerate(ms):  # one task vector at a time: less memory
+                _, (tv,) = task_vectors(b, [m], cfg.for_model(i), plan.dtype)
+                if first:
+                    bad += _check_finite(t, [tv], [models[i]])
                 sel.add(i, sel.histogram(tv.abs_(), i))
-            return []
+                del tv
+            return bad
 
         while not sel.done:
             run_pass(f"threshold {sel.pass_index + 1}", merged, hist_work, lambda t, r: problems.extend(r))

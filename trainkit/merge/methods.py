@@ -78,6 +78,11 @@ class MergeConfig:
     def weight(self, i: int) -> float:
         return 1.0 if self.weights is None else self.weights[i]
 
+    def for_model(self, i: int) -> "MergeConfig":
+        """This config restricted to model ``i`` (its weight only), for one-at-a-time passes."""
+        w = None if self.weights is None else (self.weights[i],)
+        return MergeConfig(self.method, self.density, self.lam, self.scope, w, self.compat, self.seed, self.vocab_mismatch)
+
     def to_json(self) -> dict:
         return {
             "method": self.method.name,
