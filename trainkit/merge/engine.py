@@ -85,6 +85,10 @@ class MergeStats:
         }
 
 
+BUDGET_FACTOR = 1.5
+"""Tensors in flight hold at most this many times the largest tensor's elements."""
+
+
 class _Inputs:
     """The readers plus slicing for shared-rows merges."""
 
@@ -115,29 +119,41 @@ def _parallel(
     progress: Progress,
     nbytes: Callable[[TensorTask], int],
 ) -> None:
-    """Run ``work`` over ``tasks`` with at most ``threads`` in flight, reading ahead."""
+    """Run ``work`` over ``tasks`` with at most ``threads`` in flight, reading ahead.
+
+    Memory-aware: the elements of the tensors in flight stay within
+    ``BUDGET_FACTOR`` x the largest tensor, so the largest tensors (embeddings,
+    LM head) never run side by side while smaller ones fill the other workers.
+    """
+    budget = BUDGET_FACTOR * max((t.merged_numel for t in tasks), default=0)
+    waiting = list(tasks)
     pending: dict[Future, TensorTask] = {}
-    it = iter(tasks)
-    ahead = list(tasks[: threads * 2])
-    for t in ahead:
-        inputs.prefetch(t)
-    next_prefetch = len(ahead)
+    in_flight = 0
+    prefetched = 0
+
+    def prefetch_ahead() -> None:
+        nonlocal prefetched
+        while prefetched < len(tasks) and prefetched < len(tasks) - len(waiting) + 2 * threads:
+            inputs.prefetch(tasks[prefetched])
+            prefetched += 1
+
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="trainkit-merge") as pool:
         try:
-            while True:
-                while len(pending) < threads:
-                    t = next(it, None)
-                    if t is None:
+            while waiting or pending:
+                while waiting and len(pending) < threads:
+                    pick = next(
+                        (i for i, t in enumerate(waiting) if not pending or in_flight + t.merged_numel <= budget), None
+                    )
+                    if pick is None:
                         break
+                    t = waiting.pop(pick)
+                    in_flight += t.merged_numel
                     pending[pool.submit(work, t)] = t
-                    if next_prefetch < len(tasks):
-                        inputs.prefetch(tasks[next_prefetch])
-                        next_prefetch += 1
-                if not pending:
-                    break
+                prefetch_ahead()
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:
                     t = pending.pop(f)
+                    in_flight -= t.merged_numel
                     done(t, f.result())
                     progress.update(nbytes(t))
         except BaseException:

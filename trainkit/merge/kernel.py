@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from trainkit.merge.methods import MergeConfig
+from trainkit.merge.threshold import RadixSelect
 
 __all__ = [
     "DEFER",
@@ -111,21 +112,31 @@ def magnitude_rank(d: int, cfg: MergeConfig) -> tuple[int, bool]:
 
 
 def tensor_thresholds(tvs: list[torch.Tensor], cfg: MergeConfig) -> list[Keep]:
-    """Per-tensor trim thresholds (``scope="tensor"``), exact via ``kthvalue``."""
+    """Per-tensor trim thresholds (``scope="tensor"``), exact by radix selection.
+
+    Two histogram passes over the tensor's |tv| bit patterns: faster than
+    ``kthvalue`` and without its copy and int64 index tensor.
+    """
     keeps = []
     for tv in tvs:
-        rank, exact_k = magnitude_rank(tv.numel(), cfg)
+        d = tv.numel()
+        rank, exact_k = magnitude_rank(d, cfg)
         if rank == 0:
             keeps.append(Keep())
             continue
-        a = tv.abs().reshape(-1)
-        thr = a.kthvalue(rank).values.item()
+        a = tv.abs()
+        sel = RadixSelect([rank], a.dtype)
+        while not sel.done:
+            sel.add(0, sel.histogram(a, 0))
+            sel.advance()
+        del a
+        thr = sel.threshold(0)
         if not exact_k:
             keeps.append(Keep(thr))
             continue
-        keep = tv.numel() - rank + 1
-        quota = keep - int((a > thr).sum())
-        if int((a == thr).sum()) > quota:  # ties straddle the cut: break them as mergekit does
+        keep = d - rank + 1
+        quota = keep - sel.count_greater(0, d)
+        if sel.count_equal(0) > quota:  # ties straddle the cut: break them as mergekit does
             keeps.append(Keep(thr, quota, argsort_k=keep))
         else:
             keeps.append(Keep(thr))
