@@ -166,3 +166,10 @@ def test_inputs_not_modified_and_threads_deterministic():
     _assert_equal(one, two)
     for orig, copy in zip([base, *models], copies):
         _assert_equal(orig, copy)
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_scalar_and_empty_tensors(scope):
+    base = {"s": torch.tensor(1.0), "e": torch.zeros(0, 4), "w": torch.randn(5, 3, generator=torch.Generator().manual_seed(9))}
+    models = [{k: v + 0.1 for k, v in base.items()}, {k: v - 0.05 for k, v in base.items()}]
+    _assert_equal(ties_merge(base, models, density=0.5, scope=scope), ref_ties(base, models, 0.5, 1.0, scope))
