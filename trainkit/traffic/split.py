@@ -14,7 +14,10 @@ order, so a flow spans at most the spines its pair uses, and each spine piece
 is cut over the parallel cables in proportion to their capacity. First only the pairs that touch an impaired leaf
 are re-optimised with the rest fixed at the healthy optimum (fast re-planning
 after one failure); if that cannot be certified within ``tolerance`` of the
-per-leaf lower bound, the whole phase is re-solved.
+per-leaf lower bound, the whole phase is re-solved. Before any LP, a local
+re-route moves only the excess off the impaired cables onto the slack of the
+same pairs' other spines; when it fits under the per-leaf bound x (1 +
+tolerance/2) it is certified and no LP runs at all.
 """
 
 from __future__ import annotations
@@ -118,6 +121,65 @@ def _equal_units(topo: LeafSpine, table: FlowTable, rows, pi, pj, pair_of_row) -
     return _with_planes(topo, rows[r], t, np.full(len(r), size / k) * d, ov // d, info)
 
 
+def _leaf_bound(topo: LeafSpine, pi, pj, demand, cap) -> float:
+    """Per-leaf lower bound (seconds): each leaf's bytes over its total fabric capacity."""
+    up_total = np.bincount(pi, weights=demand, minlength=topo.leaves)
+    down_total = np.bincount(pj, weights=demand, minlength=topo.leaves)
+    leaf_cap = cap.sum(axis=1) * 1e9 / 8
+    return float(max(
+        np.max(np.divide(up_total, leaf_cap, out=np.zeros_like(up_total), where=leaf_cap > 0)),
+        np.max(np.divide(down_total, leaf_cap, out=np.zeros_like(down_total), where=leaf_cap > 0)),
+    ))
+
+
+def _local_reroute(topo, pi, pj, demand, cap, tolerance):
+    """Move only the excess off impaired cables, onto the slack of the same pairs' other spines.
+
+    Targets the per-leaf bound, then that x (1 + tolerance/2); None when the slack
+    does not suffice (then an LP decides). Fast: one small vector op per pair
+    that crosses an impaired cable.
+    """
+    healthy = healthy_pair_amounts(topo, pi, pj, demand, pooled=True)
+    bound = _leaf_bound(topo, pi, pj, demand, cap)
+    for slack_factor in (1.0, 1 + tolerance / 2):
+        amounts = _reroute_within(topo, pi, pj, cap * 1e9 / 8 * bound * slack_factor, healthy.copy())
+        if amounts is not None:
+            return amounts
+    return None
+
+
+def _reroute_within(topo, pi, pj, limit, amounts):
+    """One local re-route attempt keeping every link under ``limit`` bytes."""
+    up = np.zeros(limit.shape)
+    down = np.zeros(limit.shape)
+    np.add.at(up, pi, amounts)
+    np.add.at(down, pj, amounts)
+    bundles = {(spec.leaf, spec.spine) for spec in topo.impaired if spec.factor < 1.0}
+    for leaf, spine in sorted(bundles):
+        for near, far, near_load, far_load in ((pi, pj, up, down), (pj, pi, down, up)):
+            excess = near_load[leaf, spine] - limit[leaf, spine]
+            if excess <= 0:
+                continue
+            movers = np.flatnonzero((near == leaf) & (amounts[:, spine] > 0))
+            share = excess / near_load[leaf, spine]
+            for p in movers.tolist():
+                m = amounts[p, spine] * share
+                other = far[p]
+                amounts[p, spine] -= m
+                near_load[leaf, spine] -= m
+                far_load[other, spine] -= m
+                slack = np.minimum(limit[leaf] - near_load[leaf], limit[other] - far_load[other]).clip(min=0.0)
+                slack[spine] = 0.0
+                room = slack.sum()
+                if room < m * (1 - 1e-12):
+                    return None
+                give = slack * (m / room)
+                amounts[p] += give
+                near_load[leaf] += give
+                far_load[other] += give
+    return amounts
+
+
 def _restricted(topo, table, rows, pi, pj, pair_of_row, demand, cap, tolerance):
     """Re-optimise only pairs touching impaired leaves; None if not certified near-optimal."""
     bad_leaves = np.unique([s.leaf for s in topo.impaired if s.factor < 1.0])
@@ -135,15 +197,7 @@ def _restricted(topo, table, rows, pi, pj, pair_of_row, demand, cap, tolerance):
         cap, pi[touched], pj[touched], demand[touched], bg_up=bg_up, bg_down=bg_down
     )
     amounts[touched] = sub_amounts
-    # certified lower bound: each leaf's bytes over its total capacity
-    up_total = np.bincount(pi, weights=demand, minlength=topo.leaves)
-    down_total = np.bincount(pj, weights=demand, minlength=topo.leaves)
-    leaf_cap = cap.sum(axis=1) * 1e9 / 8
-    bound = max(
-        np.max(np.divide(up_total, leaf_cap, out=np.zeros_like(up_total), where=leaf_cap > 0)),
-        np.max(np.divide(down_total, leaf_cap, out=np.zeros_like(down_total), where=leaf_cap > 0)),
-    )
-    if t_sub > bound * (1 + tolerance):
+    if t_sub > _leaf_bound(topo, pi, pj, demand, cap) * (1 + tolerance):
         return None
     return amounts, t_sub
 
@@ -162,12 +216,12 @@ def plan_split(topo: LeafSpine, table: FlowTable, rows: np.ndarray, *, tolerance
         return assign_bytes(topo, table, rows, pair_of_row, amounts, {"split": {"mode": "bytes"}})
     cap = path_capacity(topo, pooled=True)
     check_routable(cap, pi, pj)
-    found = _restricted(topo, table, rows, pi, pj, pair_of_row, demand, cap, tolerance)
-    mode = "restricted-lp"
-    if found is None:
+    amounts, mode = _local_reroute(topo, pi, pj, demand, cap, tolerance), "local-reroute"
+    if amounts is None:
+        found, mode = _restricted(topo, table, rows, pi, pj, pair_of_row, demand, cap, tolerance), "restricted-lp"
+        amounts = None if found is None else found[0]
+    if amounts is None:
         amounts, _ = solve_paths(cap, pi, pj, demand)
         mode = "lp"
-    else:
-        amounts = found[0]
     a = assign_bytes(topo, table, rows, pair_of_row, amounts, {"split": {"mode": mode}}, pooled=True)
     return expand_pooled(topo, table, a)
