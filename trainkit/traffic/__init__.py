@@ -17,7 +17,7 @@ Example::
     p.max_link_load, len(p.subflows)
 """
 
-from trainkit.traffic.collectives import COLLECTIVES, DenseGroup, Flows, Phase, collective, combine
+from trainkit.traffic.collectives import COLLECTIVES, DenseGroup, Flows, Phase, collective, combine, flows_from_pairs
 from trainkit.traffic.errors import JobError, TopologyError, TrafficError, UnroutableError
 from trainkit.traffic.hashing import HashModel
 from trainkit.traffic.plan import Plan, Subflow
@@ -27,5 +27,5 @@ from trainkit.traffic.topology import LeafSpine, LinkSpec, parse_link
 __all__ = [
     "COLLECTIVES", "DenseGroup", "Flows", "HashModel", "JobError", "LeafSpine", "LinkSpec", "PLANNERS",
     "Phase", "Plan", "Subflow", "TopologyError", "TrafficError", "UnroutableError",
-    "collective", "combine", "lower_bound", "parse_link", "plan",
+    "collective", "combine", "flows_from_pairs", "lower_bound", "parse_link", "plan",
 ]

@@ -27,7 +27,7 @@ import numpy as np
 
 from trainkit.traffic.errors import JobError
 
-__all__ = ["Phase", "DenseGroup", "Flows", "collective", "combine", "COLLECTIVES"]
+__all__ = ["Phase", "DenseGroup", "Flows", "collective", "combine", "flows_from_pairs", "COLLECTIVES"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -220,6 +220,23 @@ def collective(name: str, *, hosts: Iterable[int], nbytes: float, channels: int 
         raise JobError("channels", f"must be a positive integer, got {channels!r}")
     phases = COLLECTIVES[name](hosts_arr, float(nbytes), int(channels))
     return Flows(tuple(phases), np.sort(hosts_arr))
+
+
+def flows_from_pairs(src, dst, nbytes, *, repeat: int = 1, name: str = "custom") -> Flows:
+    """One phase of explicit flows ``src[k] -> dst[k]`` (NIC indices) of ``nbytes[k]`` bytes."""
+    src_arr = np.asarray(src, dtype=np.int64)
+    dst_arr = np.asarray(dst, dtype=np.int64)
+    if src_arr.shape != dst_arr.shape or src_arr.ndim != 1:
+        raise JobError("dst", "src and dst must be equally long lists of NIC indices")
+    if len(src_arr) and (min(src_arr.min(), dst_arr.min()) < 0):
+        raise JobError("src", "NIC indices must be >= 0")
+    size = np.broadcast_to(np.asarray(nbytes, dtype=np.float64), src_arr.shape)
+    if (size <= 0).any():
+        raise JobError("nbytes", "flow sizes must be positive")
+    if (src_arr == dst_arr).any():
+        raise JobError("dst", "a flow cannot go from a NIC to itself")
+    phase = _phase(name, repeat, src_arr, dst_arr, size)
+    return Flows((phase,), np.unique(np.concatenate([src_arr, dst_arr])))
 
 
 def combine(*jobs: Flows) -> Flows:

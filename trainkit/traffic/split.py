@@ -89,11 +89,24 @@ def expand_pooled(topo: LeafSpine, table: FlowTable, a: Assignment) -> Assignmen
     share = (up / up.sum(axis=1, keepdims=True))[:, :, None] * (down / down.sum(axis=1, keepdims=True))[:, None, :]
     idx, ku, kd = np.nonzero(share > 0)
     keep = ~pooled
+    each = a.each[pooled][idx] * share[idx, ku, kd]
+    count = a.count[pooled][idx]
+    agg = table.src[r[idx]] < 0
+    if agg.any():  # aggregated rows: share out whole flows rather than cutting each flow P x P ways
+        exact = count * share[idx, ku, kd]
+        whole = np.floor(exact).astype(np.int64)
+        short = a.count[pooled] - np.bincount(idx, weights=whole, minlength=len(r)).astype(np.int64)
+        rank = np.lexsort((-(exact - whole), idx))
+        pos = np.empty(len(idx), np.int64)
+        pos[rank] = np.arange(len(idx)) - np.searchsorted(idx[rank], idx[rank])
+        whole += (pos < short[idx]).astype(np.int64)
+        count = np.where(agg, whole, count)
+        each = np.where(agg, a.each[pooled][idx], each)
+    nz = count > 0
     return Assignment(
-        np.concatenate([a.row[keep], r[idx]]), np.concatenate([a.spine[keep], s[idx]]),
-        np.concatenate([a.up_link[keep], ku]), np.concatenate([a.down_link[keep], kd]),
-        np.concatenate([a.each[keep], a.each[pooled][idx] * share[idx, ku, kd]]),
-        np.concatenate([a.count[keep], a.count[pooled][idx]]), a.info,
+        np.concatenate([a.row[keep], r[idx][nz]]), np.concatenate([a.spine[keep], s[idx][nz]]),
+        np.concatenate([a.up_link[keep], ku[nz]]), np.concatenate([a.down_link[keep], kd[nz]]),
+        np.concatenate([a.each[keep], each[nz]]), np.concatenate([a.count[keep], count[nz]]), a.info,
     )
 
 
