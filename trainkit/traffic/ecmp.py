@@ -94,6 +94,6 @@ def plan_ecmp(
         "subflows_per_uplink_mean": float(per_uplink.mean()) if len(per_uplink) else 0.0,
         "subflows_per_uplink_max": int(per_uplink.max()) if len(per_uplink) else 0,
         "idle_uplinks": int((per_uplink == 0).sum()),
-        "histogram": hist.tolist()[:64],
+        "histogram": hist.tolist(),  # histogram[n] = uplinks carrying n subflows
     }
     return out

@@ -136,22 +136,25 @@ class _Links:
         return (self.fab_down if down else self.fab_up) + (leaf * S + spine) * P + link
 
 
-def _group(cols: np.ndarray, size: np.ndarray, count: np.ndarray):
-    """Merge entities with identical links and size (cols: entities x 4, -1 = no link)."""
-    key = np.concatenate([cols, size.view(np.int64)[:, None]], axis=1)
-    uniq, inv = np.unique(key, axis=0, return_inverse=True)
-    return uniq[:, :4], size[np.unique(inv, return_index=True)[1]], np.bincount(inv.ravel(), weights=count)
-
-
-def _matrix(cols: np.ndarray, n_links: int) -> csr_matrix:
-    rows = np.repeat(np.arange(len(cols)), cols.shape[1]).reshape(cols.shape)
-    ok = cols >= 0
-    return coo_matrix((np.ones(int(ok.sum())), (rows[ok], cols[ok])), shape=(len(cols), n_links)).tocsr()
+def _group_rows(A: csr_matrix, size: np.ndarray, count: np.ndarray):
+    """Merge entities with identical link weights and size into one entity with summed count."""
+    keys: dict[bytes, int] = {}
+    inv = np.empty(A.shape[0], np.int64)
+    for r in range(A.shape[0]):
+        lo, hi = A.indptr[r], A.indptr[r + 1]
+        key = A.indices[lo:hi].tobytes() + np.round(A.data[lo:hi], 12).tobytes() + size[r : r + 1].tobytes()
+        inv[r] = keys.setdefault(key, len(keys))
+    first = np.unique(inv, return_index=True)[1]
+    return A[first], size[first], np.bincount(inv, weights=count)
 
 
 def simulate(p: Plan, *, group_limit: int = GROUP_LIMIT, rel_tol: float = 0.0) -> SimResult:
     """Completion time of every phase of a plan, under max-min fair sharing.
 
+    The subflows of one flow advance together: NCCL splits each message evenly
+    over a connection's QPs and waits for all of them, so a split flow is one
+    entity whose rate lands on each path in proportion to the bytes planned
+    there (the same machinery as spraying, restricted to the planned paths).
     rel_tol trades exactness for speed on plans with many distinct link loads
     (ECMP at scale): rates and finishing events are batched within that factor.
     """
@@ -159,17 +162,25 @@ def simulate(p: Plan, *, group_limit: int = GROUP_LIMIT, rel_tol: float = 0.0) -
     for ph in p.phases:
         a, t = ph.assignment, ph.table
         links = _Links(p.topology, t)
-        pooled = len(a.row) > group_limit
-        hu, hd = links.host(t, a.row, pooled)
+        pooled = len(t) > group_limit
+        rows_all = np.arange(len(t))
+        hu, hd = links.host(t, rows_all, pooled)
         fab = a.spine >= 0
-        r = a.row
-        fu = np.where(fab, links.fabric(t.src_leaf[r], a.spine, a.up_link, down=False), -1)
-        fd = np.where(fab, links.fabric(t.dst_leaf[r], a.spine, a.down_link, down=True), -1)
-        cols = np.stack([hu, hd, fu, fd], axis=1)
-        size, count = a.each.astype(np.float64), a.count.astype(np.float64)
+        r = a.row[fab]
+        share = (a.each * a.count)[fab] / t.row_bytes[r]
+        fu = links.fabric(t.src_leaf[r], a.spine[fab], a.up_link[fab], down=False)
+        fd = links.fabric(t.dst_leaf[r], a.spine[fab], a.down_link[fab], down=True)
+        n = len(t)
+        A = coo_matrix(
+            (np.concatenate([np.ones(2 * n), share, share]),
+             (np.concatenate([rows_all, rows_all, r, r]), np.concatenate([hu, hd, fu, fd]))),
+            shape=(n, len(links.cap)),
+        ).tocsr()
+        A.sum_duplicates()
+        size, count = t.size.astype(np.float64), t.count.astype(np.float64)
         if pooled:
-            cols, size, count = _group(cols, size, count)
-        times.append(_run(_matrix(cols, len(links.cap)), count, size, links.cap, rel_tol))
+            A, size, count = _group_rows(A, size, count)
+        times.append(_run(A, count, size, links.cap, rel_tol))
     return SimResult(tuple(times), tuple(ph.phase.repeat for ph in p.phases))
 
 
@@ -187,8 +198,10 @@ def simulate_spraying(
         hu, hd = links.host(t, rows_all, pooled)
         size, count = t.size.astype(np.float64), t.count.astype(np.float64)
         if pooled:  # identical flows of a leaf pair spray identically
-            cols, size, count = _group(np.stack([hu, hd, t.src_leaf, t.dst_leaf], axis=1), size, count)
-            hu, hd, src_leaf, dst_leaf = cols.T
+            key = np.stack([hu, hd, t.src_leaf, t.dst_leaf, size.view(np.int64)], axis=1)
+            uniq, first, inv = np.unique(key, axis=0, return_index=True, return_inverse=True)
+            hu, hd, src_leaf, dst_leaf = uniq[:, :4].T
+            size, count = size[first], np.bincount(inv.ravel(), weights=count)
         else:
             src_leaf, dst_leaf = t.src_leaf, t.dst_leaf
         n = len(size)

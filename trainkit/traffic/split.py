@@ -28,6 +28,7 @@ import numpy as np
 
 from trainkit.traffic.decompose import bvn_cut, lay_rows
 from trainkit.traffic.demand import FlowTable
+from trainkit.traffic.errors import JobError
 from trainkit.traffic.lp import check_routable, path_capacity, solve_paths
 from trainkit.traffic.plan import Assignment
 from trainkit.traffic.topology import LeafSpine
@@ -55,10 +56,26 @@ def healthy_pair_amounts(topo: LeafSpine, pi, pj, demand, *, pooled: bool = Fals
     return bvn_cut(D, X, integer=False)[pi, pj]
 
 
-def assign_bytes(topo: LeafSpine, table: FlowTable, rows, pair_of_row, amounts, info, *, pooled=False) -> Assignment:
-    """Lay every pair's flows over its per-path byte amounts (byte-level subflows)."""
+def _proportional(pair_of_row, row_bytes, amounts):
+    """Every flow of a pair split in the pair's path proportions (pieces = paths the pair uses)."""
+    frac = amounts / amounts.sum(axis=1, keepdims=True)
+    r, t = np.nonzero(frac[pair_of_row] > 1e-12)
+    return r, t, row_bytes[r] * frac[pair_of_row[r], t]
+
+
+def assign_bytes(
+    topo: LeafSpine, table: FlowTable, rows, pair_of_row, amounts, info, *, pooled=False, proportional=False
+) -> Assignment:
+    """Lay every pair's flows over its per-path byte amounts (byte-level subflows).
+
+    proportional: split each flow in its pair's proportions instead of laying
+    flows end to end (more subflows, but flows of a pair progress alike).
+    """
     size, count = table.size[rows], table.count[rows]
-    r, t, ov = lay_rows(pair_of_row, size * count, amounts)
+    if proportional:
+        r, t, ov = _proportional(pair_of_row, size * count, amounts)
+    else:
+        r, t, ov = lay_rows(pair_of_row, size * count, amounts)
     agg = table.src[rows[r]] < 0
     cnt = np.where(agg, np.maximum(1, np.rint(ov / size[r])), 1).astype(np.int64)
     if pooled:
@@ -215,8 +232,17 @@ def _restricted(topo, table, rows, pi, pj, pair_of_row, demand, cap, tolerance):
     return amounts, t_sub
 
 
-def plan_split(topo: LeafSpine, table: FlowTable, rows: np.ndarray, *, tolerance: float = 0.01, **_) -> Assignment:
-    """Plan the inter-leaf ``rows`` of one phase (see module docstring)."""
+def plan_split(
+    topo: LeafSpine, table: FlowTable, rows: np.ndarray, *, tolerance: float = 0.01, unequal: str = "even", **_
+) -> Assignment:
+    """Plan the inter-leaf ``rows`` of one phase (see module docstring).
+
+    unequal: what to do with unequal flows on a healthy fabric. ``"even"``
+    splits each evenly over all paths (optimal, and it completes exactly like
+    ideal spraying under max-min sharing); ``"balance"`` balances bytes with the
+    Birkhoff-von Neumann cut (optimal max load with far fewer subflows, but
+    uneven per-flow splits finish later under max-min sharing).
+    """
     if not len(rows):
         return Assignment.concat([])
     pi, pj, pair_of_row = _pairs(topo, table, rows)
@@ -225,6 +251,14 @@ def plan_split(topo: LeafSpine, table: FlowTable, rows: np.ndarray, *, tolerance
         size = table.size[rows]
         if np.all(size == size[0]):
             return _equal_units(topo, table, rows, pi, pj, pair_of_row)
+        if unequal == "even":  # every flow evenly over all paths: optimal, and completes like spraying
+            X = topo.paths
+            r = np.repeat(rows, X)
+            t = np.tile(np.arange(X), len(rows))
+            info = {"split": {"mode": "even", "k": X}}
+            return _with_planes(topo, r, t, table.size[r] / X, table.count[r].copy(), info)
+        if unequal != "balance":
+            raise JobError("unequal", f"must be 'even' or 'balance', got {unequal!r}")
         amounts = healthy_pair_amounts(topo, pi, pj, demand)
         return assign_bytes(topo, table, rows, pair_of_row, amounts, {"split": {"mode": "bytes"}})
     cap = path_capacity(topo, pooled=True)
