@@ -62,6 +62,10 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+def _finite(x: float) -> float | None:
+    return round(x, 6) if math.isfinite(x) else None
+
+
 def _process_gone(pid: int | None) -> bool | None:
     """True/False on this host, None when it cannot be told (another host, no pid)."""
     if pid is None:
@@ -343,7 +347,9 @@ class SlowLinkClassifier:
             lambda: collections.deque(maxlen=200))
         self.recent: dict[tuple, collections.deque] = collections.defaultdict(
             lambda: collections.deque(maxlen=cfg.window))
-        self.seen: dict[tuple, int] = collections.defaultdict(int)
+        self.durations: dict[tuple, collections.deque] = collections.defaultdict(
+            lambda: collections.deque(maxlen=cfg.window))
+        self.kinds: dict[tuple, set[tuple]] = collections.defaultdict(set)
         self.slow_keys: dict[tuple, dict[str, Any]] = {}
         self.reported: set[tuple] = set()
         self.pending: list[Finding] = []
@@ -359,18 +365,33 @@ class SlowLinkClassifier:
             duration = statistics.median(coll.done[r] - last_arrival for r in coll.done)
         duration = max(0.0, duration)
         key = (coll.group, coll.op, coll.nbytes)
-        self.seen[key] += 1
+        members = tl.group_ranks(coll.group)
+        kind = (pair is not None, coll.op, coll.nbytes, len(members))
+        self.kinds[kind].add(key)
+        self.durations[key].append(duration)
         step = coll.step()
         if step is not None and step < self.cfg.warmup_steps:
             return
+        # Temporal test: against this collective's own learned normal duration.
         base = self.baseline[key]
-        if len(base) < self.cfg.baseline_samples:
-            base.append(duration)
-            return
-        med = statistics.median(base)
-        mad = statistics.median(abs(d - med) for d in base) * 1.4826
-        limit = max(med * self.cfg.slow_ratio, med + 5 * mad, med + self.cfg.min_slow_s)
-        slow = duration > limit
+        slow_temporal, med, limit = False, float("nan"), float("nan")
+        if len(base) >= self.cfg.baseline_samples:
+            med = statistics.median(base)
+            mad = statistics.median(abs(d - med) for d in base) * 1.4826
+            limit = max(med * self.cfg.slow_ratio, med + 5 * mad, med + self.cfg.min_slow_s)
+            slow_temporal = duration > limit
+        # Cross-sectional test: against the same kind of collective on other links/groups,
+        # which works even when the fault predates the end of the learning phase.
+        slow_cross = False
+        peers = [statistics.median(self.durations[k]) for k in self.kinds[kind]
+                 if k != key and len(self.durations[k]) >= 3]
+        if len(peers) >= 2:
+            ref = statistics.median(peers)
+            cross_limit = max(ref * self.cfg.slow_ratio * 2, ref + self.cfg.min_slow_s)
+            slow_cross = duration > cross_limit
+            if not slow_temporal and math.isnan(med):
+                med, limit = ref, cross_limit
+        slow = slow_temporal or slow_cross
         if not slow:
             base.append(duration)
         window = self.recent[key]
@@ -407,8 +428,8 @@ class SlowLinkClassifier:
         window = info["window"]
         durations = [d for _, d, *_ in window]
         evidence = {"op": key[1], "bytes": key[2], "group_ranks": info["members"],
-                    "normal_duration_s": round(window[-1][4], 6),
-                    "slow_limit_s": round(window[-1][5], 6),
+                    "normal_duration_s": _finite(window[-1][4]),
+                    "slow_limit_s": _finite(window[-1][5]),
                     "recent_duration_s": {"median": round(statistics.median(durations), 6),
                                           "max": round(max(durations), 6)},
                     "slow_in_window": sum(1 for s, *_ in window if s), "window": len(window),

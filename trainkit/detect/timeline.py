@@ -143,6 +143,8 @@ class Timeline:
     # -- ingest ------------------------------------------------------------------------
     def on_issue(self, rank: int, group: str, seq: int, op: str, nbytes: int, dtype: str,
                  t: float, step: int | None) -> None:
+        if ":p2p:" in group:
+            op = "p2p"    # sender says send, receiver recv: one transfer
         colls = self.pending[group]
         coll = colls.get(seq)
         if coll is None:
