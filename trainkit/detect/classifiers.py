@@ -266,7 +266,7 @@ class StragglerClassifier:
                                             "offsets": collections.defaultdict(list),
                                             "step": step, "seq": coll.seq}
         last_t, last_r = arrivals[-1]
-        cur["gap"][last_r] += last_t - arrivals[-2][0]
+        cur["gap"][last_r] = max(cur["gap"][last_r], last_t - arrivals[-2][0])
         for t, r in arrivals:
             cur["offsets"][r].append(t - median)
 
