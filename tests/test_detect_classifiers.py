@@ -171,3 +171,30 @@ def test_heartbeat_loss_is_a_crash():
     tl.ranks[0].last_seen, tl.ranks[1].last_seen = 100.0, 96.0
     (f,) = clf.check(tl, 100.0)
     assert f.ranks == (1,) and f.evidence["per_rank"]["1"]["reason"] == "heartbeat lost"
+
+
+def test_rank_late_because_it_waited_on_a_slow_transfer_is_not_a_straggler():
+    tl = _timeline(3)
+    clf = StragglerClassifier(CFG)
+    found = []
+    for step in range(40):
+        base = 1000.0 + step * 0.1
+        # rank 2 receives over a slow link, finishing 40 ms late, then computes normally
+        recv_done = base + (0.04 if step >= 5 else 0.001)
+        group = "0:p2p:1-2"
+        tl.on_issue(1, group, step, "send", 64, "float32", base, step)
+        tl.on_issue(2, group, step, "recv", 64, "float32", base, step)
+        tl.on_done(1, group, step, recv_done, True)
+        tl.on_done(2, group, step, recv_done, True)
+        tl.last_done[0] = base + 0.001
+        tl.last_done[1] = base + 0.001          # the send returned at once
+        arrivals = {0: base + 0.021, 1: base + 0.0212, 2: recv_done + 0.0205}
+        for r, t in arrivals.items():
+            tl.on_issue(r, "0", step, "allreduce", 64, "float32", t, step)
+        for r in arrivals:
+            tl.on_done(r, "0", step, max(arrivals.values()) + 0.001, True)
+        done, tl.completed = tl.completed, []
+        for coll in done:
+            clf.observe(coll, tl)
+        found += clf.check(tl, base)
+    assert found == []

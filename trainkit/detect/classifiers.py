@@ -263,10 +263,16 @@ class StragglerClassifier:
                 self._finalize(coll.group, cur, tl)
             cur = self.units[coll.group] = {"key": unit_key, "start": arrivals[0][0],
                                             "gap": collections.Counter(),
+                                            "excess": collections.Counter(),
                                             "offsets": collections.defaultdict(list),
                                             "step": step, "seq": coll.seq}
         last_t, last_r = arrivals[-1]
-        cur["gap"][last_r] = max(cur["gap"][last_r], last_t - arrivals[-2][0])
+        gap = last_t - arrivals[-2][0]
+        if gap > cur["gap"][last_r]:
+            cur["gap"][last_r] = gap
+            others = [b for r, b in coll.busy.items() if r != last_r]
+            cur["excess"][last_r] = (coll.busy.get(last_r, 0.0) - statistics.median(others)
+                                     if others else 0.0)
         for t, r in arrivals:
             cur["offsets"][r].append(t - median)
 
@@ -278,7 +284,8 @@ class StragglerClassifier:
         last_rank, gap = max(unit["gap"].items(), key=lambda kv: kv[1])
         offsets = {r: statistics.fmean(v) for r, v in unit["offsets"].items()}
         hist = self.history[group]
-        hist.append({"last": last_rank, "gap": gap, "start": unit["start"], "step": unit["step"],
+        hist.append({"last": last_rank, "gap": gap, "excess": unit["excess"][last_rank],
+                     "start": unit["start"], "step": unit["step"],
                      "seq": unit["seq"], "offsets": offsets})
         self._evaluate(group, tl)
 
@@ -305,6 +312,12 @@ class StragglerClassifier:
         med = statistics.median(gaps)
         if med <= threshold:
             return
+        # Non-communication slowness: the rank's own work before arriving (time since its
+        # previous completion) must be longer than the others'. A rank that arrives late
+        # because it waited on a slow link has normal busy time.
+        excess = statistics.median(u["excess"] for u in window if u["last"] == rank)
+        if excess <= 0.5 * med:
+            return
         self.reported.add(rank)
         lateness = {str(r): {"median_s": round(statistics.median(u["offsets"].get(r, 0.0)
                                                                  for u in window), 6),
@@ -315,6 +328,7 @@ class StragglerClassifier:
                     "lateness_as_last_s": {"median": round(med, 6), "p10": round(_quantile(gaps, .1), 6),
                                            "p90": round(_quantile(gaps, .9), 6), "max": round(max(gaps), 6)},
                     "threshold_s": round(threshold, 6), "step_period_s": round(period, 6),
+                    "own_work_excess_median_s": round(excess, 6),
                     "others_lateness_when_last_median_s": round(jitter, 6),
                     "arrival_offset_vs_median": lateness}
         last = window[-1]
@@ -409,22 +423,10 @@ class SlowLinkClassifier:
         if pair is not None:
             ranks, link, confidence = sorted(pair), (min(pair), max(pair)), 0.9
         else:
-            slow_groups = {k[0] for k in self.slow_keys if p2p_pair(k[0]) is None}
-            normal_groups = {k[0] for k in self.baseline if k[0] not in slow_groups
-                             and p2p_pair(k[0]) is None and len(self.recent[k]) == self.cfg.window}
-            suspects = set(info["members"])
-            for g in slow_groups:
-                suspects &= set(tl.group_ranks(g))
-            for g in normal_groups:
-                suspects -= set(tl.group_ranks(g))
-            if not suspects:
-                suspects = set(info["members"])
-            ranks = sorted(suspects)
-            link = (ranks[0], ranks[1]) if len(ranks) == 2 else None
-            confidence = 0.85 if link else 0.5
-        if (group, tuple(ranks)) in self.reported:
+            ranks, link, confidence = self._suspects(tl, info)
+        if tuple(ranks) in self.reported:
             return
-        self.reported.add((group, tuple(ranks)))
+        self.reported.add(tuple(ranks))
         window = info["window"]
         durations = [d for _, d, *_ in window]
         evidence = {"op": key[1], "bytes": key[2], "group_ranks": info["members"],
@@ -434,10 +436,32 @@ class SlowLinkClassifier:
                                           "max": round(max(durations), 6)},
                     "slow_in_window": sum(1 for s, *_ in window if s), "window": len(window),
                     "localisation": ("point-to-point pair" if pair is not None else
+                                     "slow point-to-point link inside the group" if link else
                                      "ranks shared by the slow groups and absent from normal ones")}
         self.pending.append(_finding(tl, time.time(), "slow_link", ranks, link=link, step=window[-1][3],
                                      group=group, seq=window[-1][2], evidence=evidence,
                                      confidence=confidence))
+
+    def _suspects(self, tl: Timeline, info: dict[str, Any]) -> tuple[list[int], tuple | None, float]:
+        """Localise a slow group collective from what the slow and normal traffic share."""
+        members = set(info["members"])
+        slow_pairs = [p2p_pair(k[0]) for k in self.slow_keys if p2p_pair(k[0]) is not None]
+        for pair in slow_pairs:   # a slow point-to-point link inside the group explains it
+            if pair is not None and set(pair) <= members:
+                return sorted(pair), (min(pair), max(pair)), 0.85
+        slow_groups = {k[0] for k in self.slow_keys if p2p_pair(k[0]) is None}
+        normal_groups = {k[0] for k in self.baseline if k[0] not in slow_groups
+                         and p2p_pair(k[0]) is None and len(self.recent[k]) == self.cfg.window}
+        suspects = set(members)
+        for g in slow_groups:
+            suspects &= set(tl.group_ranks(g))
+        for g in normal_groups:
+            suspects -= set(tl.group_ranks(g))
+        if not suspects:
+            suspects = set(members)
+        ranks = sorted(suspects)
+        link = (ranks[0], ranks[1]) if len(ranks) == 2 else None
+        return ranks, link, (0.85 if link else 0.5)
 
     def check(self, tl: Timeline, now: float) -> list[Finding]:
         out, self.pending = self.pending, []

@@ -87,6 +87,8 @@ class Coll:
     done: dict[int, float] = field(default_factory=dict)
     failed: set[int] = field(default_factory=set)
     steps: dict[int, int | None] = field(default_factory=dict)
+    busy: dict[int, float] = field(default_factory=dict)
+    """Per rank: time from its previous completion to this arrival (its own work)."""
 
     def step(self) -> int | None:
         values = [s for s in self.steps.values() if s is not None]
@@ -122,6 +124,7 @@ class Timeline:
         self.fatal_time: float | None = None         # first crash/hang finding
         self.stack_requests: list[int] = []          # drained by the aggregator
         self.findings: list[Finding] = []
+        self.last_done: dict[int, float] = {}        # per rank, latest completion seen
 
     # -- membership ------------------------------------------------------------------
     def group_ranks(self, group: str) -> list[int]:
@@ -153,6 +156,7 @@ class Timeline:
                 colls.pop(next(iter(colls)))
         coll.issue[rank] = t
         coll.steps[rank] = step
+        coll.busy[rank] = max(0.0, t - self.last_done.get(rank, t))
         info = self.ranks.get(rank)
         if info is not None:
             info.last_seq[group] = max(seq, info.last_seq.get(group, -1))
@@ -163,6 +167,7 @@ class Timeline:
         if coll is None:
             return
         coll.done[rank] = t
+        self.last_done[rank] = max(t, self.last_done.get(rank, t))
         if not ok:
             coll.failed.add(rank)
         self._maybe_complete(coll)
