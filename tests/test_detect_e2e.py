@@ -138,6 +138,12 @@ def _ddp_records(rank, world):
     import torch.distributed as dist
 
     dist.all_reduce(t)
+    from trainkit.detect import unmonitored
+
+    n_before = len(events)
+    with unmonitored():
+        dist.all_reduce(t)           # trainkit's own traffic: not recorded
+    assert len(events) == n_before
     if rank == 0:
         dist.send(t, 1)
     else:
@@ -160,6 +166,38 @@ def test_wrapper_sees_reducer_collectives_with_completion():
         assert [e[1] for e in p2p] == ["0:p2p:0-1"]
         assert (p2p[0][1], p2p[0][2]) in done
         assert all(e[4] > 0 for e in issued if e[3] == "allreduce")
+
+
+def _fsdp2_records(rank, world):
+    """FSDP2 (fully_shard on a DeviceMesh) collectives pass through the wrapper too."""
+    import torch
+    import torch.distributed.distributed_c10d as c10d
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from trainkit.detect.probe import MonitoredProcessGroup, Recorder, register_group
+
+    events = []
+    wrapper = MonitoredProcessGroup(c10d._get_default_group(), Recorder(events.append, rank=rank))
+    register_group(wrapper, as_default=True)
+    mesh = init_device_mesh("cpu", (world,))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for _ in range(2):
+        model(torch.randn(2, 16)).sum().backward()
+    time.sleep(0.2)
+    return events
+
+
+@pytest.mark.timeout(60)
+def test_wrapper_sees_fsdp2_collectives():
+    out = run_ranks(_fsdp2_records, 2, timeout=50)
+    for events in out.values():
+        ops = {e[3] for e in events if e[0] == "i"}
+        assert {"allgather", "reduce_scatter"} <= ops
+        assert len([e for e in events if e[0] == "d"]) == len([e for e in events if e[0] == "i"])
 
 
 def test_aggregator_cli_rejects_bad_arguments(tmp_path):

@@ -33,12 +33,14 @@ __all__ = [
     "MonitoredProcessGroup",
     "load_findings",
     "start_aggregator",
+    "unmonitored",
 ]
 
 _LAZY = {
     "CollectiveMonitor": "trainkit.detect.monitor",
     "start_aggregator": "trainkit.detect.monitor",
     "MonitoredProcessGroup": "trainkit.detect.probe",
+    "unmonitored": "trainkit.detect.probe",
 }
 
 

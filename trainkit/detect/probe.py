@@ -23,6 +23,7 @@ creates for itself are never monitored nor injected.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import faulthandler
 import itertools
@@ -30,7 +31,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -39,7 +40,26 @@ import torch.distributed.distributed_c10d as c10d
 
 from trainkit.faults import FaultInjector
 
-__all__ = ["MonitoredProcessGroup", "Recorder", "StackDumper", "register_group", "unregister_group"]
+__all__ = ["MonitoredProcessGroup", "Recorder", "StackDumper", "register_group", "unmonitored",
+           "unregister_group"]
+
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def unmonitored() -> Iterator[None]:
+    """Collectives issued by this thread inside the block are neither recorded nor injected.
+
+    For trainkit's own collectives on a monitored group (e.g. a checkpointer's
+    barrier on the default group); groups trainkit creates for itself with
+    ``dist.new_group`` are never wrapped in the first place.
+    """
+    previous = getattr(_LOCAL, "off", False)
+    _LOCAL.off = True
+    try:
+        yield
+    finally:
+        _LOCAL.off = previous
 
 # (method name, index of the argument holding the payload tensors, op label)
 _COLLECTIVES: tuple[tuple[str, int, str], ...] = (
@@ -59,6 +79,12 @@ _COLLECTIVES: tuple[tuple[str, int, str], ...] = (
     ("alltoall", 1, "alltoall"),
     ("alltoall_base", 1, "alltoall"),
     ("barrier", -1, "barrier"),
+    # torch >= 2.10 single-tensor APIs (FSDP2 issues these)
+    ("all_gather_single", 1, "allgather"),
+    ("all_gather_single_coalesced", 1, "allgather"),
+    ("reduce_scatter_single", 1, "reduce_scatter"),
+    ("reduce_scatter_single_coalesced", 1, "reduce_scatter"),
+    ("all_to_all_single", 1, "alltoall"),
 )
 
 
@@ -259,6 +285,8 @@ class MonitoredProcessGroup(dist.ProcessGroup):
     # -- recording -----------------------------------------------------------------
     def _issue(self, method: str, op: str, payload: Any, args: tuple, kwargs: dict,
                group: str, seq_source: Any, peer: int | None) -> Any:
+        if getattr(_LOCAL, "off", False):
+            return getattr(self._inner, method)(*args, **kwargs)
         rec = self._recorder
         injector = rec.injector
         if injector is not None:
@@ -348,7 +376,11 @@ def _backend_name(pg: dist.ProcessGroup) -> str:
 
 
 def register_group(wrapper: MonitoredProcessGroup, *, as_default: bool = False) -> None:
-    """Make ``dist.*(group=wrapper)`` work (and optionally wrapper the default group)."""
+    """Make ``dist.*(group=wrapper)`` and name look-ups reach the wrapper.
+
+    With ``as_default`` it also replaces the default group, so DDP/FSDP built
+    afterwards and plain ``dist.*`` calls go through it.
+    """
     world = c10d._world
     inner = wrapper.inner
     world.pg_map[wrapper] = world.pg_map[inner]
@@ -360,6 +392,18 @@ def register_group(wrapper: MonitoredProcessGroup, *, as_default: bool = False) 
         world.pg_to_tag[wrapper] = world.pg_to_tag[inner]
     if as_default:
         world.default_pg = wrapper
+    # Code that resolves groups by name in C++ (DeviceMesh, so FSDP2) must get the wrapper too.
+    _native_register(world.pg_names[inner], wrapper)
+
+
+def _native_register(name: str, pg: dist.ProcessGroup) -> None:
+    try:
+        from torch._C import _distributed_c10d as native
+
+        native._unregister_process_group(name)
+        native._register_process_group(name, pg)
+    except Exception:  # noqa: BLE001 - older torch: Python-level registration still works
+        pass
 
 
 def unregister_group(wrapper: MonitoredProcessGroup) -> None:
@@ -370,6 +414,9 @@ def unregister_group(wrapper: MonitoredProcessGroup) -> None:
             world.default_pg = wrapper.inner
     except Exception:  # noqa: BLE001 - the default group may be destroyed already
         pass
+    name = world.pg_names.get(wrapper)
+    if name is not None:
+        _native_register(name, wrapper.inner)
     for mapping in (world.pg_map, world.pg_names, world.pg_group_ranks, world.pg_backend_config,
                     world.pg_to_tag):
         mapping.pop(wrapper, None)
