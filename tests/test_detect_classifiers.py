@@ -198,3 +198,17 @@ def test_rank_late_because_it_waited_on_a_slow_transfer_is_not_a_straggler():
             clf.observe(coll, tl)
         found += clf.check(tl, base)
     assert found == []
+
+
+def test_early_irecv_is_not_a_hang_until_someone_waits():
+    tl = _timeline(2)
+    clf = HangClassifier(CFG)
+    group = "0:p2p:0-1"
+    tl.on_issue(1, group, 0, "recv", 64, "float32", 10.0, 0)   # irecv posted early
+    tl.on_issue(0, group, 0, "send", 64, "float32", 10.1, 0)
+    assert clf.check(tl, 20.0) == [] and tl.stack_requests == []
+    tl.on_wait(1, group, 0, 20.0)                                # now rank 1 blocks on it
+    assert clf.check(tl, 21.0) == []
+    clf.check(tl, 22.5)
+    (f,) = clf.check(tl, 23.1)
+    assert f.cls == "hang_comm" and f.link == (0, 1)

@@ -295,6 +295,9 @@ class Aggregator:
             elif tag == "d":
                 _, group, seq, t, ok = ev
                 tl.on_done(rank, group, int(seq), t + off, bool(ok))
+            elif tag == "w":
+                _, group, seq, t = ev
+                tl.on_wait(rank, group, int(seq), t + off)
             elif tag == "s":
                 info.step = int(ev[1])
                 info.steps.append((int(ev[1]), ev[2] + off))

@@ -13,8 +13,8 @@ Wire format: newline-delimited JSON. Rank to aggregator::
     {"t": "bye"}
 
 with compact events ``["i", group, seq, op, nbytes, dtype, t_issue, step, peer]``
-(arrival), ``["d", group, seq, t_done, ok]`` (completion) and ``["s", step, t]``
-(step marker). Aggregator to rank: ``{"t": "welcome", "time": T}`` (clock
+(arrival), ``["d", group, seq, t_done, ok]`` (completion), ``["w", group, seq, t]``
+(a point-to-point wait began) and ``["s", step, t]`` (step marker). Aggregator to rank: ``{"t": "welcome", "time": T}`` (clock
 offset), ``{"t": "stack_req"}``.
 
 Thread safety: :meth:`Channel.put` and :meth:`Channel.send` may be called from

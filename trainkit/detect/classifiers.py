@@ -160,7 +160,14 @@ class HangClassifier:
                 key = (coll.group, coll.seq)
                 if key in self.reported or key in self.waiting or not coll.issue:
                     continue
-                first = min(coll.issue.values())
+                if p2p_pair(coll.group) is not None:
+                    # Point-to-point completion is only seen at wait(): count from when a
+                    # rank started waiting, not from an early irecv posted long before.
+                    if not coll.waiting:
+                        continue
+                    first = min(coll.waiting.values())
+                else:
+                    first = min(coll.issue.values())
                 if now - first <= self.cfg.hang_timeout:
                     continue
                 self._suspect(tl, coll, now, first)

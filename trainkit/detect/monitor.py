@@ -183,6 +183,7 @@ class CollectiveMonitor:
         if text:
             return knobs.parse_address(text)
         store = c10d._get_default_store()
+        key = f"{_STORE_KEY}/{local_identity()[2]}"   # per restart attempt: never a stale one
         if rank == 0:
             try:
                 master = os.environ.get("MASTER_ADDR", "127.0.0.1")
@@ -192,12 +193,12 @@ class CollectiveMonitor:
                 self.aggregator_pid = pid
                 value = f"{host}:{port}"
             except Exception as exc:  # noqa: BLE001 - tell the other ranks, then give up
-                store.set(_STORE_KEY, "error:" + str(exc))
+                store.set(key, "error:" + str(exc))
                 raise
-            store.set(_STORE_KEY, value)
+            store.set(key, value)
         else:
-            store.wait([_STORE_KEY], _timedelta(60.0))
-            value = store.get(_STORE_KEY).decode()
+            store.wait([key], _timedelta(60.0))
+            value = store.get(key).decode()
             if value.startswith("error:"):
                 raise RuntimeError(f"rank 0 could not start the aggregator: {value[6:]}")
         return knobs.parse_address(value)

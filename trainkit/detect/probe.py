@@ -136,10 +136,12 @@ class Recorder:
 class _RecordedWork(dist.Work):
     """Wraps a work without a future (gloo send/recv) to stamp completion on wait()."""
 
-    def __init__(self, inner: dist.Work, on_done: Callable[[bool, str | None], None]):
+    def __init__(self, inner: dist.Work, on_done: Callable[[bool, str | None], None],
+                 on_wait: Callable[[], None]):
         super().__init__()
         self._inner = inner
         self._on_done = on_done
+        self._on_wait = on_wait
         self._stamped = False
 
     def _stamp(self, ok: bool, error: str | None = None) -> None:
@@ -148,6 +150,8 @@ class _RecordedWork(dist.Work):
             self._on_done(ok, error)
 
     def wait(self, timeout: datetime.timedelta = datetime.timedelta(0)) -> bool:
+        if not self._stamped:
+            self._on_wait()   # from here on this rank is blocked on the transfer
         try:
             if timeout:
                 result = self._inner.wait(timeout)
@@ -310,7 +314,8 @@ class MonitoredProcessGroup(dist.ProcessGroup):
         try:
             future = work.get_future()
         except RuntimeError:
-            return _RecordedWork(work, lambda ok, err: rec.done(group, seq, ok, err))
+            return _RecordedWork(work, lambda ok, err: rec.done(group, seq, ok, err),
+                                 lambda: rec.put(["w", group, seq, time.time()]))
 
         def _on_done(fut: torch.futures.Future) -> None:
             try:

@@ -87,6 +87,8 @@ class Coll:
     done: dict[int, float] = field(default_factory=dict)
     failed: set[int] = field(default_factory=set)
     steps: dict[int, int | None] = field(default_factory=dict)
+    waiting: dict[int, float] = field(default_factory=dict)
+    """Point-to-point only: when each rank began to wait (completion is known at wait)."""
     busy: dict[int, float] = field(default_factory=dict)
     """Per rank: time from its previous completion to this arrival (its own work)."""
 
@@ -161,6 +163,11 @@ class Timeline:
         if info is not None:
             info.last_seq[group] = max(seq, info.last_seq.get(group, -1))
         self._maybe_complete(coll)
+
+    def on_wait(self, rank: int, group: str, seq: int, t: float) -> None:
+        coll = self.pending[group].get(seq)
+        if coll is not None:
+            coll.waiting[rank] = t
 
     def on_done(self, rank: int, group: str, seq: int, t: float, ok: bool) -> None:
         coll = self.pending[group].get(seq)
