@@ -212,3 +212,25 @@ def test_early_irecv_is_not_a_hang_until_someone_waits():
     clf.check(tl, 22.5)
     (f,) = clf.check(tl, 23.1)
     assert f.cls == "hang_comm" and f.link == (0, 1)
+
+
+def test_echo_of_a_slow_link_on_a_neighbouring_link_is_not_reported():
+    tl = _timeline(4)
+    clf = SlowLinkClassifier(CFG)
+    found = []
+    for step in range(40):
+        base = 1000.0 + step * 0.05
+        for src in range(4):
+            dst = (src + 1) % 4
+            group = f"0:p2p:{src}-{dst}"
+            tl.on_issue(src, group, step, "send", 1024, "float32", base, step)
+            tl.on_issue(dst, group, step, "recv", 1024, "float32", base, step)
+            extra = {(2, 3): 0.03 if step >= 5 else 0.0,
+                     (1, 2): 0.007 if step >= 12 else 0.0}.get((src, dst), 0.0)
+            tl.on_done(src, group, step, base + 0.0005 + extra, True)
+            tl.on_done(dst, group, step, base + 0.0006 + extra, True)
+        done, tl.completed = tl.completed, []
+        for coll in done:
+            clf.observe(coll, tl)
+        found += clf.check(tl, base)
+    assert [f.link for f in found] == [(2, 3)]

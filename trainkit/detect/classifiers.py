@@ -373,6 +373,7 @@ class SlowLinkClassifier:
         self.kinds: dict[tuple, set[tuple]] = collections.defaultdict(set)
         self.slow_keys: dict[tuple, dict[str, Any]] = {}
         self.reported: set[tuple] = set()
+        self.reported_excess: dict[tuple, float] = {}
         self.pending: list[Finding] = []
 
     def observe(self, coll: Coll, tl: Timeline) -> None:
@@ -433,9 +434,17 @@ class SlowLinkClassifier:
             ranks, link, confidence = self._suspects(tl, info)
         if tuple(ranks) in self.reported:
             return
-        self.reported.add(tuple(ranks))
         window = info["window"]
         durations = [d for _, d, *_ in window]
+        normal = window[-1][4] if math.isfinite(window[-1][4]) else 0.0
+        excess = statistics.median(durations) - normal
+        for other, other_excess in self.reported_excess.items():
+            # A slow link delays its endpoints, which then slows links next to it a little:
+            # a much smaller slowdown sharing a rank with a reported link is that echo.
+            if set(other) & set(ranks) and excess < 0.5 * other_excess:
+                return
+        self.reported.add(tuple(ranks))
+        self.reported_excess[tuple(ranks)] = excess
         evidence = {"op": key[1], "bytes": key[2], "group_ranks": info["members"],
                     "normal_duration_s": _finite(window[-1][4]),
                     "slow_limit_s": _finite(window[-1][5]),

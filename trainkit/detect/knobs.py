@@ -75,7 +75,7 @@ class ClassifierConfig:
     """A straggler's median lateness must exceed this fraction of the step period."""
     slow_ratio: float = 1.5
     """A slow collective takes this many times its learned normal duration, at least."""
-    min_slow_s: float = 0.002
+    min_slow_s: float = 0.005
     """Absolute floor on the excess duration of a slow collective."""
     baseline_samples: int = 20
     """Samples learned per collective kind before slowness is judged."""
