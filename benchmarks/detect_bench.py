@@ -322,9 +322,54 @@ def run_contrast(timeout_s: float, reps: int, workdir: Path, log) -> dict:
     return out
 
 
+def markdown(report: dict) -> str:
+    """The tables for docs/benchmarks.md, from a saved ``--out`` JSON."""
+    lines = []
+    summary = report.get("summary")
+    if summary:
+        lines += ["| class | runs | recall [95% CI] | precision [95% CI] | latency median / p95 |",
+                  "|---|---|---|---|---|"]
+        for cls in CLASSES:
+            s = summary[cls]
+            lat = (f"{s['latency_s_median']:.1f} s / {s['latency_s_p95']:.1f} s"
+                   if s["latency_s_median"] is not None else "n/a")
+            if cls == "straggler" and s["latency_steps_median"] is not None:
+                lat += (f" ({s['latency_steps_median']:.0f} / {s['latency_steps_p95']:.0f} steps)")
+            rc, pc = s["recall_ci"], s["precision_ci"]
+            lines.append(f"| {cls} | {s['runs']} | {s['recall']:.2f} [{rc[0]:.2f}, {rc[1]:.2f}] | "
+                         f"{s['precision']:.2f} [{pc[0]:.2f}, {pc[1]:.2f}] ({s['findings']} findings)"
+                         f" | {lat} |")
+        c = summary["clean"]
+        lines.append(f"| clean | {c['runs']} | runs with any finding: {c['runs_with_findings']} "
+                     f"[{c['rate_ci'][0]:.2f}, {c['rate_ci'][1]:.2f}] | | |")
+    if "overhead" in report:
+        o = report["overhead"]
+        lines += ["", f"Overhead (allreduce-heavy DDP, {o['params_m']}M params, {o['bucket_mb']} MB "
+                      f"buckets, {o['steps_each']} steps per arm, ABBA blocks in one job): "
+                      f"on {o['median_on_s'] * 1e3:.2f} ms vs off {o['median_off_s'] * 1e3:.2f} ms "
+                      f"median step, **{o['overhead'] * 100:+.2f}%**."]
+    if "contrast" in report:
+        c = report["contrast"]
+        lines += ["", "| plain torch, same hang | time to error | error names the culprit |",
+                  "|---|---|---|"]
+        for label in ("plain", "detail"):
+            e = c[label]
+            t = e["time_to_error_s"]
+            extra = (f" (default 30 min timeout: ~{e['default_timeout_extrapolated_s']:.0f} s)"
+                     if "default_timeout_extrapolated_s" in e else "")
+            lines.append(f"| {label} (gloo timeout {c['lowered_timeout_s']:.0f} s) | "
+                         f"{t:.1f} s{extra} | {e['names_culprit']} |" if t is not None else
+                         f"| {label} | no error | {e['names_culprit']} |")
+        lines.append(f"\nDETAIL overhead on step time: **{c['detail_overhead'] * 100:+.1f}%**.")
+    return "\n".join(lines)
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         return worker(sys.argv[2:])
+    if len(sys.argv) > 2 and sys.argv[1] == "--markdown":
+        print(markdown(json.loads(Path(sys.argv[2]).read_text())))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs-per-class", type=int, default=20)
     ap.add_argument("--hang-timeout", type=float, default=10.0)

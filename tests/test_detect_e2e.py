@@ -149,23 +149,21 @@ def _ddp_records(rank, world):
     else:
         dist.recv(t, 0)
     time.sleep(0.2)
-    return events
+    return {"ddp": events, "fsdp2": _fsdp2_records(rank, world)}
 
 
-@pytest.mark.timeout(60)
-def test_wrapper_sees_reducer_collectives_with_completion():
-    out = run_ranks(_ddp_records, 2, timeout=50)
-    for rank, events in out.items():
-        issued = [e for e in events if e[0] == "i"]
-        done = {(e[1], e[2]) for e in events if e[0] == "d"}
-        ops = [e[3] for e in issued]
-        # construction broadcasts + >= 1 bucket allreduce per iteration + the user's allreduce
-        assert ops.count("allreduce") >= 4 and "broadcast" in ops
-        assert {(e[1], e[2]) for e in issued if e[3] != "send" and e[3] != "recv"} <= done
-        p2p = [e for e in issued if e[1].startswith("0:p2p:")]
-        assert [e[1] for e in p2p] == ["0:p2p:0-1"]
-        assert (p2p[0][1], p2p[0][2]) in done
-        assert all(e[4] > 0 for e in issued if e[3] == "allreduce")
+def _check_ddp(events):
+    """Every reducer collective (and a user send) was recorded with its completion."""
+    issued = [e for e in events if e[0] == "i"]
+    done = {(e[1], e[2]) for e in events if e[0] == "d"}
+    ops = [e[3] for e in issued]
+    # construction broadcasts + >= 1 bucket allreduce per iteration + the user's allreduce
+    assert ops.count("allreduce") >= 4 and "broadcast" in ops
+    assert {(e[1], e[2]) for e in issued if e[3] != "send" and e[3] != "recv"} <= done
+    p2p = [e for e in issued if e[1].startswith("0:p2p:")]
+    assert [e[1] for e in p2p] == ["0:p2p:0-1"]
+    assert (p2p[0][1], p2p[0][2]) in done
+    assert all(e[4] > 0 for e in issued if e[3] == "allreduce")
 
 
 def _fsdp2_records(rank, world):
@@ -178,7 +176,8 @@ def _fsdp2_records(rank, world):
     from trainkit.detect.probe import MonitoredProcessGroup, Recorder, register_group
 
     events = []
-    wrapper = MonitoredProcessGroup(c10d._get_default_group(), Recorder(events.append, rank=rank))
+    wrapper = MonitoredProcessGroup(c10d._get_default_group().inner,
+                                    Recorder(events.append, rank=rank))
     register_group(wrapper, as_default=True)
     mesh = init_device_mesh("cpu", (world,))
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
@@ -191,10 +190,12 @@ def _fsdp2_records(rank, world):
     return events
 
 
-@pytest.mark.timeout(60)
-def test_wrapper_sees_fsdp2_collectives():
-    out = run_ranks(_fsdp2_records, 2, timeout=50)
-    for events in out.values():
+@pytest.mark.timeout(90)
+def test_wrapper_sees_reducer_and_fsdp2_collectives_with_completion():
+    out = run_ranks(_ddp_records, 2, timeout=80)
+    for rank, result in out.items():
+        _check_ddp(result["ddp"])
+        events = result["fsdp2"]
         ops = {e[3] for e in events if e[0] == "i"}
         assert {"allgather", "reduce_scatter"} <= ops
         assert len([e for e in events if e[0] == "d"]) == len([e for e in events if e[0] == "i"])
