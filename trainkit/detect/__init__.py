@@ -1,0 +1,50 @@
+"""Collective-communication anomaly detection: find and name the faulty rank, node or link.
+
+Per rank, :class:`CollectiveMonitor` records every collective (through a
+``ProcessGroup`` wrapper) and streams arrivals and completions over a side
+channel to an aggregator process, which classifies crashes, hangs (with and
+without communication), stragglers and slow links and appends findings to
+``run_dir/diagnosis.jsonl``. ``trainkit diagnose RUN_DIR`` shows them.
+
+Names that need torch are imported on first use, so ``trainkit --help`` and
+``trainkit diagnose`` stay light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from trainkit.detect.knobs import (AGGREGATOR_ENV, DETECT_ENV, HANG_TIMEOUT_ENV, RUN_DIR_ENV,
+                                   ClassifierConfig)
+from trainkit.detect.report import load_findings
+from trainkit.detect.timeline import FINDING_CLASSES, FINDING_FIELDS, Finding
+
+__all__ = [
+    "AGGREGATOR_ENV",
+    "DETECT_ENV",
+    "HANG_TIMEOUT_ENV",
+    "RUN_DIR_ENV",
+    "ClassifierConfig",
+    "CollectiveMonitor",
+    "FINDING_CLASSES",
+    "FINDING_FIELDS",
+    "Finding",
+    "MonitoredProcessGroup",
+    "load_findings",
+    "start_aggregator",
+    "unmonitored",
+]
+
+_LAZY = {
+    "CollectiveMonitor": "trainkit.detect.monitor",
+    "start_aggregator": "trainkit.detect.monitor",
+    "MonitoredProcessGroup": "trainkit.detect.probe",
+    "unmonitored": "trainkit.detect.probe",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'trainkit.detect' has no attribute {name!r}")

@@ -1,0 +1,351 @@
+"""The aggregator: its own process, so a dead or hung rank 0 does not blind it.
+
+    python -m trainkit.detect.aggregator --run-dir DIR [--port P] [--hang-timeout S] [--standalone]
+
+It accepts one TCP connection per rank (protocol in :mod:`channel`), keeps
+per-rank timelines, runs one classifier per fault class on every tick and
+appends findings to ``DIR/diagnosis.jsonl`` (one JSON object per line with the
+contract fields ``time, class, ranks, hosts, ids, link, step, group, seq,
+evidence, confidence``). Around each finding it also appends the nearby
+collectives to ``DIR/timeline.jsonl`` for ``trainkit diagnose --plot``.
+
+Once listening it writes ``DIR/aggregator.json`` (``host``, ``port``, ``pid``).
+A launcher may report exit codes it sees with a line
+``{"t": "exit_code", "rank": R, "code": C}`` on any connection.
+
+``--standalone`` (used when ``CollectiveMonitor`` starts it) exits a couple of
+seconds after every rank has gone; otherwise it runs until SIGTERM/SIGINT and a
+higher restart attempt (``TORCHELASTIC_RESTART_COUNT`` of the ranks) starts a
+fresh timeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from trainkit.detect import knobs
+from trainkit.detect.classifiers import Classifier, make_classifiers
+from trainkit.detect.knobs import ClassifierConfig
+from trainkit.detect.timeline import Finding, RankInfo, Timeline
+
+__all__ = ["Aggregator", "main"]
+
+_TICK_S = 0.1
+
+
+class _Conn:
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.inbuf = b""
+        self.rank: int | None = None
+        self.attempt = 0
+        self.offset = 0.0
+
+
+class Aggregator:
+    """Server + timelines + classifiers; single-threaded (a selector loop)."""
+
+    def __init__(self, run_dir: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 0,
+                 advertise: str | None = None, cfg: ClassifierConfig | None = None,
+                 hang_timeout_from_ranks: bool = False, standalone: bool = False,
+                 linger_s: float = 2.0, first_client_timeout: float = 300.0):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg or ClassifierConfig()
+        self.hang_timeout_from_ranks = hang_timeout_from_ranks
+        self.standalone = standalone
+        self.linger_s = linger_s
+        self.first_client_timeout = first_client_timeout
+        self.local_host = os.environ.get("TRAINKIT_HOSTNAME") or socket.gethostname()
+        self.timeline = Timeline(0, self.local_host)
+        self.classifiers: list[Classifier] = make_classifiers(self.cfg)
+        self.selector = selectors.DefaultSelector()
+        self.server = socket.create_server((host, port), backlog=1024, reuse_port=False)
+        self.server.setblocking(False)
+        self.selector.register(self.server, selectors.EVENT_READ, None)
+        self.port = self.server.getsockname()[1]
+        self.advertise = advertise or (host if host not in ("0.0.0.0", "::", "") else
+                                       socket.gethostname())
+        self.conns: dict[socket.socket, _Conn] = {}
+        self.started = time.time()
+        self.ever_connected = False
+        self.last_change = time.time()
+        self._stop = False
+        self.n_findings = 0
+        self.n_completed = 0
+
+    # -- files ---------------------------------------------------------------------------
+    def write_address(self) -> None:
+        path = self.run_dir / knobs.AGGREGATOR_ADDR_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"host": self.advertise, "port": self.port, "pid": os.getpid(),
+                                   "started": self.started}))
+        os.replace(tmp, path)
+
+    def _write_finding(self, finding: Finding) -> None:
+        line = json.dumps(finding.to_json(), default=str)
+        with open(self.run_dir / knobs.DIAGNOSIS_FILE, "a") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        tl = self.timeline
+        around = {"finding": self.n_findings, "class": finding.cls, "time": finding.time,
+                  "ranks": list(finding.ranks), "colls": tl.window(finding.time),
+                  "steps": {str(r): list(i.steps) for r, i in tl.ranks.items()}}
+        with open(self.run_dir / knobs.TIMELINE_FILE, "a") as fh:
+            fh.write(json.dumps(around, default=str) + "\n")
+        self.n_findings += 1
+        print(f"[trainkit.detect] {finding.cls}: ranks {list(finding.ranks)} "
+              f"group {finding.group} seq {finding.seq}", file=sys.stderr, flush=True)
+
+    # -- loop ------------------------------------------------------------------------------
+    def stop(self, *_: Any) -> None:
+        self._stop = True
+
+    def run(self) -> int:
+        next_tick = time.monotonic()
+        while not self._stop:
+            timeout = max(0.0, next_tick - time.monotonic())
+            for key, _ in self.selector.select(timeout=timeout):
+                if key.data is None:
+                    self._accept()
+                else:
+                    self._read(key.data)
+            if time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + _TICK_S
+                self.tick(time.time())
+                if self._should_exit():
+                    break
+        for conn in list(self.conns.values()):
+            self._close(conn)
+        print(f"[trainkit.detect] aggregator exiting: {len(self.timeline.ranks)} ranks, "
+              f"{self.n_completed} collectives matched, {self.n_findings} findings",
+              file=sys.stderr, flush=True)
+        self.selector.close()
+        self.server.close()
+        return 0
+
+    def _should_exit(self) -> bool:
+        if not self.standalone:
+            return False
+        now = time.time()
+        if not self.ever_connected:
+            return now - self.started > self.first_client_timeout
+        hang = next((c for c in self.classifiers if c.name == "hang"), None)
+        busy = bool(getattr(hang, "waiting", None))
+        return not self.conns and not busy and now - self.last_change > self.linger_s
+
+    def tick(self, now: float) -> None:
+        tl = self.timeline
+        completed, tl.completed = tl.completed, []
+        self.n_completed += len(completed)
+        for coll in completed:
+            for clf in self.classifiers:
+                clf.observe(coll, tl)
+        for clf in self.classifiers:
+            for finding in clf.check(tl, now):
+                self._write_finding(finding)
+        requests, tl.stack_requests = tl.stack_requests, []
+        for rank in requests:
+            conn = next((c for c in self.conns.values() if c.rank == rank
+                         and c.attempt == tl.attempt), None)
+            if conn is not None:
+                self._send(conn, {"t": "stack_req"})
+
+    # -- connections -------------------------------------------------------------------
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.server.accept()
+        except OSError:
+            return
+        sock.setblocking(False)
+        conn = _Conn(sock)
+        self.conns[sock] = conn
+        self.selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _send(self, conn: _Conn, message: dict[str, Any]) -> None:
+        try:
+            conn.sock.setblocking(True)
+            conn.sock.settimeout(1.0)
+            conn.sock.sendall((json.dumps(message) + "\n").encode())
+        except OSError:
+            pass
+        finally:
+            try:
+                conn.sock.setblocking(False)
+            except OSError:
+                pass
+
+    def _read(self, conn: _Conn) -> None:
+        try:
+            chunk = conn.sock.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._disconnected(conn)
+            return
+        conn.inbuf += chunk
+        *lines, conn.inbuf = conn.inbuf.split(b"\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            try:
+                self._handle(conn, message)
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                print(f"[trainkit.detect] bad message from rank {conn.rank}: {exc}",
+                      file=sys.stderr, flush=True)
+
+    def _close(self, conn: _Conn) -> None:
+        self.conns.pop(conn.sock, None)
+        try:
+            self.selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    def _disconnected(self, conn: _Conn) -> None:
+        self._close(conn)
+        self.last_change = time.time()
+        info = self._info(conn)
+        if info is not None:
+            info.connected = False
+            if not info.bye and info.lost_at is None:
+                info.lost_at = time.time()
+
+    def _info(self, conn: _Conn) -> RankInfo | None:
+        if conn.rank is None or conn.attempt != self.timeline.attempt:
+            return None
+        return self.timeline.ranks.get(conn.rank)
+
+    # -- messages ----------------------------------------------------------------------
+    def _handle(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        kind = msg.get("t")
+        if kind == "hello":
+            self._hello(conn, msg)
+            return
+        if kind == "exit_code":
+            info = self.timeline.ranks.get(int(msg["rank"]))
+            if info is not None:
+                info.exit_code = int(msg["code"])
+            return
+        info = self._info(conn)
+        if info is None:
+            return
+        info.last_seen = time.time()
+        if kind == "b":
+            self._batch(conn, info, msg["ev"])
+        elif kind == "clock":
+            conn.offset = float(msg["offset"])
+        elif kind == "group":
+            self.timeline.groups[str(msg["name"])] = [int(r) for r in msg["ranks"]]
+        elif kind == "stack":
+            info.stack, info.stack_time = str(msg["text"]), time.time()
+        elif kind == "exit":
+            info.exit_error = str(msg.get("error"))
+            info.comm_error = bool(msg.get("comm_error"))
+        elif kind == "bye":
+            info.bye = True
+
+    def _hello(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        attempt = int(msg.get("attempt", 0))
+        tl = self.timeline
+        if attempt > tl.attempt or (attempt == tl.attempt and not self.ever_connected):
+            if attempt != tl.attempt:
+                self.timeline = tl = Timeline(attempt, self.local_host)
+                self.classifiers = make_classifiers(self.cfg)
+        if self.hang_timeout_from_ranks and msg.get("hang_timeout"):
+            timeout = float(msg["hang_timeout"])
+            if timeout != self.cfg.hang_timeout:
+                self.cfg = replace(self.cfg, hang_timeout=timeout)
+                for clf in self.classifiers:
+                    clf.cfg = self.cfg  # type: ignore[attr-defined]
+        conn.rank, conn.attempt = int(msg["rank"]), attempt
+        self.ever_connected = True
+        self.last_change = time.time()
+        if attempt == tl.attempt:
+            tl.world = int(msg.get("world") or tl.world or 0) or None
+            tl.ranks[conn.rank] = RankInfo(rank=conn.rank, host=str(msg.get("host", "?")),
+                                           local_rank=msg.get("local_rank"), attempt=attempt,
+                                           node=msg.get("node"), pid=msg.get("pid"))
+        self._send(conn, {"t": "welcome", "time": time.time()})
+
+    def _batch(self, conn: _Conn, info: RankInfo, events: list) -> None:
+        tl, rank, off = self.timeline, info.rank, conn.offset
+        for ev in events:
+            tag = ev[0]
+            if tag == "i":
+                _, group, seq, op, nbytes, dtype, t, step, _peer = ev
+                tl.on_issue(rank, group, int(seq), op, int(nbytes), dtype, t + off, step)
+            elif tag == "d":
+                _, group, seq, t, ok = ev
+                tl.on_done(rank, group, int(seq), t + off, bool(ok))
+            elif tag == "w":
+                _, group, seq, t = ev
+                tl.on_wait(rank, group, int(seq), t + off)
+            elif tag == "s":
+                info.step = int(ev[1])
+                info.steps.append((int(ev[1]), ev[2] + off))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainkit.detect.aggregator",
+                                description="trainkit anomaly-detection aggregator")
+    p.add_argument("--run-dir", required=True, help="findings go to RUN_DIR/diagnosis.jsonl")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=0, help="port to bind (0 picks a free one)")
+    p.add_argument("--advertise", default=None, help="host name written to aggregator.json")
+    p.add_argument("--hang-timeout", type=float, default=None,
+                   help="seconds; default: the value the ranks' monitors send (else 30)")
+    p.add_argument("--heartbeat-timeout", type=float, default=None)
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--window", type=int, default=None)
+    p.add_argument("--standalone", action="store_true",
+                   help="exit once every rank has gone (how CollectiveMonitor starts it)")
+    p.add_argument("--linger", type=float, default=2.0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in (("hang_timeout", args.hang_timeout),
+                                   ("heartbeat_timeout", args.heartbeat_timeout),
+                                   ("warmup_steps", args.warmup_steps),
+                                   ("window", args.window)) if v is not None}
+    for key in ("hang_timeout", "heartbeat_timeout"):
+        if key in overrides and not overrides[key] > 0:
+            print(f"aggregator: --{key.replace('_', '-')} must be > 0", file=sys.stderr)
+            return 2
+    cfg = ClassifierConfig(**overrides)
+    try:
+        agg = Aggregator(args.run_dir, host=args.host, port=args.port, advertise=args.advertise,
+                         cfg=cfg, hang_timeout_from_ranks=args.hang_timeout is None,
+                         standalone=args.standalone, linger_s=args.linger)
+    except OSError as exc:
+        print(f"aggregator: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, agg.stop)
+    signal.signal(signal.SIGINT, agg.stop)
+    agg.write_address()
+    print(f"[trainkit.detect] aggregator listening on {agg.advertise}:{agg.port}",
+          file=sys.stderr, flush=True)
+    return agg.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

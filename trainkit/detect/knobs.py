@@ -1,0 +1,97 @@
+"""Every environment variable and tunable of ``trainkit.detect``, in one place.
+
+A launcher (``trainkit run``) starts the aggregator itself and tells the
+workers where it is through these variables; a script that already uses
+``CollectiveMonitor`` needs no other change.
+
+| variable | meaning |
+|---|---|
+| ``TRAINKIT_AGGREGATOR`` | ``host:port`` of a running aggregator; when unset, rank 0 starts one |
+| ``TRAINKIT_RUN_DIR`` | run directory (findings, markers) when ``run_dir`` is not passed |
+| ``TRAINKIT_HANG_TIMEOUT`` | seconds, overrides the ``hang_timeout`` argument |
+| ``TRAINKIT_DETECT`` | ``0`` disables the monitor entirely (training runs unmonitored) |
+| ``TRAINKIT_HOSTNAME`` | host name to report (simulating several hosts on one machine) |
+| ``TRAINKIT_STACK_SIGNAL`` | signal used for faulthandler stack dumps (default ``SIGUSR2``) |
+| ``TRAINKIT_FAULT`` | fault injection, see :mod:`trainkit.faults` |
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+__all__ = [
+    "AGGREGATOR_ENV",
+    "RUN_DIR_ENV",
+    "HANG_TIMEOUT_ENV",
+    "DETECT_ENV",
+    "STACK_SIGNAL_ENV",
+    "ClassifierConfig",
+    "parse_address",
+    "stack_signal",
+]
+
+AGGREGATOR_ENV = "TRAINKIT_AGGREGATOR"
+RUN_DIR_ENV = "TRAINKIT_RUN_DIR"
+HANG_TIMEOUT_ENV = "TRAINKIT_HANG_TIMEOUT"
+DETECT_ENV = "TRAINKIT_DETECT"
+STACK_SIGNAL_ENV = "TRAINKIT_STACK_SIGNAL"
+
+# The file the aggregator writes in run_dir once it listens: {"host", "port", "pid"}.
+AGGREGATOR_ADDR_FILE = "aggregator.json"
+DIAGNOSIS_FILE = "diagnosis.jsonl"
+TIMELINE_FILE = "timeline.jsonl"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClassifierConfig:
+    """Thresholds of the aggregator's classifiers.
+
+    Fixed numbers here are only floors and persistence windows; the actual
+    thresholds for slowness are learned online from the job's own repeating
+    collectives (see ``classifiers``).
+    """
+
+    hang_timeout: float = 30.0
+    """A collective with an arrival this old and no completion is a hang."""
+    heartbeat_timeout: float = 10.0
+    """A connected rank silent this long is treated as crashed."""
+    crash_wave_s: float = 0.05
+    """Ranks dropping within this window of the first drop are named together."""
+    stack_wait_s: float = 2.0
+    """How long a hang finding waits for the culprits' stacks."""
+    warmup_steps: int = 3
+    """Steps (or 10x collectives without step markers) ignored for statistics."""
+    window: int = 10
+    """Persistence window, in steps (collectives without step markers)."""
+    persist_fraction: float = 0.7
+    """Fraction of the window a departure must hold for."""
+    p_value: float = 1e-3
+    """Binomial significance needed to call a rank persistently last."""
+    min_gap_s: float = 0.005
+    """Absolute floor on a straggler's lateness."""
+    gap_period_fraction: float = 0.1
+    """A straggler's median lateness must exceed this fraction of the step period."""
+    slow_ratio: float = 1.5
+    """A slow collective takes this many times its learned normal duration, at least."""
+    min_slow_s: float = 0.005
+    """Absolute floor on the excess duration of a slow collective."""
+    baseline_samples: int = 20
+    """Samples learned per collective kind before slowness is judged."""
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port), with a clear error."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{AGGREGATOR_ENV}={text!r}: expected host:port")
+    return host.strip("[]"), int(port)
+
+
+def stack_signal() -> signal.Signals:
+    name = os.environ.get(STACK_SIGNAL_ENV, "SIGUSR2")
+    try:
+        return signal.Signals[name] if not name.isdigit() else signal.Signals(int(name))
+    except (KeyError, ValueError):
+        raise ValueError(f"{STACK_SIGNAL_ENV}={name!r} is not a signal name") from None

@@ -1,0 +1,297 @@
+"""``CollectiveMonitor``: the per-rank entry point of anomaly detection.
+
+    from trainkit.detect import CollectiveMonitor
+    mon = CollectiveMonitor(run_dir="runs/exp1", hang_timeout=30.0)  # after init_process_group
+    mon.start()
+    model = DDP(model)              # created after start(): uses the monitored default group
+    for step in range(steps):
+        mon.step(step)              # optional: step markers make per-step evidence
+        ...
+    mon.close()                     # also a context manager
+
+Where the aggregator is: ``TRAINKIT_AGGREGATOR=host:port`` (set by ``trainkit
+run``), or else global rank 0 starts a detached one (its own session, so
+torchrun's teardown of the workers does not kill it before it has written its
+finding) and publishes the address through the default group's store.
+
+A monitor whose aggregator is unreachable warns once and lets training run
+unmonitored; monitoring never blocks or crashes training. ``start()`` raises
+only for a malformed ``TRAINKIT_FAULT`` (a clear error at start-up).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+from trainkit.detect import knobs
+from trainkit.detect.channel import Channel
+from trainkit.detect.probe import (MonitoredProcessGroup, Recorder, StackDumper, register_group,
+                                   unregister_group)
+from trainkit.faults import FaultInjector, local_identity
+
+__all__ = ["CollectiveMonitor", "start_aggregator"]
+
+_STORE_KEY = "trainkit/detect/aggregator"
+
+
+def start_aggregator(run_dir: str | os.PathLike, *, hang_timeout: float, host: str = "127.0.0.1",
+                     port: int = 0, standalone: bool = True, timeout: float = 30.0,
+                     extra_args: tuple[str, ...] = ()) -> tuple[str, int, int]:
+    """Start a detached aggregator process; returns (host, port, pid) once it listens.
+
+    The process gets its own session (``start_new_session``), so killing the
+    launcher's or torchrun's process group does not take it down.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    addr_file = run_dir / knobs.AGGREGATOR_ADDR_FILE
+    stamp = time.time()
+    cmd = [sys.executable, "-m", "trainkit.detect.aggregator", "--run-dir", str(run_dir),
+           "--host", host, "--port", str(port), "--hang-timeout", str(hang_timeout)]
+    if standalone:
+        cmd.append("--standalone")
+    cmd.extend(extra_args)
+    log = open(run_dir / "aggregator.log", "ab")
+    env = dict(os.environ)
+    env.pop(knobs.AGGREGATOR_ENV, None)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                            start_new_session=True, env=env, close_fds=True)
+    log.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"aggregator exited with code {proc.returncode}; "
+                               f"see {run_dir / 'aggregator.log'}")
+        try:
+            info = json.loads(addr_file.read_text())
+            if info.get("pid") == proc.pid and info.get("started", 0) >= stamp - 1:
+                return info["host"], int(info["port"]), proc.pid
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise TimeoutError(f"aggregator did not start listening within {timeout}s")
+
+
+class CollectiveMonitor:
+    """Records every collective of this rank and streams it to the aggregator.
+
+    Args:
+        run_dir: run directory for findings and fault markers; defaults to
+            ``TRAINKIT_RUN_DIR``, else ``./trainkit-run``.
+        hang_timeout: seconds without completion before a collective is a hang
+            (``TRAINKIT_HANG_TIMEOUT`` overrides).
+        wrap_default: install the monitored wrapper as the default group, so
+            DDP/FSDP created afterwards and plain ``dist.*`` calls are recorded.
+        heartbeat_s: heartbeat period of the side channel.
+        aggregator_args: extra command-line options for a self-started aggregator.
+
+    Thread safety: ``step`` is meant for the training thread; everything else
+    is called once.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike | None = None, hang_timeout: float = 30.0, *,
+                 wrap_default: bool = True, heartbeat_s: float = 0.5,
+                 aggregator_args: tuple[str, ...] = ()):
+        env_timeout = os.environ.get(knobs.HANG_TIMEOUT_ENV)
+        if env_timeout:
+            try:
+                hang_timeout = float(env_timeout)
+            except ValueError:
+                raise ValueError(f"{knobs.HANG_TIMEOUT_ENV}={env_timeout!r} is not a number") from None
+        if not hang_timeout > 0:
+            raise ValueError(f"hang_timeout must be > 0, got {hang_timeout}")
+        self.run_dir = Path(run_dir or os.environ.get(knobs.RUN_DIR_ENV) or "trainkit-run")
+        self.hang_timeout = float(hang_timeout)
+        self.wrap_default = wrap_default
+        self.heartbeat_s = heartbeat_s
+        self.aggregator_args = tuple(aggregator_args)
+        self.enabled = os.environ.get(knobs.DETECT_ENV, "1") not in ("0", "false", "off")
+        self.channel: Channel | None = None
+        self.recorder: Recorder | None = None
+        self.injector: FaultInjector | None = None
+        self.aggregator_pid: int | None = None
+        self._wrappers: list[MonitoredProcessGroup] = []
+        self._default_wrapper: MonitoredProcessGroup | None = None
+        self._stacks: StackDumper | None = None
+        self._prev_excepthook: Any = None
+        self._started = False
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> CollectiveMonitor:
+        """Connect (starting an aggregator if needed) and begin recording.
+
+        Call after ``init_process_group`` and before building DDP/FSDP.
+        """
+        if self._started:
+            return self
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("CollectiveMonitor.start(): call dist.init_process_group() first")
+        self._started = True
+        rank, world = dist.get_rank(), dist.get_world_size()
+        # A malformed TRAINKIT_FAULT is an error at start-up, monitored or not.
+        self.injector = FaultInjector.from_env(rank=rank, run_dir=self.run_dir)
+        channel = self._connect(rank, world) if self.enabled else None
+        put = channel.put if channel is not None else _discard
+        self.recorder = Recorder(put, rank=rank, injector=self.injector)
+        if channel is None and not self.injector.active:
+            return self
+        if self.wrap_default:
+            default = c10d._get_default_group()
+            if not isinstance(default, MonitoredProcessGroup):
+                self._default_wrapper = self.wrap(default)
+                register_group(self._default_wrapper, as_default=True)
+        self._install_excepthook()
+        atexit.register(self.close)
+        return self
+
+    def _connect(self, rank: int, world: int) -> Channel | None:
+        try:
+            address = self._find_aggregator(rank)
+        except Exception as exc:  # noqa: BLE001 - never fail training over monitoring
+            warnings.warn(f"trainkit.detect: no aggregator ({exc}); training continues unmonitored",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        host, local_rank, attempt, node = local_identity()
+        hello = {"rank": rank, "world": world, "host": host, "local_rank": local_rank,
+                 "attempt": attempt, "node": node, "pid": os.getpid(),
+                 "hang_timeout": self.hang_timeout}
+        channel = Channel(address, hello, on_request=self._on_request, heartbeat_s=self.heartbeat_s)
+        if not channel.start():
+            return None
+        self.channel = channel
+        try:
+            self._stacks = StackDumper(knobs.stack_signal())
+        except (ValueError, OSError) as exc:
+            warnings.warn(f"trainkit.detect: stack capture disabled ({exc})", RuntimeWarning,
+                          stacklevel=3)
+        return channel
+
+    def _find_aggregator(self, rank: int) -> tuple[str, int]:
+        text = os.environ.get(knobs.AGGREGATOR_ENV)
+        if text:
+            return knobs.parse_address(text)
+        store = c10d._get_default_store()
+        key = f"{_STORE_KEY}/{local_identity()[2]}"   # per restart attempt: never a stale one
+        if rank == 0:
+            try:
+                master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+                bind = "127.0.0.1" if master in ("127.0.0.1", "localhost", "::1") else "0.0.0.0"
+                host, port, pid = start_aggregator(self.run_dir, hang_timeout=self.hang_timeout,
+                                                   host=bind, extra_args=self.aggregator_args)
+                self.aggregator_pid = pid
+                value = f"{host}:{port}"
+            except Exception as exc:  # noqa: BLE001 - tell the other ranks, then give up
+                store.set(key, "error:" + str(exc))
+                raise
+            store.set(key, value)
+        else:
+            store.wait([key], _timedelta(60.0))
+            value = store.get(key).decode()
+            if value.startswith("error:"):
+                raise RuntimeError(f"rank 0 could not start the aggregator: {value[6:]}")
+        return knobs.parse_address(value)
+
+    def close(self) -> None:
+        """Stop recording, flush, say goodbye; restores the default group."""
+        if not self._started:
+            return
+        self._started = False
+        try:
+            atexit.unregister(self.close)
+        except Exception:  # noqa: BLE001
+            pass
+        if self._default_wrapper is not None:
+            unregister_group(self._default_wrapper)
+            self._default_wrapper = None
+        if self._prev_excepthook is not None and sys.excepthook is self._excepthook:
+            sys.excepthook = self._prev_excepthook
+        if self.channel is not None:
+            self.channel.close(bye=True)
+        if self._stacks is not None:
+            self._stacks.close()
+            self._stacks = None
+
+    def __enter__(self) -> CollectiveMonitor:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- per-step API ----------------------------------------------------------------
+    def step(self, step: int) -> None:
+        """Mark the start of training step ``step`` (also the fault-injection clock)."""
+        rec = self.recorder
+        if rec is None:
+            return
+        rec.step = int(step)
+        rec.put(["s", int(step), time.time()])
+        if rec.injector is not None:
+            rec.injector.on_step(int(step))
+
+    def wrap(self, pg: dist.ProcessGroup) -> MonitoredProcessGroup:
+        """A monitored wrapper of ``pg``, to hand to DDP/FSDP as ``process_group=``."""
+        if self.recorder is None:
+            raise RuntimeError("CollectiveMonitor.wrap(): call start() first")
+        if isinstance(pg, MonitoredProcessGroup):
+            return pg
+        wrapper = MonitoredProcessGroup(pg, self.recorder)
+        if wrapper is not self._default_wrapper and pg is not c10d._get_default_group():
+            register_group(wrapper)
+        self._wrappers.append(wrapper)
+        if self.channel is not None:
+            self.channel.send({"t": "group", "name": wrapper.monitor_name,
+                               "ranks": wrapper.global_ranks})
+        return wrapper
+
+    @property
+    def process_group(self) -> dist.ProcessGroup:
+        """The monitored default group (or the plain one when monitoring is off)."""
+        return self._default_wrapper or c10d._get_default_group()
+
+    # -- requests from the aggregator ------------------------------------------------
+    def _on_request(self, message: dict[str, Any]) -> None:
+        if message.get("t") == "stack_req" and self._stacks is not None and self.channel:
+            text = self._stacks.dump()
+            step = self.recorder.step if self.recorder else None
+            self.channel.send({"t": "stack", "text": text[-20000:], "step": step})
+
+    def _install_excepthook(self) -> None:
+        self._prev_excepthook = sys.excepthook
+        sys.excepthook = self._excepthook
+
+    def _excepthook(self, exc_type: Any, exc: BaseException, tb: Any) -> None:
+        if self.channel is not None:
+            comm = self.recorder.comm_error if self.recorder else None
+            self.channel.send({"t": "exit", "error": f"{exc_type.__name__}: {exc}"[:2000],
+                               "comm_error": bool(comm) or _looks_like_comm_error(exc)})
+        (self._prev_excepthook or sys.__excepthook__)(exc_type, exc, tb)
+        self.close()
+
+
+def _discard(_event: list) -> None:
+    return None
+
+
+def _looks_like_comm_error(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(word in text for word in ("gloo", "nccl", "connection", "timed out", "peer",
+                                        "distbackenderror", "collective"))
+
+
+def _timedelta(seconds: float) -> Any:
+    import datetime
+
+    return datetime.timedelta(seconds=seconds)
+

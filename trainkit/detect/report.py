@@ -1,0 +1,131 @@
+"""``trainkit diagnose``: findings for a person, and a timeline plot around each fault."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+from trainkit.detect import knobs
+
+__all__ = ["DiagnoseError", "load_findings", "format_findings", "plot_timeline"]
+
+
+class DiagnoseError(Exception):
+    """A run directory that cannot be diagnosed (missing, or without findings file)."""
+
+
+def load_findings(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The findings of a run, in order; raises DiagnoseError for a missing run dir."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise DiagnoseError(f"run directory {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise DiagnoseError(f"{run_dir} is not a directory")
+    path = run_dir / knobs.DIAGNOSIS_FILE
+    if not path.exists():
+        return []
+    findings = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            findings.append(json.loads(line))
+        except ValueError:
+            raise DiagnoseError(f"{path}:{n}: not a JSON line") from None
+    return findings
+
+
+def _when(t: float | None) -> str:
+    if t is None:
+        return "?"
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+
+
+def _fault_markers(run_dir: Path) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted((run_dir / "faults").glob("*.json")) if (run_dir / "faults").is_dir() else []:
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def format_findings(run_dir: str | Path, findings: list[dict[str, Any]], *,
+                    show_stacks: bool = True) -> str:
+    run_dir = Path(run_dir)
+    lines = [f"{len(findings)} finding(s) in {run_dir / knobs.DIAGNOSIS_FILE}"]
+    for fault in _fault_markers(run_dir):
+        lines.append(f"  injected fault fired: {fault.get('fault')} on rank {fault.get('rank')} "
+                     f"at {_when(fault.get('time'))} UTC (step {fault.get('step')})")
+    for n, f in enumerate(findings, 1):
+        who = ", ".join(f"rank {r} on {h}" for r, h in zip(f.get("ranks", []), f.get("hosts", [])))
+        link = f.get("link")
+        lines.append("")
+        lines.append(f"[{n}] {_when(f.get('time'))} UTC  {f.get('class')}  "
+                     f"(confidence {f.get('confidence')})")
+        lines.append(f"    culprit: {who or 'none named'}" + (f"; link {link[0]}<->{link[1]}"
+                                                              if link else ""))
+        lines.append(f"    where: group {f.get('group')} seq {f.get('seq')} step {f.get('step')}")
+        ids = f.get("ids") or []
+        if ids:
+            lines.append("    ids: " + "; ".join(
+                f"host={i.get('host')} local_rank={i.get('local_rank')} attempt={i.get('attempt')}"
+                for i in ids))
+        evidence = dict(f.get("evidence") or {})
+        stacks = evidence.pop("stacks", {}) or {}
+        for key, value in evidence.items():
+            lines.append(f"    {key}: {json.dumps(value, default=str)}")
+        if show_stacks:
+            for rank, text in stacks.items():
+                lines.append(f"    stack of rank {rank}:")
+                lines.extend("      " + s for s in str(text).splitlines()[:40])
+    return "\n".join(lines)
+
+
+def plot_timeline(run_dir: str | Path, out: str | Path, *, finding: int = 0) -> Path:
+    """Per-rank arrival (dot) and completion (bar end) times around finding ``finding``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise DiagnoseError("--plot needs matplotlib (pip install 'trainkit[plot]')") from exc
+    run_dir = Path(run_dir)
+    path = run_dir / knobs.TIMELINE_FILE
+    if not path.exists():
+        raise DiagnoseError(f"no timeline recorded in {run_dir} (no findings yet)")
+    windows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not 0 <= finding < len(windows):
+        raise DiagnoseError(f"finding {finding} out of range (0..{len(windows) - 1})")
+    win = windows[finding]
+    colls = win.get("colls", [])
+    t0 = min((t for c in colls for t in c["issue"].values()), default=win["time"])
+    ranks = sorted({int(r) for c in colls for r in c["issue"]} | set(win.get("ranks", [])))
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.6 * max(1, len(ranks))))
+    for c in colls:
+        for r, ti in c["issue"].items():
+            td = c["done"].get(r)
+            y = int(r)
+            if td is not None:
+                ax.plot([ti - t0, td - t0], [y, y], color="tab:blue", lw=4, alpha=0.5,
+                        solid_capstyle="butt")
+            else:
+                ax.plot([ti - t0, win["time"] - t0], [y, y], color="tab:red", lw=2, ls=":")
+            ax.plot([ti - t0], [y], "k|", ms=8)
+    for r in win.get("ranks", []):
+        ax.axhspan(r - 0.4, r + 0.4, color="tab:orange", alpha=0.15)
+    ax.axvline(win["time"] - t0, color="tab:red", lw=1)
+    ax.set_yticks(ranks)
+    ax.set_yticklabels([f"rank {r}" for r in ranks])
+    ax.set_xlabel(f"seconds since {_when(t0)} UTC  (| arrival, bar = until completion, "
+                  f"dotted = never completed, red line = finding)")
+    ax.set_title(f"{win.get('class')} — culprit ranks {win.get('ranks')}")
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
