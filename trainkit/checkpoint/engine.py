@@ -52,7 +52,7 @@ class SaveHandle:
         try:
             return self._future.result(timeout)
         except CheckpointError:
-            self._owner._mark_reported(self._future)
+            self._owner._mark_seen(self._future)
             raise
 
     def done(self) -> bool:
@@ -117,7 +117,10 @@ class Checkpointer:
         self._lazy: Snapshot | None = None
         self._seq = 0
         self._futures: list[Future] = []
-        self._unreported: dict[Future, BaseException] = {}
+        # failed saves: raised again by the next save() (then cleared), and by close() if
+        # nobody has seen them through result(), wait() or save()
+        self._failed: dict[Future, BaseException] = {}
+        self._unseen: set[Future] = set()
         self._lock = threading.Lock()
         self._closed = False
         self.stats = {"hook_wait_s": 0.0, "save_s": 0.0}
@@ -158,14 +161,14 @@ class Checkpointer:
         """Snapshot ``state`` as checkpoint ``step`` and write it in the background.
 
         Raises ``TypeError`` (naming the key path) for a value that cannot be stored,
-        and re-raises the failure of an earlier save that was not yet reported.
+        and re-raises (once) the failure of an earlier save, with the same exception type.
         """
         import time
 
         t0 = time.perf_counter()
         if self._closed:
             raise CheckpointError("save() on a closed Checkpointer")
-        self._raise_unreported()
+        self._raise_failed()
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise TypeError(f"step must be a non-negative int, got {step!r}")
         if os.path.isfile(os.path.join(self.path, step_dirname(step), reader.COMMIT_FILE)):
@@ -228,7 +231,10 @@ class Checkpointer:
             self._coord.commit(job.seq, job.step, manifest,
                                None if error is None else str(error), finalize)
         except BaseException as exc:  # noqa: BLE001
-            if error is None:
+            if error is None and self._committed_on_disk(job.step, manifest):
+                log.warning("step %d: %s; but its commit record is on disk and lists this "
+                            "rank's files, so it is committed", job.step, exc)
+            elif error is None:
                 error = exc if isinstance(exc, CheckpointError) else CommitError(
                     f"step {job.step} not committed: {exc}")
         if error is not None and not isinstance(error, CheckpointError):
@@ -240,20 +246,37 @@ class Checkpointer:
             return
         log.error("checkpoint step %d failed: %s", job.step, error)
         with self._lock:
-            self._unreported[future] = error
+            self._failed[future] = error
+            self._unseen.add(future)
         future.set_exception(error)
 
-    def _mark_reported(self, future: Future) -> None:
-        with self._lock:
-            self._unreported.pop(future, None)
+    def _committed_on_disk(self, step: int, manifest: dict | None) -> bool:
+        """Rank 0 may die (taking the store with it) right after committing; the record
+        on the shared directory is then the ground truth."""
+        if manifest is None:
+            return False
+        try:
+            record = reader.read_commit_record(self.path, step)
+        except CheckpointError:
+            return False
+        files = record.get("files", {})
+        return all(files.get(rel) == v for rel, v in manifest["files"].items())
 
-    def _raise_unreported(self) -> None:
+    def _mark_seen(self, future: Future) -> None:
         with self._lock:
-            if not self._unreported:
+            self._unseen.discard(future)
+
+    def _raise_failed(self) -> None:
+        """save(): re-raise a failure of an earlier save, once, so a loop that never
+        looks at its handles still learns that checkpoints are failing."""
+        with self._lock:
+            if not self._failed:
                 return
-            future, error = next(iter(self._unreported.items()))
-            self._unreported.clear()
-        raise CheckpointError(f"an earlier checkpoint failed: {error}") from error
+            error = next(iter(self._failed.values()))
+            self._failed.clear()
+            self._unseen.clear()
+        cls = type(error) if isinstance(error, CheckpointError) else CheckpointError
+        raise cls(f"an earlier checkpoint failed: {error}") from error
 
     # -- waiting, reading ---------------------------------------------------------------
     def wait(self) -> None:
@@ -267,8 +290,7 @@ class Checkpointer:
                 first = exc
         with self._lock:
             self._futures = [f for f in self._futures if not f.done()]
-            for f in futures:
-                self._unreported.pop(f, None)
+            self._unseen.difference_update(futures)
         if first is not None:
             raise first
 
@@ -308,7 +330,15 @@ class Checkpointer:
         if self._closed:
             return
         try:
-            self.wait()
+            with self._lock:
+                futures = list(self._futures)
+            for f in futures:
+                f.exception()           # drain; failures already seen are not raised again
+            with self._lock:
+                unseen = [self._failed[f] for f in self._unseen if f in self._failed]
+                self._unseen.clear()
+            if unseen:
+                raise CheckpointError(f"a checkpoint failed: {unseen[0]}") from unseen[0]
         finally:
             self._closed = True
             for h in self._hooks:
