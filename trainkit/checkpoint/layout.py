@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import math
 import re
+import struct
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +49,9 @@ __all__ = [
     "array_metadata",
     "group_metadata",
     "NUMPY_DTYPE",
+    "Segment",
+    "chunk_segments",
+    "chunk_digest",
 ]
 
 FORMAT_VERSION = 1
@@ -231,3 +237,38 @@ def array_metadata(plan_array_bytes: int, chunk_bytes: int) -> dict:
 def group_metadata(attributes: dict) -> dict:
     """zarr v3 metadata of a group with the given attributes."""
     return {"zarr_format": 3, "node_type": "group", "attributes": attributes}
+
+
+# (blob index or None for padding, start, end) in bytes of the packed array
+Segment = tuple[int | None, int, int]
+
+
+def chunk_segments(blobs: Sequence[tuple[int, int]], chunk_bytes: int,
+                   nchunks: int) -> list[list[Segment]]:
+    """Cut every chunk into the pieces of blobs (``(offset, nbytes)``, sorted by offset)
+    and padding it holds, in order, covering the chunk exactly.
+
+    Why segments: one CRC pass over each segment serves both checksums the format keeps,
+    the per-tensor one (a blob's segment CRCs, in order) and the per-file one of the
+    commit record (:func:`chunk_digest` of the chunk's segment CRCs). Checksumming
+    the bytes twice would cost a second pass of CPU that training needs.
+    """
+    out: list[list[Segment]] = [[] for _ in range(nchunks)]
+    pos = 0
+    items = [(i, off, n) for i, (off, n) in enumerate(blobs) if n]
+    items.append((None, nchunks * chunk_bytes, 0))     # sentinel: pad to the end
+    for i, off, n in items:
+        for piece in ((None, pos, off), (i, off, off + n)):
+            b, start, end = piece
+            while start < end:
+                c = start // chunk_bytes
+                stop = min(end, (c + 1) * chunk_bytes)
+                out[c].append((b, start, stop))
+                start = stop
+        pos = max(pos, off + n)
+    return out
+
+
+def chunk_digest(segment_crcs: Sequence[int]) -> int:
+    """The checksum of a chunk file: CRC-32 of its segments' CRC-32s (little-endian)."""
+    return zlib.crc32(struct.pack(f"<{len(segment_crcs)}I", *segment_crcs))

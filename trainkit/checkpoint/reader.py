@@ -20,7 +20,9 @@ import torch
 from trainkit.checkpoint import codec
 from trainkit.checkpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
 from trainkit.checkpoint.layout import (
+    chunk_digest,
     chunk_relpath,
+    chunk_segments,
     parse_step_dirname,
     rank_dirname,
     step_dirname,
@@ -124,26 +126,26 @@ def load_shard(root: str, step: int, rank: int, *, threads: int = 4) -> Any:
 
     storages = [torch.empty(b["nbytes"], dtype=torch.uint8) for b in blobs]
     views = [memoryview(s.numpy()) if s.numel() else memoryview(b"") for s in storages]
-    by_chunk: list[list[tuple[int, int, int]]] = [[] for _ in range(nchunks)]
-    for i, b in enumerate(blobs):
-        pos, end = b["offset"], b["offset"] + b["nbytes"]
-        while pos < end:
-            c = pos // chunk
-            stop = min(end, (c + 1) * chunk)
-            by_chunk[c].append((i, pos - b["offset"], stop - pos))
-            pos = stop
+    segments = chunk_segments([(b["offset"], b["nbytes"]) for b in blobs], chunk, nchunks)
+    # which of its blob's checksums each segment is checked against
+    seg_index: list[list[int]] = [[] for _ in range(nchunks)]
+    counters = [0] * len(blobs)
+    for c in range(nchunks):
+        for b, _, _ in segments[c]:
+            if b is None:
+                seg_index[c].append(-1)
+            else:
+                seg_index[c].append(counters[b])
+                counters[b] += 1
 
     def read_chunk(c: int) -> None:
-        base = c * chunk
-        segments = sorted(by_chunk[c], key=lambda s: blobs[s[0]]["offset"] + s[1])
         bufs: list[memoryview] = []
-        cursor = base
-        for i, off, n in segments:
-            start = blobs[i]["offset"] + off
-            if start > cursor:
-                bufs.append(memoryview(bytearray(start - cursor)))
-            bufs.append(views[i][off:off + n])
-            cursor = start + n
+        for b, start, end in segments[c]:
+            if b is None:
+                bufs.append(memoryview(bytearray(end - start)))
+            else:
+                off = start - blobs[b]["offset"]
+                bufs.append(views[b][off:off + end - start])
         fd = os.open(paths[c], os.O_RDONLY)
         try:
             preadv_exact(fd, bufs, 0, paths[c])
@@ -151,19 +153,15 @@ def load_shard(root: str, step: int, rank: int, *, threads: int = 4) -> Any:
             raise CorruptCheckpointError(f"step {step}, rank {rank}: {exc}") from exc
         finally:
             os.close(fd)
-
-    def check_blob(i: int) -> None:
-        if crc32(views[i]) != blobs[i]["crc32"]:
-            first = blobs[i]["offset"] // chunk
-            last = (blobs[i]["offset"] + max(blobs[i]["nbytes"], 1) - 1) // chunk
-            files_ = ", ".join(paths[first:last + 1])
-            raise CorruptCheckpointError(
-                f"step {step}, rank {rank}: checksum mismatch in tensor {_blob_names(index, i)} "
-                f"stored in {files_}: the data was altered after it was written")
+        for (b, _, _), buf, k in zip(segments[c], bufs, seg_index[c]):
+            if b is not None and crc32(buf) != blobs[b]["crc32"][k]:
+                raise CorruptCheckpointError(
+                    f"step {step}, rank {rank}: checksum mismatch in tensor "
+                    f"{_blob_names(index, b)} stored in {paths[c]}: the data was altered after "
+                    f"it was written")
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="trainkit-ckpt-read") as pool:
         list(pool.map(read_chunk, range(nchunks)))
-        list(pool.map(check_blob, range(len(blobs))))
 
     tensors = index["tensors"]
 
@@ -194,24 +192,41 @@ def verify_step(root: str, step: int) -> list[str]:
     except (CheckpointNotFoundError, CorruptCheckpointError) as exc:
         return [str(exc)]
     step_dir = os.path.join(root, step_dirname(step))
-    for rel, (size, crc) in sorted(record["files"].items()):
-        path = os.path.join(step_dir, rel)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            problems.append(f"step {step}: {path} is missing")
-            continue
-        if len(data) != size:
-            problems.append(f"step {step}: {path} has {len(data)} bytes, expected {size}")
-        elif crc32(data) != crc:
-            problems.append(f"step {step}: {path} fails its checksum")
-    if problems:
-        return problems
     for rank in range(record["world_size"]):
         try:
-            load_shard(root, step, rank)
-        except CorruptCheckpointError as exc:
+            index = read_rank_index(root, step, rank, record)
+        except (CheckpointNotFoundError, CorruptCheckpointError) as exc:
             problems.append(str(exc))
+            continue
+        segments = chunk_segments([(b["offset"], b["nbytes"]) for b in index["blobs"]],
+                                  index["chunk_bytes"], index["nchunks"])
+        for c in range(index["nchunks"]):
+            rel = chunk_relpath(rank, c)
+            problems += _verify_file(step, rank, os.path.join(step_dir, rel),
+                                     record["files"].get(rel),
+                                     lambda data, c=c: chunk_digest(
+                                         [crc32(data[a - c * index["chunk_bytes"]:
+                                                     e - c * index["chunk_bytes"]])
+                                          for _, a, e in segments[c]]),
+                                     f"tensors {_chunk_tensors(index, c)}")
+        rel = f"{rank_dirname(rank)}/data/zarr.json"
+        problems += _verify_file(step, rank, os.path.join(step_dir, rel), record["files"].get(rel),
+                                 crc32, "array metadata")
     return problems
 
+
+def _verify_file(step: int, rank: int, path: str, expected: list[int] | None,
+                 checksum: Any, what: str) -> list[str]:
+    if expected is None:
+        return [f"step {step}, rank {rank}: {path} is not in the commit record"]
+    try:
+        with open(path, "rb") as f:
+            data = memoryview(f.read())
+    except FileNotFoundError:
+        return [f"step {step}, rank {rank}: {path} is missing ({what})"]
+    if len(data) != expected[0]:
+        return [f"step {step}, rank {rank}: {path} has {len(data)} bytes, the commit record "
+                f"says {expected[0]} ({what})"]
+    if checksum(data) != expected[1]:
+        return [f"step {step}, rank {rank}: {path} fails its checksum ({what})"]
+    return []

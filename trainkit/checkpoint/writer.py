@@ -22,10 +22,13 @@ from trainkit.checkpoint.layout import (
     DATA_ARRAY,
     FORMAT_VERSION,
     NUMPY_DTYPE,
+    Segment,
     ShardPlan,
     TensorSpec,
     array_metadata,
+    chunk_digest,
     chunk_relpath,
+    chunk_segments,
     group_metadata,
     parse_step_dirname,
     rank_dirname,
@@ -59,7 +62,7 @@ class ShardJob:
     snapshot: Snapshot
 
 
-def _index_doc(job: ShardJob, blob_crcs: list[int]) -> dict:
+def _index_doc(job: ShardJob, blob_crcs: list[list[int]]) -> dict:
     plan = job.plan
     tensors = []
     for spec, place in zip(job.specs, plan.placements):
@@ -78,7 +81,8 @@ def _index_doc(job: ShardJob, blob_crcs: list[int]) -> dict:
     return group_metadata({"trainkit": {
         "format": FORMAT_VERSION, "kind": "rank", "step": job.step, "rank": job.rank,
         "world_size": job.world_size, "array": DATA_ARRAY, "chunk_bytes": plan.chunk_bytes,
-        "nchunks": plan.nchunks, "nbytes": plan.nbytes, "checksum": "crc32",
+        "nchunks": plan.nchunks, "nbytes": plan.nbytes,
+        "checksum": "crc32 of each blob's piece in each chunk, in order",
         "tensors": tensors, "blobs": blobs, "tree": job.tree,
         "note": "tensor bytes live in the 'data' array at blob offset + tensor offset; "
                 "reinterpret them with numpy_dtype (torch dtype in 'dtype'), shape and "
@@ -86,11 +90,14 @@ def _index_doc(job: ShardJob, blob_crcs: list[int]) -> dict:
     }})
 
 
-def _write_chunk(step_dir: str, rank: int, c: int, data: memoryview) -> tuple[str, int, int]:
+def _write_chunk(step_dir: str, rank: int, c: int, array: memoryview,
+                 segments: list[Segment]) -> tuple[str, int, int, list[int]]:
+    """Checksum each segment (one pass, GIL released), then write and fsync the chunk."""
     rel = chunk_relpath(rank, c)
-    crc = crc32(data)
+    crcs = [crc32(array[start:end]) for _, start, end in segments]
+    data = array[segments[0][1]:segments[-1][2]]
     write_file(os.path.join(step_dir, rel), data, fsync=True)
-    return rel, len(data), crc
+    return rel, len(data), chunk_digest(crcs), crcs
 
 
 def _prepare_dirs(job: ShardJob) -> str:
@@ -110,10 +117,13 @@ def write_shard(job: ShardJob, io_pool: Executor) -> dict:
     """Write the shard of ``job`` durably; returns the rank's manifest for the commit."""
     plan, snap = job.plan, job.snapshot
     pending: list[Future] = []
+    files: dict[str, list[int]] = {}
     try:
         step_dir = _prepare_dirs(job)
         flat = snap.buffer.numpy()
         view = memoryview(flat) if flat.size else memoryview(b"")
+        segments = chunk_segments([(b.offset, b.nbytes) for b in plan.blobs], plan.chunk_bytes,
+                                  plan.nchunks)
         while len(pending) < plan.nchunks:
             took = snap.work(limit=1)
             try:
@@ -122,14 +132,19 @@ def write_shard(job: ShardJob, io_pool: Executor) -> dict:
                 if snap.error is not None:
                     raise snap.error
                 continue
-            data = view[c * plan.chunk_bytes:(c + 1) * plan.chunk_bytes]
-            pending.append(io_pool.submit(_write_chunk, step_dir, job.rank, c, data))
+            pending.append(io_pool.submit(_write_chunk, step_dir, job.rank, c, view,
+                                          segments[c]))
         snap.wait()
-        blob_crcs = [crc32(view[b.offset:b.offset + b.nbytes]) for b in plan.blobs]
-        files = {}
+        results = {}
         for f in pending:
-            rel, size, crc = f.result()
-            files[rel] = [size, crc]
+            rel, size, digest, crcs = f.result()
+            files[rel] = [size, digest]
+            results[rel] = crcs
+        blob_crcs: list[list[int]] = [[] for _ in plan.blobs]
+        for c in range(plan.nchunks):
+            for (b, _, _), crc in zip(segments[c], results[chunk_relpath(job.rank, c)]):
+                if b is not None:
+                    blob_crcs[b].append(crc)
         rank_dir = os.path.join(step_dir, rank_dirname(job.rank))
         arr_dir = os.path.join(rank_dir, DATA_ARRAY)
         size, crc = write_json(os.path.join(arr_dir, "zarr.json"),
@@ -163,7 +178,10 @@ def write_commit_record(root: str, step: int, world_size: int, manifests: list[d
     record = {"trainkit": {
         "format": FORMAT_VERSION, "kind": "step", "step": step, "world_size": world_size,
         "committed_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-        "torch_version": torch.__version__, "checksum": "crc32",
+        "torch_version": torch.__version__,
+        "checksum": {"zarr.json": "crc32 of the file",
+                     "chunks": "crc32 of the little-endian crc32s of the chunk's segments "
+                               "(blob pieces and padding, in order; see the rank index)"},
         "ranks": [{"rank": m["rank"], "nbytes": m["nbytes"], "ntensors": m["ntensors"]}
                   for m in manifests],
         "files": files,
