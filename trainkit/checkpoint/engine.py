@@ -199,15 +199,16 @@ class Checkpointer:
         except BaseException:
             self._pool.release()
             raise
-        if not snap.done:
-            self._lazy = snap
         job = ShardJob(self.path, step, self._seq, self.rank, self.world_size, plan,
                        tuple(specs), tree, snap)
         self._seq += 1
         future: Future = Future()
         with self._lock:
             self._futures.append(future)
-        self._data.submit(self._run_data, job, future)
+        self._data.submit(self._run_data, job, future)   # starts writing chunks as they fill
+        snap.wait_eager()          # copy what the next forward may change, with the writer
+        if not snap.done:
+            self._lazy = snap
         self.stats["save_s"] += time.perf_counter() - t0
         return SaveHandle(step, future, self)
 

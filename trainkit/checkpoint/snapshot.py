@@ -80,9 +80,13 @@ class HostBufferPool:
 
 
 class Snapshot:
-    """The copy of one save: eager blobs now, lazy blobs on demand or in the background.
+    """The copy of one save. Eager blobs (not owned by an attached optimizer) must be
+    copied before ``save()`` returns; lazy ones before the optimizer's next step.
 
-    Thread-safe: the background writer and the optimizer pre-hook both call :meth:`work`.
+    Copies are taken from one queue, eager first, by whichever thread asks: the training
+    thread inside ``save()`` or the step pre-hook, and the background writer. Two cores
+    thus copy together, and every chunk is handed to the writer as soon as the blobs in it
+    are copied. Thread-safe.
     """
 
     def __init__(self, plan: ShardPlan, buffer: torch.Tensor, tensors: list[torch.Tensor],
@@ -90,24 +94,28 @@ class Snapshot:
         self.plan = plan
         self.buffer = buffer
         self._tensors: list[torch.Tensor | None] = list(tensors)
-        lazy = sorted(set(lazy_blobs), key=lambda b: plan.blobs[b].offset)
-        self._pending = list(reversed(lazy))
+        lazy_set = set(lazy_blobs)
+        by_offset = sorted(range(len(plan.blobs)), key=lambda b: plan.blobs[b].offset)
+        eager = [b for b in by_offset if b not in lazy_set]
+        lazy = [b for b in by_offset if b in lazy_set]
+        self._pending = list(reversed(eager + lazy))      # pop() from the end: eager first
+        self._eager_left = len(eager)
+        self._eager_done = threading.Event()
+        self._lazy_set = lazy_set
         self._inflight = 0
         self._lock = threading.Lock()
         self._done = threading.Event()
         self.error: BaseException | None = None
         self.ready_chunks: queue.Queue[int] = queue.Queue()
         self._waiting = [0] * plan.nchunks
-        for b in lazy:
+        for b in range(len(plan.blobs)):
             for c in plan.chunks_of(b):
                 self._waiting[c] += 1
-        lazy_set = set(lazy)
-        for b in range(len(plan.blobs)):
-            if b not in lazy_set:
-                self._copy(b)
         for c in range(plan.nchunks):
             if self._waiting[c] == 0:
                 self.ready_chunks.put(c)
+        if not self._eager_left:
+            self._eager_done.set()
         if not self._pending:
             self._finish_tensors()
 
@@ -127,19 +135,23 @@ class Snapshot:
 
     def _finish_tensors(self) -> None:
         self._tensors = []  # drop references to live tensors
+        self._eager_done.set()
         self._done.set()
 
     @property
     def done(self) -> bool:
         return self._done.is_set()
 
-    def work(self, limit: int | None = None) -> bool:
-        """Copy pending lazy blobs (at most ``limit``) until none is left to take; others
-        may still be in flight in another thread. Returns whether it copied anything."""
+    def work(self, limit: int | None = None, *, eager_only: bool = False) -> bool:
+        """Copy pending blobs (at most ``limit``; only eager ones if ``eager_only``) until
+        none is left to take; others may still be in flight in another thread. Returns
+        whether it copied anything."""
         took = 0
         while limit is None or took < limit:
             with self._lock:
                 if not self._pending or self.error is not None:
+                    return took > 0
+                if eager_only and self._pending[-1] in self._lazy_set:
                     return took > 0
                 took += 1
                 b = self._pending.pop()
@@ -159,10 +171,21 @@ class Snapshot:
                     self._waiting[c] -= 1
                     if self._waiting[c] == 0:
                         self.ready_chunks.put(c)
+                if b not in self._lazy_set:
+                    self._eager_left -= 1
+                    if self._eager_left == 0:
+                        self._eager_done.set()
                 finished = not self._pending and self._inflight == 0
             if finished:
                 self._finish_tensors()
         return took > 0
+
+    def wait_eager(self) -> None:
+        """Block until every eager blob is copied, copying alongside the writer thread."""
+        self.work(eager_only=True)
+        self._eager_done.wait()
+        if self.error is not None:
+            raise self.error
 
     def wait(self) -> None:
         """Block until every blob is copied, copying alongside the background thread."""
