@@ -294,7 +294,7 @@ def run_workload(w: Workload, comps: list[Competitor], root: Path, reps: int) ->
             t_raw = raw_write(raw_path, nbytes, block)
             blocked, total, _, tok, d = one_save(0)
             persist_ratio.append(t_raw / total)
-            base = [w.step() for _ in range(3)]
+            base = [w.step() for _ in range(5)]
             blocked, total, steps, tok, d = one_save(3)
             costs.append(blocked + sum(steps) - 3 * statistics.median(base))
             blocked_all.append(blocked)
