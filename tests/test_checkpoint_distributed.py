@@ -66,10 +66,10 @@ def _kill_during_save(rank: int, world: int, path: str, victim: int) -> dict:
     if rank == victim:
         real = writer._write_chunk
 
-        def die_midway(step_dir, r, c, data):
+        def die_midway(step_dir, r, c, *rest):
             if c == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return real(step_dir, r, c, data)
+            return real(step_dir, r, c, *rest)
 
         writer._write_chunk = die_midway
     handle = ck.save(2, _rank_state(rank, 2))

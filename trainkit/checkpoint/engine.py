@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -139,8 +140,6 @@ class Checkpointer:
         snap = self._lazy
         if snap is None:
             return
-        import time
-
         t0 = time.perf_counter()
         snap.wait()
         self.stats["hook_wait_s"] += time.perf_counter() - t0
@@ -163,8 +162,6 @@ class Checkpointer:
         Raises ``TypeError`` (naming the key path) for a value that cannot be stored,
         and re-raises (once) the failure of an earlier save, with the same exception type.
         """
-        import time
-
         t0 = time.perf_counter()
         if self._closed:
             raise CheckpointError("save() on a closed Checkpointer")
