@@ -1,0 +1,176 @@
+"""A small DDP training job that checkpoints lazily and resumes exactly.
+
+Run it under torchrun (gloo, CPU)::
+
+    torchrun --nproc-per-node=2 examples/train.py --steps 200 --ckpt-every 20 \\
+        --ckpt-dir runs/demo/ckpt --loss-log runs/demo/loss.txt
+
+Kill it at any moment and run the same command again: it resumes from the newest
+committed checkpoint and logs the same losses, bit for bit, as a run that was never
+interrupted. Everything that decides a loss is in the checkpoint: the model, the
+optimizer, the LR schedule, every RNG of every rank (torch, numpy, Python's ``random``,
+the data-order generator) and the position in the data.
+
+The model is an MLP with dropout and BatchNorm (its running stats change in the forward,
+so they are copied inside ``save()``; the optimizer-owned weights are copied lazily).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from trainkit.checkpoint import Checkpointer
+
+SAMPLES, FEATURES, CLASSES = 4096, 32, 8
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=200, help="total optimizer steps")
+    p.add_argument("--ckpt-every", type=int, default=20, help="save every N steps")
+    p.add_argument("--ckpt-dir", default="runs/train/ckpt", help="checkpoint directory")
+    p.add_argument("--loss-log", default=None, help="rank 0 appends 'step loss' lines here")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="simulated crash: every rank exits abruptly (os._exit) after this step, "
+                        "with its last save possibly still in flight")
+    p.add_argument("--batch", type=int, default=64, help="per-rank batch size")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step-delay", type=float, default=0.0,
+                   help="sleep per step (seconds), to make a run long enough to kill")
+    p.add_argument("--no-attach", action="store_true", help="eager snapshots (no lazy mode)")
+    return p.parse_args(argv)
+
+
+def make_data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed synthetic classification task, identical on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SAMPLES, FEATURES, generator=g)
+    w = torch.randn(FEATURES, CLASSES, generator=g)
+    y = (x @ w + 0.5 * torch.randn(SAMPLES, CLASSES, generator=g)).argmax(dim=1)
+    return x, y
+
+
+class Batches:
+    """Epoch-shuffled global batches; each rank takes its slice. The position (epoch,
+    offset) is checkpointed, and the order of an epoch derives from (seed, epoch)."""
+
+    def __init__(self, seed: int, batch: int, rank: int, world: int) -> None:
+        self.seed, self.batch, self.rank, self.world = seed, batch, rank, world
+        self.epoch, self.offset = 0, 0
+        self._perm = self._order()
+
+    def _order(self) -> torch.Tensor:
+        return torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(
+            self.seed * 1000 + self.epoch))
+
+    def next(self) -> torch.Tensor:
+        span = self.batch * self.world
+        if self.offset + span > SAMPLES:
+            self.epoch, self.offset = self.epoch + 1, 0
+            self._perm = self._order()
+        start = self.offset + self.rank * self.batch
+        self.offset += span
+        return self._perm[start:start + self.batch]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset = state["epoch"], state["offset"]
+        self._perm = self._order()
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(args.seed)               # identical initial weights on every rank
+    model = torch.nn.Sequential(
+        torch.nn.Linear(FEATURES, args.hidden), torch.nn.BatchNorm1d(args.hidden),
+        torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(args.hidden, args.hidden),
+        torch.nn.ReLU(), torch.nn.Linear(args.hidden, CLASSES))
+    ddp = DDP(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
+    x_all, y_all = make_data(args.seed)
+    data = Batches(args.seed, args.batch, rank, world)
+    torch.manual_seed(args.seed + 1 + rank)    # per-rank streams: dropout, input noise
+    np.random.seed(args.seed + 1 + rank)
+    random.seed(args.seed + 1 + rank)
+
+    ckpt = Checkpointer(args.ckpt_dir, timeout=60)
+    if not args.no_attach:
+        ckpt.attach(opt)
+    start = 1
+    resumed = ckpt.latest()
+    if resumed is not None:
+        state = ckpt.load(resumed)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        sched.load_state_dict(state["sched"])
+        data.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        start = state["step"] + 1
+        if rank == 0:
+            print(f"[train] resumed from step {resumed}", flush=True)
+    log = open(args.loss_log, "a") if (args.loss_log and rank == 0) else None
+
+    for step in range(start, args.steps + 1):
+        idx = data.next()
+        noise = random.uniform(0.005, 0.02)    # Python's RNG matters too
+        x = x_all[idx] + noise * torch.from_numpy(np.random.standard_normal(
+            (len(idx), FEATURES)).astype(np.float32))
+        loss = F.cross_entropy(ddp(x), y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        if log is not None:
+            log.write(f"{step} {(mean.item() / world)!r}\n")
+            log.flush()
+        if step % args.ckpt_every == 0:
+            ckpt.save(step, {"model": model.state_dict(), "optim": opt.state_dict(),
+                             "sched": sched.state_dict(), "step": step, "data": data.state_dict(),
+                             "rng": rng_state()})
+        if args.stop_after is not None and step == args.stop_after:
+            if log is not None:
+                log.close()
+            os._exit(3)                        # no close(), no flush: a crash
+        if args.step_delay:
+            time.sleep(args.step_delay)
+    ckpt.close()                               # waits for the last saves to commit
+    if log is not None:
+        log.close()
+    if rank == 0:
+        print(f"[train] done: {args.steps} steps, committed checkpoints {ckpt.steps()}", flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

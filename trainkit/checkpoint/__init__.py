@@ -1,0 +1,50 @@
+"""Lazy asynchronous checkpointing to zarr v3 (``trainkit.checkpoint``).
+
+``Checkpointer(path)`` saves nested training state (tensors and plain Python values)
+with a ``save()`` that returns at once, writes each rank's shard from background
+threads, and commits a step atomically once every rank's shard is durable. See
+``docs/design.md`` for the layout and the commit protocol.
+
+Names are resolved on first use, so ``trainkit ckpt --help`` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "Checkpointer",
+    "SaveHandle",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
+    "CommitError",
+    "CorruptCheckpointError",
+    "committed_steps",
+    "verify_step",
+]
+
+_WHERE = {
+    "Checkpointer": "engine",
+    "SaveHandle": "engine",
+    "CheckpointError": "errors",
+    "CheckpointNotFoundError": "errors",
+    "CheckpointWriteError": "errors",
+    "CommitError": "errors",
+    "CorruptCheckpointError": "errors",
+    "committed_steps": "reader",
+    "verify_step": "reader",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"trainkit.checkpoint.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'trainkit.checkpoint' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,361 @@
+"""The Checkpointer: ``save()`` that costs the training loop almost nothing.
+
+After DataStates-LLM (HPDC'24): a checkpoint is a snapshot of tensors that, for the
+optimizer's parameters and state, need not be taken before ``save()`` returns, only
+before the next ``optimizer.step()`` changes them. The pipeline per save:
+
+1. ``save()`` (training thread): encode the non-tensor values, plan the shard, take
+   the host buffer (waiting for the previous save to finish writing: backpressure),
+   copy every tensor the optimizer does not own (they may change in the next forward).
+2. data thread: copy the optimizer-owned blobs, hand each completed chunk to the I/O
+   threads, checksum the blobs, write the metadata, fsync; release the buffer.
+3. commit thread: agree with the other ranks (:mod:`~trainkit.checkpoint.coord`);
+   rank 0 writes the commit record; resolve the handle.
+
+The optimizer's step pre-hook waits for (and helps with) step 2's copy, and only if it
+is still running. Thread-safety: call ``save``/``attach``/``wait``/``load``/``close``
+from one thread (the training loop); ``SaveHandle.result`` from any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from trainkit.checkpoint import codec, reader
+from trainkit.checkpoint.coord import Coordinator, make_coordinator
+from trainkit.checkpoint.errors import CheckpointError, CheckpointWriteError, CommitError
+from trainkit.checkpoint.layout import DEFAULT_CHUNK_BYTES, TensorSpec, plan_shard, step_dirname
+from trainkit.checkpoint.snapshot import HostBufferPool, Snapshot, describe_tensor, storage_key
+from trainkit.checkpoint.writer import ShardJob, write_commit_record, write_shard
+
+__all__ = ["Checkpointer", "SaveHandle"]
+
+log = logging.getLogger(__name__)
+
+
+class SaveHandle:
+    """The future of one ``save()``: ``result()`` blocks until the step is committed on
+    every rank and returns the step, or raises why it was not."""
+
+    def __init__(self, step: int, future: Future, owner: Checkpointer) -> None:
+        self.step = step
+        self._future = future
+        self._owner = owner
+
+    def result(self, timeout: float | None = None) -> int:
+        try:
+            return self._future.result(timeout)
+        except CheckpointError:
+            self._owner._mark_seen(self._future)
+            raise
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def __repr__(self) -> str:
+        state = "pending" if not self._future.done() else (
+            "failed" if self._future.exception() else "committed")
+        return f"SaveHandle(step={self.step}, {state})"
+
+
+def _check_tensor(path: codec.KeyPath, t: torch.Tensor) -> None:
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        raise TypeError(f"cannot store a {type(t).__qualname__} at {codec.format_key_path(path)}: "
+                        f"only plain (dense, strided) tensors are supported")
+    if t.layout != torch.strided or t.is_quantized or t.is_nested or t.device.type == "meta":
+        raise TypeError(f"cannot store a {t.layout} {t.device.type} tensor at "
+                        f"{codec.format_key_path(path)}: only dense tensors with data are "
+                        f"supported")
+
+
+class Checkpointer:
+    """Lazy asynchronous checkpoints of nested state in a directory of zarr v3 groups.
+
+    Example::
+
+        ckpt = Checkpointer("runs/exp1/ckpt")
+        ckpt.attach(optimizer)
+        if ckpt.latest() is not None:
+            state = ckpt.load()
+        ...
+        ckpt.save(step, {"model": model.state_dict(), "optim": optimizer.state_dict(),
+                         "rng": torch.get_rng_state()})
+
+    Rank-aware when torch.distributed is initialised: every rank writes its own shard,
+    and every rank must call ``save()`` with the same steps, in the same order.
+
+    Args:
+        path: the checkpoint directory (shared by all ranks).
+        timeout: seconds a rank may stay silent (or not start a save) before the step
+            fails on the survivors.
+        chunk_bytes: target size of a data chunk file.
+        io_threads: threads writing chunks (and reading them in ``load()``).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, timeout: float = 300.0,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, io_threads: int = 2) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        os.makedirs(self.path, exist_ok=True)
+        self.timeout = float(timeout)
+        self.chunk_bytes = int(chunk_bytes)
+        self._io_threads = int(io_threads)
+        self._coord: Coordinator = make_coordinator(self.path, timeout=self.timeout)
+        self.rank = self._coord.rank
+        self.world_size = self._coord.world_size
+        self._pool = HostBufferPool(pin=torch.cuda.is_available())
+        self._data = ThreadPoolExecutor(1, thread_name_prefix="trainkit-ckpt-data")
+        self._commit = ThreadPoolExecutor(1, thread_name_prefix="trainkit-ckpt-commit")
+        self._io = ThreadPoolExecutor(self._io_threads, thread_name_prefix="trainkit-ckpt-io")
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._hooks: list[Any] = []
+        self._lazy: Snapshot | None = None
+        self._seq = 0
+        self._futures: list[Future] = []
+        # failed saves: raised again by the next save() (then cleared), and by close() if
+        # nobody has seen them through result(), wait() or save()
+        self._failed: dict[Future, BaseException] = {}
+        self._unseen: set[Future] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self.stats = {"hook_wait_s": 0.0, "save_s": 0.0}
+
+    # -- lazy mode ----------------------------------------------------------------------
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Lazy mode: tensors ``optimizer`` owns are copied after ``save()`` returns, and
+        its ``step()`` waits (in a pre-hook) until they are. Only ``optimizer.step()`` may
+        modify its parameters and state between ``save()`` and the next step."""
+        if any(o is optimizer for o in self._optimizers):
+            return
+        self._optimizers.append(optimizer)
+        self._hooks.append(optimizer.register_step_pre_hook(self._before_step))
+
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        snap = self._lazy
+        if snap is None:
+            return
+        t0 = time.perf_counter()
+        snap.wait()
+        self.stats["hook_wait_s"] += time.perf_counter() - t0
+        if self._lazy is snap:
+            self._lazy = None
+
+    def _owned_storages(self) -> set[tuple[str, int]]:
+        owned: set[tuple[str, int]] = set()
+        for opt in self._optimizers:
+            for group in opt.param_groups:
+                owned.update(storage_key(p) for p in group["params"])
+            for st in opt.state.values():
+                owned.update(storage_key(v) for v in st.values() if isinstance(v, torch.Tensor))
+        return owned
+
+    # -- saving -------------------------------------------------------------------------
+    def save(self, step: int, state: Any) -> SaveHandle:
+        """Snapshot ``state`` as checkpoint ``step`` and write it in the background.
+
+        Raises ``TypeError`` (naming the key path) for a value that cannot be stored,
+        and re-raises (once) the failure of an earlier save, with the same exception type.
+        """
+        t0 = time.perf_counter()
+        if self._closed:
+            raise CheckpointError("save() on a closed Checkpointer")
+        self._raise_failed()
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise TypeError(f"step must be a non-negative int, got {step!r}")
+        if os.path.isfile(os.path.join(self.path, step_dirname(step), reader.COMMIT_FILE)):
+            raise CheckpointError(f"step {step} is already committed in {self.path}; "
+                                  f"checkpoints are never overwritten")
+        tensors: list[torch.Tensor] = []
+        specs: list[TensorSpec] = []
+
+        def on_tensor(path: codec.KeyPath, t: torch.Tensor) -> int:
+            _check_tensor(path, t)
+            specs.append(describe_tensor("/".join(map(str, path)), t))
+            tensors.append(t)
+            return len(tensors) - 1
+
+        tree = codec.encode(state, on_tensor)
+        plan = plan_shard(specs, chunk_bytes=self.chunk_bytes)
+        owned = self._owned_storages() if self._optimizers else set()
+        lazy = [i for i, b in enumerate(plan.blobs)
+                if owned and storage_key(tensors[b.tensors[0]]) in owned and b.nbytes]
+        if self._lazy is not None:        # the previous lazy copy must not outlive its save
+            self._lazy.wait()
+            self._lazy = None
+        buffer = self._pool.acquire(plan.array_bytes)
+        try:
+            if plan.array_bytes > plan.nbytes:
+                buffer[plan.nbytes:].zero_()
+            snap = Snapshot(plan, buffer, tensors, lazy)
+        except BaseException:
+            self._pool.release()
+            raise
+        job = ShardJob(self.path, step, self._seq, self.rank, self.world_size, plan,
+                       tuple(specs), tree, snap)
+        self._seq += 1
+        future: Future = Future()
+        with self._lock:
+            self._futures.append(future)
+        self._data.submit(self._run_data, job, future)   # starts writing chunks as they fill
+        snap.wait_eager()          # copy what the next forward may change, with the writer
+        if not snap.done:
+            self._lazy = snap
+        self.stats["save_s"] += time.perf_counter() - t0
+        return SaveHandle(step, future, self)
+
+    def _run_data(self, job: ShardJob, future: Future) -> None:
+        manifest, error = None, None
+        try:
+            self._coord.begin(job.seq)
+            manifest = write_shard(job, self._io)
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the handle
+            error = exc
+        finally:
+            self._pool.release()
+        self._commit.submit(self._run_commit, job, future, manifest, error)
+
+    def _run_commit(self, job: ShardJob, future: Future, manifest: dict | None,
+                    error: BaseException | None) -> None:
+        def finalize(manifests: list[dict]) -> None:
+            write_commit_record(self.path, job.step, self.world_size, manifests)
+
+        try:
+            self._coord.commit(job.seq, job.step, manifest,
+                               None if error is None else str(error), finalize)
+        except BaseException as exc:  # noqa: BLE001
+            if error is None and self._committed_on_disk(job.step, manifest):
+                log.warning("step %d: %s; but its commit record is on disk and lists this "
+                            "rank's files, so it is committed", job.step, exc)
+            elif error is None:
+                error = exc if isinstance(exc, CheckpointError) else CommitError(
+                    f"step {job.step} not committed: {exc}")
+        if error is not None and not isinstance(error, CheckpointError):
+            wrapped = CheckpointWriteError(f"step {job.step}, rank {self.rank}: {error}")
+            wrapped.__cause__ = error
+            error = wrapped
+        if error is None:
+            future.set_result(job.step)
+            return
+        log.error("checkpoint step %d failed: %s", job.step, error)
+        with self._lock:
+            self._failed[future] = error
+            self._unseen.add(future)
+        future.set_exception(error)
+
+    def _committed_on_disk(self, step: int, manifest: dict | None) -> bool:
+        """Rank 0 may die (taking the store with it) right after committing; the record
+        on the shared directory is then the ground truth."""
+        if manifest is None:
+            return False
+        try:
+            record = reader.read_commit_record(self.path, step)
+        except CheckpointError:
+            return False
+        files = record.get("files", {})
+        return all(files.get(rel) == v for rel, v in manifest["files"].items())
+
+    def _mark_seen(self, future: Future) -> None:
+        with self._lock:
+            self._unseen.discard(future)
+
+    def _raise_failed(self) -> None:
+        """save(): re-raise a failure of an earlier save, once, so a loop that never
+        looks at its handles still learns that checkpoints are failing."""
+        with self._lock:
+            if not self._failed:
+                return
+            error = next(iter(self._failed.values()))
+            self._failed.clear()
+            self._unseen.clear()
+        cls = type(error) if isinstance(error, CheckpointError) else CheckpointError
+        raise cls(f"an earlier checkpoint failed: {error}") from error
+
+    # -- waiting, reading ---------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until every pending save is committed; raise the first failure."""
+        with self._lock:
+            futures = list(self._futures)
+        first: BaseException | None = None
+        for f in futures:
+            exc = f.exception()
+            if exc is not None and first is None:
+                first = exc
+        with self._lock:
+            self._futures = [f for f in self._futures if not f.done()]
+            self._unseen.difference_update(futures)
+        if first is not None:
+            raise first
+
+    def steps(self) -> list[int]:
+        """Committed steps in this directory, oldest first."""
+        return reader.committed_steps(self.path)
+
+    def latest(self) -> int | None:
+        """The newest committed step, or None."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def load(self, step: int | None = None, *, rank: int | None = None) -> Any:
+        """Load a committed step (default: the newest) as CPU tensors, verifying checksums.
+
+        Each rank loads its own shard; ``rank=`` reads another rank's (e.g. rank 0's in a
+        single process). Call ``wait()`` first to include saves still in flight.
+        """
+        if step is None:
+            step = self.latest()
+            if step is None:
+                raise reader.CheckpointNotFoundError(
+                    f"no committed checkpoint in {self.path}; committed steps: none")
+        if rank is None:
+            record = reader.read_commit_record(self.path, step)
+            if self.world_size > 1 and record["world_size"] != self.world_size:
+                raise CheckpointError(
+                    f"step {step} was saved by {record['world_size']} ranks but this job has "
+                    f"{self.world_size}; pass rank= to choose the shard to read")
+            rank = self.rank
+        return reader.load_shard(self.path, step, rank, threads=max(2, self._io_threads * 2))
+
+    # -- shutdown -----------------------------------------------------------------------
+    def close(self) -> None:
+        """Drain pending saves, stop the threads, detach the optimizers. Raises a failure
+        of a pending save that nobody has seen yet."""
+        if self._closed:
+            return
+        try:
+            with self._lock:
+                futures = list(self._futures)
+            for f in futures:
+                f.exception()           # drain; failures already seen are not raised again
+            with self._lock:
+                unseen = [self._failed[f] for f in self._unseen if f in self._failed]
+                self._unseen.clear()
+            if unseen:
+                raise CheckpointError(f"a checkpoint failed: {unseen[0]}") from unseen[0]
+        finally:
+            self._closed = True
+            for h in self._hooks:
+                h.remove()
+            self._hooks.clear()
+            self._optimizers.clear()
+            self._data.shutdown(wait=True)
+            self._commit.shutdown(wait=True)
+            self._io.shutdown(wait=True)
+            self._coord.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except CheckpointError as err:  # do not mask the exception already propagating
+            log.error("checkpoint failure while closing after an error: %s", err)

@@ -1,0 +1,36 @@
+"""Exceptions raised by the checkpoint engine.
+
+Every error names what a user needs to act on it: the step, and where relevant the
+rank, the tensor and the file. They all derive from :class:`CheckpointError`, so a
+training loop can catch one type.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CommitError",
+    "CorruptCheckpointError",
+    "CheckpointWriteError",
+]
+
+
+class CheckpointError(RuntimeError):
+    """Base class of every checkpoint failure."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The requested step does not exist or was never committed."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A rank could not write its shard (disk full, permission denied, ...)."""
+
+
+class CommitError(CheckpointError):
+    """The ranks could not agree to commit a step (a rank failed, died or timed out)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A committed step failed verification: a file is missing, truncated or altered."""

@@ -1,0 +1,195 @@
+"""Copying live tensors into reused host buffers, eagerly or lazily.
+
+The snapshot is what makes ``save()`` cheap. Each blob of the shard plan is copied from
+the live tensors into one host buffer. Blobs the attached optimizer owns (its parameters
+and state) may be copied later, in a background thread, because only
+``optimizer.step()`` changes them, and the step pre-hook waits for the copy (helping with
+it, so two cores finish it together). Every other blob is copied inside ``save()``.
+
+As blobs land, the chunks of the packed array they complete become ready, so writing
+to disk overlaps the copy. The buffer is returned to the pool only after its chunks are
+written; a new save waits for it (backpressure) instead of allocating a second copy.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable
+
+import torch
+
+from trainkit.checkpoint.layout import ShardPlan, TensorSpec
+
+__all__ = ["describe_tensor", "storage_key", "HostBufferPool", "Snapshot"]
+
+
+def storage_key(t: torch.Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def describe_tensor(name: str, t: torch.Tensor) -> TensorSpec:
+    """Geometry of ``t`` for the planner. Conjugate/negative views are stored densely,
+    because their storage bytes differ from their values."""
+    itemsize = t.element_size()
+    nbytes = t.numel() * itemsize
+    shareable = not (t.is_conj() or t.is_neg()) and t.numel() > 0
+    if shareable:
+        start = t.storage_offset() * itemsize
+        last = sum((d - 1) * s for d, s in zip(t.shape, t.stride()))
+        end = start + (last + 1) * itemsize
+    else:
+        start = end = 0
+    return TensorSpec(name, t.dtype, tuple(t.shape), tuple(t.stride()),
+                      storage_key(t) if shareable else None, start, end, nbytes)
+
+
+def _bytes_of_storage(t: torch.Tensor, start: int, nbytes: int) -> torch.Tensor:
+    """A uint8 view of ``nbytes`` of ``t``'s storage from byte ``start``."""
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(
+        t.untyped_storage(), start, (nbytes,), (1,))
+
+
+class HostBufferPool:
+    """One reusable host buffer; ``acquire`` blocks while the previous save holds it."""
+
+    def __init__(self, *, pin: bool) -> None:
+        self._pin = pin
+        self._buf: torch.Tensor | None = None
+        self._free = threading.Condition()
+        self._busy = False
+
+    def acquire(self, nbytes: int, timeout: float | None = None) -> torch.Tensor:
+        with self._free:
+            if not self._free.wait_for(lambda: not self._busy, timeout=timeout):
+                raise TimeoutError("the previous checkpoint still holds the host buffer")
+            self._busy = True
+        if self._buf is None or self._buf.numel() < nbytes or self._buf.numel() > 2 * nbytes + (64 << 20):
+            self._buf = None  # free the old one first: never hold two
+            self._buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
+        return self._buf[:nbytes]
+
+    def release(self) -> None:
+        with self._free:
+            self._busy = False
+            self._free.notify_all()
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._buf is None else self._buf.numel()
+
+
+class Snapshot:
+    """The copy of one save. Eager blobs (not owned by an attached optimizer) must be
+    copied before ``save()`` returns; lazy ones before the optimizer's next step.
+
+    Copies are taken from one queue, eager first, by whichever thread asks: the training
+    thread inside ``save()`` or the step pre-hook, and the background writer. Two cores
+    thus copy together, and every chunk is handed to the writer as soon as the blobs in it
+    are copied. Thread-safe.
+    """
+
+    def __init__(self, plan: ShardPlan, buffer: torch.Tensor, tensors: list[torch.Tensor],
+                 lazy_blobs: Iterable[int]) -> None:
+        self.plan = plan
+        self.buffer = buffer
+        self._tensors: list[torch.Tensor | None] = list(tensors)
+        lazy_set = set(lazy_blobs)
+        by_offset = sorted(range(len(plan.blobs)), key=lambda b: plan.blobs[b].offset)
+        eager = [b for b in by_offset if b not in lazy_set]
+        lazy = [b for b in by_offset if b in lazy_set]
+        self._pending = list(reversed(eager + lazy))      # pop() from the end: eager first
+        self._eager_left = len(eager)
+        self._eager_done = threading.Event()
+        self._lazy_set = lazy_set
+        self._inflight = 0
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self.error: BaseException | None = None
+        self.ready_chunks: queue.Queue[int] = queue.Queue()
+        self._waiting = [0] * plan.nchunks
+        for b in range(len(plan.blobs)):
+            for c in plan.chunks_of(b):
+                self._waiting[c] += 1
+        for c in range(plan.nchunks):
+            if self._waiting[c] == 0:
+                self.ready_chunks.put(c)
+        if not self._eager_left:
+            self._eager_done.set()
+        if not self._pending:
+            self._finish_tensors()
+
+    def _copy(self, b: int) -> None:
+        blob = self.plan.blobs[b]
+        if blob.nbytes == 0:
+            return
+        dst = self.buffer[blob.offset:blob.offset + blob.nbytes]
+        if blob.dense_tensor is not None:
+            src = self._tensors[blob.dense_tensor]
+            assert src is not None
+            dst.view(src.dtype).view(src.shape).copy_(src.detach())
+        else:
+            src = self._tensors[blob.tensors[0]]
+            assert src is not None
+            dst.copy_(_bytes_of_storage(src.detach(), blob.source_start, blob.nbytes))
+
+    def _finish_tensors(self) -> None:
+        self._tensors = []  # drop references to live tensors
+        self._eager_done.set()
+        self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def work(self, limit: int | None = None, *, eager_only: bool = False) -> bool:
+        """Copy pending blobs (at most ``limit``; only eager ones if ``eager_only``) until
+        none is left to take; others may still be in flight in another thread. Returns
+        whether it copied anything."""
+        took = 0
+        while limit is None or took < limit:
+            with self._lock:
+                if not self._pending or self.error is not None:
+                    return took > 0
+                if eager_only and self._pending[-1] in self._lazy_set:
+                    return took > 0
+                took += 1
+                b = self._pending.pop()
+                self._inflight += 1
+            try:
+                self._copy(b)
+            except BaseException as exc:  # noqa: BLE001 - handed to wait() and the writer
+                with self._lock:
+                    self.error = exc
+                    self._inflight -= 1
+                    self._pending.clear()
+                self._finish_tensors()
+                return True
+            with self._lock:
+                self._inflight -= 1
+                for c in self.plan.chunks_of(b):
+                    self._waiting[c] -= 1
+                    if self._waiting[c] == 0:
+                        self.ready_chunks.put(c)
+                if b not in self._lazy_set:
+                    self._eager_left -= 1
+                    if self._eager_left == 0:
+                        self._eager_done.set()
+                finished = not self._pending and self._inflight == 0
+            if finished:
+                self._finish_tensors()
+        return took > 0
+
+    def wait_eager(self) -> None:
+        """Block until every eager blob is copied, copying alongside the writer thread."""
+        self.work(eager_only=True)
+        self._eager_done.wait()
+        if self.error is not None:
+            raise self.error
+
+    def wait(self) -> None:
+        """Block until every blob is copied, copying alongside the background thread."""
+        self.work()
+        self._done.wait()
+        if self.error is not None:
+            raise self.error
