@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 from trainkit.run.control import Control
 from trainkit.run.detector import AggregatorHandle
-from trainkit.run.events import EventLog
+from trainkit.run.events import EventLog, read_events
 from trainkit.run.findings import FindingTail, fault_from_finding
 from trainkit.run.policy import Decision, Fault, PolicyConfig, PolicyState, decide
 
@@ -231,3 +232,11 @@ class Coordinator:
         state = decision.state
         self.events.log("give_up", restarts=state.restarts, excluded=list(state.excluded),
                         findings=len(self._findings), reason=decision.reason)
+        faults = [e for e in read_events(self.cfg.run_dir) if e["event"] == "decision"]
+        lines = [f"trainkit run: giving up after {state.restarts} restart(s): {decision.reason}",
+                 f"  nodes excluded: {', '.join(state.excluded) or 'none'}",
+                 f"  faults seen: {len(faults)}"]
+        lines += [f"    gen {e.get('gen')}: {e.get('fault')} on {e.get('culprits') or '?'} -> "
+                  f"{e.get('action')}" for e in faults]
+        lines.append(f"  details: {self.events.path}")
+        print("\n".join(lines), file=sys.stderr, flush=True)
