@@ -14,8 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "node isolation, restarts and resume. Everything after `--` is torchrun's "
                     "(options, then the script and its arguments).",
         usage="trainkit run [options] -- [torchrun options] train.py [args]")
-    p.add_argument("--run-dir", type=Path, default=Path("runs/trainkit-run"),
-                   help="where events.jsonl, diagnosis.jsonl and logs go (default: %(default)s)")
+    p.add_argument("--run-dir", type=Path, default=None,
+                   help="where events.jsonl, diagnosis.jsonl and logs go (default: "
+                        "runs/trainkit-run, or runs/drill-<time> with --drill)")
     p.add_argument("--coordinator", action="store_true",
                    help="this host runs the aggregator and the decisions (multi-host jobs); "
                         "implied when no --rdzv-endpoint is given")
@@ -38,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds to wait for node agents to register (default: %(default)s)")
     p.add_argument("--stop-timeout", type=float, default=30.0,
                    help="seconds to wait for workers to stop after a decision")
+    p.add_argument("--drill", action="store_true",
+                   help="run the fault drill: 3 local nodes x 2 processes, a hang injected on "
+                        "node 2, detection, isolation, restart, resume (no torchrun args)")
     p.add_argument("torchrun", nargs=argparse.REMAINDER,
                    help="`--` then torchrun options, the training script and its arguments")
     p.set_defaults(func=_main)
@@ -50,7 +54,17 @@ def _main(args: argparse.Namespace) -> int:
     rest = list(args.torchrun)
     if rest and rest[0] == "--":
         rest = rest[1:]
-    opts = RunOptions(run_dir=args.run_dir, coordinator=args.coordinator, node_id=args.node_id,
+    if args.drill:
+        import time
+
+        from trainkit.run.drill import run_drill
+
+        if rest:
+            print("trainkit run: error: --drill takes no torchrun arguments", file=sys.stderr)
+            return 2
+        return run_drill(args.run_dir or Path(f"runs/drill-{time.strftime('%Y%m%d-%H%M%S')}"),
+                         hang_timeout=min(args.hang_timeout, 5.0))
+    opts = RunOptions(run_dir=args.run_dir or Path("runs/trainkit-run"), coordinator=args.coordinator, node_id=args.node_id,
                       local_nodes=args.local_nodes, max_restarts=args.max_restarts,
                       exclude_after=args.exclude_after, spare=args.spare,
                       hang_timeout=args.hang_timeout, detect=args.detect,
