@@ -1,0 +1,10 @@
+"""``trainkit run``: a torchrun wrapper that detects, isolates, restarts and resumes.
+
+See ``launcher`` for the modes, ``coordinator`` for the generation loop, ``agent`` for
+what runs on each node and ``policy`` for the decisions.
+"""
+
+from trainkit.run.launcher import RunOptions, run_job
+from trainkit.run.policy import Decision, Fault, PolicyConfig, PolicyState, decide
+
+__all__ = ["Decision", "Fault", "PolicyConfig", "PolicyState", "RunOptions", "decide", "run_job"]

@@ -1,0 +1,242 @@
+"""The coordinator: one per job. Hosts the store, runs the detector, decides.
+
+Generation loop: publish a plan (members, rendezvous id), watch the generation, and
+when a finding or a failed node arrives ask the policy (``trainkit.run.policy``) what to
+do; stop the workers if the answer is a restart, and publish the next plan. Every
+decision goes to ``events.jsonl`` with its reason.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainkit.run.control import Control
+from trainkit.run.detector import AggregatorHandle
+from trainkit.run.events import EventLog, read_events
+from trainkit.run.findings import FindingTail, fault_from_finding
+from trainkit.run.policy import Decision, Fault, PolicyConfig, PolicyState, decide
+
+# Rendezvous settings that make a restart take seconds rather than torchrun's defaults
+# (join waits up to 600 s, last call 30 s, keep-alive 5 s): members per generation are
+# fixed, so the rendezvous completes the moment the last member joins.
+FAST_RDZV_CONF = "join_timeout=120,last_call_timeout=1,close_timeout=5,keep_alive_interval=1," \
+                 "keep_alive_max_attempt=5"
+
+
+@dataclass(kw_only=True)
+class CoordinatorConfig:
+    run_dir: Path
+    policy: PolicyConfig
+    max_nodes: int
+    spare: int = 0
+    rdzv_id: str = "trainkit"
+    join_timeout: float = 120.0
+    stop_timeout: float = 30.0
+    agent_timeout: float = 10.0
+    exit_grace: float = 3.0
+    aggregator: AggregatorHandle | None = None
+
+
+def _natural_key(name: str) -> list[int | str]:
+    """Sort node2 before node10, so node indices follow the names people read."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+@dataclass(kw_only=True)
+class _Outcome:
+    status: str  # "done" | "fault"
+    fault: Fault | None = None
+    finding: dict[str, Any] | None = None
+
+
+class Coordinator:
+    def __init__(self, control: Control, cfg: CoordinatorConfig, events: EventLog) -> None:
+        self.control = control
+        self.cfg = cfg
+        self.events = events
+        self.tail = FindingTail(cfg.run_dir)
+        self._aggregator_warned = False
+        self._findings: list[dict[str, Any]] = []
+
+    # -- membership -------------------------------------------------------------------
+    def _wait_for_agents(self) -> list[str]:
+        deadline = time.monotonic() + self.cfg.join_timeout
+        nodes: list[str] = []
+        while time.monotonic() < deadline:
+            nodes = self.control.nodes()
+            if len(nodes) >= self.cfg.max_nodes + self.cfg.spare:
+                break
+            time.sleep(0.1)
+        minimum = self.cfg.policy.min_nodes
+        if len(nodes) < minimum:
+            raise RuntimeError(f"only {len(nodes)} node agent(s) registered within "
+                               f"{self.cfg.join_timeout:.0f}s, fewer than the minimum of "
+                               f"{minimum}: {nodes}")
+        return nodes
+
+    # -- main loop --------------------------------------------------------------------
+    def run(self) -> int:
+        nodes = sorted(self._wait_for_agents(), key=_natural_key)
+        index = {n: i for i, n in enumerate(nodes)}
+        state = PolicyState(members=tuple(nodes[:self.cfg.max_nodes]),
+                            standby=tuple(nodes[self.cfg.max_nodes:]))
+        self.events.log("start", nodes=nodes, members=list(state.members),
+                        standby=list(state.standby), reason=f"{len(nodes)} node(s) registered")
+        gen = 0
+        while True:
+            started = time.time()
+            self.control.put(f"tk/gen/{gen}/plan", {
+                "members": list(state.members), "index": index, "time": started,
+                "rdzv_id": f"{self.cfg.rdzv_id}-g{gen}",
+                "aggregator": self.cfg.aggregator.address if self.cfg.aggregator else None,
+                "rdzv_conf": FAST_RDZV_CONF})
+            self.events.log("generation_start", gen=gen, members=list(state.members),
+                            reason=f"launching torchrun on {len(state.members)} node(s)")
+            outcome = self._watch(gen, state, started)
+            if outcome.status == "done":
+                self.events.log("done", gen=gen, restarts=state.restarts,
+                                excluded=list(state.excluded), reason="all workers finished")
+                self.control.put("tk/final", {"status": "done"})
+                return 0
+            assert outcome.fault is not None
+            decision = decide(outcome.fault, state, self.cfg.policy)
+            self._stop(gen, outcome.fault.reason)
+            lost = self._lost_members(gen, state.members)
+            self.events.log("decision", gen=gen, action=decision.action,
+                            exclude=list(decision.exclude), fault=outcome.fault.kind,
+                            culprits=list(outcome.fault.nodes), reason=decision.reason,
+                            restarts=decision.state.restarts)
+            if decision.action == "give_up":
+                self.control.put("tk/final", {"status": "give_up"})
+                self._summary(decision)
+                return 1
+            state = decision.state
+            lost = tuple(m for m in lost if m in state.members)
+            if lost:
+                state = PolicyState(members=tuple(m for m in state.members if m not in lost),
+                                    standby=state.standby, excluded=state.excluded + lost,
+                                    restarts=state.restarts, strikes=state.strikes)
+                self.events.log("exclude", gen=gen, exclude=list(lost),
+                                reason="agent did not report after the stop: node lost")
+                if len(state.members) < self.cfg.policy.min_nodes:
+                    self.control.put("tk/final", {"status": "give_up"})
+                    self._summary(decision)
+                    return 1
+            gen += 1
+
+    # -- watching one generation ------------------------------------------------------
+    def _watch(self, gen: int, state: PolicyState, started: float) -> _Outcome:
+        first_failure: float | None = None
+        while True:
+            exits = {m: self.control.get(f"tk/gen/{gen}/exit/{m}") for m in state.members}
+            done = {m: e for m, e in exits.items() if e is not None}
+            if len(done) == len(state.members) and all(e["rc"] == 0 for e in done.values()):
+                return _Outcome(status="done")
+            for finding in self.tail.poll():
+                if finding.get("time", 0) < started or not self._same_generation(finding, gen):
+                    continue
+                self._findings.append(finding)
+                self.events.log("finding", gen=gen, finding=finding,
+                                reason=f"{finding.get('class')} ranks={finding.get('ranks')} "
+                                       f"hosts={finding.get('hosts')}")
+                fault = fault_from_finding(finding, state.members)
+                preview = decide(fault, state, self.cfg.policy)
+                if preview.action == "continue":
+                    self.events.log("decision", gen=gen, action="continue", fault=fault.kind,
+                                    culprits=list(fault.nodes), reason=preview.reason)
+                    state = preview.state
+                    continue
+                return _Outcome(status="fault", fault=fault, finding=finding)
+            failed = {m: e for m, e in done.items() if e["rc"] != 0}
+            if failed:
+                first_failure = first_failure or time.monotonic()
+                if time.monotonic() - first_failure >= self.cfg.exit_grace:
+                    return _Outcome(status="fault", fault=self._exit_fault(failed))
+            lost = self._stale(state.members, done)
+            if lost:
+                return _Outcome(status="fault", fault=Fault(
+                    kind="crash", nodes=tuple(lost), hardware=True,
+                    reason=f"node agent(s) {lost} stopped heartbeating"))
+            self._check_aggregator(gen)
+            time.sleep(0.1)
+
+    @staticmethod
+    def _same_generation(finding: dict[str, Any], gen: int) -> bool:
+        attempts = {i.get("attempt") for i in finding.get("ids") or [] if isinstance(i, dict)}
+        attempts.discard(None)
+        return not attempts or gen in attempts
+
+    @staticmethod
+    def _exit_fault(failed: dict[str, dict[str, Any]]) -> Fault:
+        """Culprits of a failure the detector did not explain: nodes whose workers died
+        from a signal other than the SIGTERM torchrun sends a failed worker's siblings,
+        else the node that failed first."""
+        signalled = tuple(m for m, e in failed.items()
+                          if any(c < 0 and c != -signal.SIGTERM for c in e["exitcodes"]))
+        first = min(failed, key=lambda m: failed[m]["time"])
+        nodes = signalled or (first,)
+        codes = {m: failed[m]["exitcodes"] or [failed[m]["rc"]] for m in nodes}
+        return Fault(kind="crash", nodes=nodes, reason=f"workers exited with {codes}")
+
+    def _stale(self, members: tuple[str, ...], done: dict[str, Any]) -> list[str]:
+        now = time.time()
+        out = []
+        for m in members:
+            if m in done:
+                continue
+            hb = self.control.get(f"tk/hb/{m}")
+            if hb is not None and now - hb > self.cfg.agent_timeout:
+                out.append(m)
+        return out
+
+    def _check_aggregator(self, gen: int) -> None:
+        agg = self.cfg.aggregator
+        if agg is not None and not self._aggregator_warned and not agg.alive():
+            self._aggregator_warned = True
+            self.events.log("warning", gen=gen, reason=f"the detection aggregator (pid {agg.pid}) "
+                            "is gone: training continues unmonitored")
+
+    # -- stopping -----------------------------------------------------------------------
+    def _stop(self, gen: int, reason: str) -> None:
+        self.control.put(f"tk/gen/{gen}/stop", {"reason": reason, "time": time.time()})
+
+    def _lost_members(self, gen: int, members: tuple[str, ...]) -> tuple[str, ...]:
+        """Wait for every member to report the stop; those that never do are lost."""
+        deadline = time.monotonic() + self.cfg.stop_timeout
+        pending = set(members)
+        while pending and time.monotonic() < deadline:
+            pending = {m for m in pending if self.control.get(f"tk/gen/{gen}/exit/{m}") is None}
+            if pending:
+                time.sleep(0.1)
+        self.events.log("stopped", gen=gen, reason="workers stopped" if not pending else
+                        f"workers stopped; no report from {sorted(pending)}")
+        return tuple(sorted(pending))
+
+    def wait_for_goodbyes(self, timeout: float) -> None:
+        """Keep the store up until every agent has seen ``tk/final`` (or ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        nodes = self.control.nodes()
+        while time.monotonic() < deadline:
+            if all(self.control.get(f"tk/bye/{n}") is not None
+                   or self.control.get(f"tk/left/{n}") is not None for n in nodes):
+                return
+            time.sleep(0.1)
+
+    def _summary(self, decision: Decision) -> None:
+        state = decision.state
+        self.events.log("give_up", restarts=state.restarts, excluded=list(state.excluded),
+                        findings=len(self._findings), reason=decision.reason)
+        faults = [e for e in read_events(self.cfg.run_dir) if e["event"] == "decision"]
+        lines = [f"trainkit run: giving up after {state.restarts} restart(s): {decision.reason}",
+                 f"  nodes excluded: {', '.join(state.excluded) or 'none'}",
+                 f"  faults seen: {len(faults)}"]
+        lines += [f"    gen {e.get('gen')}: {e.get('fault')} on {e.get('culprits') or '?'} -> "
+                  f"{e.get('action')}" for e in faults]
+        lines.append(f"  details: {self.events.path}")
+        print("\n".join(lines), file=sys.stderr, flush=True)
