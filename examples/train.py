@@ -18,6 +18,7 @@ so they are copied inside ``save()``; the optimizer-owned weights are copied laz
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -29,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from trainkit.checkpoint import Checkpointer
+from trainkit.checkpoint import CheckpointError, Checkpointer
 
 SAMPLES, FEATURES, CLASSES = 4096, 32, 8
 
@@ -49,6 +50,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-delay", type=float, default=0.0,
                    help="sleep per step (seconds), to make a run long enough to kill")
     p.add_argument("--no-attach", action="store_true", help="eager snapshots (no lazy mode)")
+    p.add_argument("--detect", action=argparse.BooleanOptionalAction,
+                   default=bool(os.environ.get("TRAINKIT_AGGREGATOR")),
+                   help="record collectives with trainkit.detect.CollectiveMonitor (default: on "
+                        "under `trainkit run`, which sets TRAINKIT_AGGREGATOR)")
+    p.add_argument("--run-dir", default=None,
+                   help="run directory for the monitor (default: $TRAINKIT_RUN_DIR)")
+    p.add_argument("--hang-timeout", type=float, default=30.0, help="monitor's hang timeout")
+    p.add_argument("--progress-log", default=None,
+                   help="rank 0 appends one JSON line per step: step, loss, time, world size, "
+                        "generation (used by the fault drill's recovery timeline)")
     return p.parse_args(argv)
 
 
@@ -102,11 +113,38 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+def agreed_latest(ckpt: Checkpointer) -> int | None:
+    """The newest step every rank sees committed (ranks can race a commit at start-up)."""
+    mine = ckpt.latest()
+    t = torch.tensor([-1 if mine is None else mine], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return None if t.item() < 0 else int(t.item())
+
+
+def load_for_this_rank(ckpt: Checkpointer, step: int, rank: int) -> dict:
+    """This rank's shard; after a shrink (a node excluded by `trainkit run`) rank r takes
+    shard r of the larger job: model and optimizer state are replicated under DDP, so any
+    shard restores them, and each rank keeps its own RNG stream and data position."""
+    try:
+        return ckpt.load(step)
+    except CheckpointError as exc:
+        if "ranks but this job has" not in str(exc):
+            raise
+        print(f"[train] rank {rank}: {exc}; restoring shard {rank}", flush=True)
+        return ckpt.load(step, rank=rank)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    mon = None
+    if args.detect:    # before DDP is built, so the reducer's collectives are recorded too
+        from trainkit.detect import CollectiveMonitor
+
+        mon = CollectiveMonitor(run_dir=args.run_dir, hang_timeout=args.hang_timeout)
+        mon.start()
     torch.manual_seed(args.seed)               # identical initial weights on every rank
     model = torch.nn.Sequential(
         torch.nn.Linear(FEATURES, args.hidden), torch.nn.BatchNorm1d(args.hidden),
@@ -125,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_attach:
         ckpt.attach(opt)
     start = 1
-    resumed = ckpt.latest()
+    resumed = agreed_latest(ckpt)
     if resumed is not None:
-        state = ckpt.load(resumed)
+        state = load_for_this_rank(ckpt, resumed, rank)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
@@ -137,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"[train] resumed from step {resumed}", flush=True)
     log = open(args.loss_log, "a") if (args.loss_log and rank == 0) else None
+    progress = open(args.progress_log, "a") if (args.progress_log and rank == 0) else None
 
     for step in range(start, args.steps + 1):
+        if mon is not None:
+            mon.step(step)
         idx = data.next()
         noise = random.uniform(0.005, 0.02)    # Python's RNG matters too
         x = x_all[idx] + noise * torch.from_numpy(np.random.standard_normal(
@@ -153,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         if log is not None:
             log.write(f"{step} {(mean.item() / world)!r}\n")
             log.flush()
+        if progress is not None:
+            progress.write(json.dumps({"step": step, "loss": mean.item() / world,
+                                       "time": time.time(), "world": world,
+                                       "generation": os.environ.get("TRAINKIT_GENERATION")})
+                           + "\n")
+            progress.flush()
         if step % args.ckpt_every == 0:
             ckpt.save(step, {"model": model.state_dict(), "optim": opt.state_dict(),
                              "sched": sched.state_dict(), "step": step, "data": data.state_dict(),
@@ -164,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.step_delay:
             time.sleep(args.step_delay)
     ckpt.close()                               # waits for the last saves to commit
-    if log is not None:
-        log.close()
+    if mon is not None:
+        mon.close()
+    for f in (log, progress):
+        if f is not None:
+            f.close()
     if rank == 0:
         print(f"[train] done: {args.steps} steps, committed checkpoints {ckpt.steps()}", flush=True)
     dist.destroy_process_group()

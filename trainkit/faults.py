@@ -15,7 +15,8 @@ rehearsing failures all exercise the same code. It is driven by an API
   point-to-point only, because on gloo delaying a collective's issue is
   indistinguishable from a straggler);
 - target: ``rank=R`` (global rank), ``host=NAME`` (every rank on that host) or
-  ``node=K`` (every rank whose torchelastic ``GROUP_RANK`` is K);
+  ``node=K`` (every rank of node K: ``TRAINKIT_NODE_INDEX`` under ``trainkit run``,
+  whose node indices are stable across restarts, else torchelastic's ``GROUP_RANK``);
 - ``step`` is the value passed to ``CollectiveMonitor.step()``; the fault acts
   before the first collective issued after that step begins.
 
@@ -188,12 +189,16 @@ def local_identity() -> tuple[str, int, int, int | None]:
     """(host, local_rank, restart attempt, node) of this process, from torchelastic env.
 
     ``TRAINKIT_HOSTNAME`` overrides the host name, so several "hosts" can be
-    simulated on one machine.
+    simulated on one machine. ``trainkit run`` starts a fresh torchrun per
+    generation, so it sets ``TRAINKIT_GENERATION`` (the attempt) and
+    ``TRAINKIT_NODE_INDEX`` (a node index that survives re-rendezvous); they take
+    precedence over torchelastic's ``TORCHELASTIC_RESTART_COUNT`` and ``GROUP_RANK``.
     """
     host = os.environ.get("TRAINKIT_HOSTNAME") or socket.gethostname()
     local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    node_text = os.environ.get("GROUP_RANK")
+    attempt = int(os.environ.get("TRAINKIT_GENERATION")
+                  or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    node_text = os.environ.get("TRAINKIT_NODE_INDEX") or os.environ.get("GROUP_RANK")
     return host, local_rank, attempt, int(node_text) if node_text else None
 
 

@@ -5,7 +5,7 @@ this machine, training ``examples/train.py`` with frequent checkpoints, injects 
 on node 2 and lets trainkit do the rest: the detector names node 2, the policy excludes
 it, the job restarts on the 2 remaining nodes, resumes from the newest committed
 checkpoint and finishes. It then prints the recovery timeline from the run's own
-records (the fault marker, ``events.jsonl`` and the training loss log).
+records (the fault marker, ``events.jsonl`` and the training progress log).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def build_timeline(run_dir: Path, loss_log: Path) -> Timeline:
+def build_timeline(run_dir: Path, progress_log: Path) -> Timeline:
     """Assemble the recovery timeline from the records a drill run leaves behind."""
     markers = [json.loads(p.read_text()) for p in sorted((run_dir / "faults").glob("*.json"))]
     fault = min(markers, key=lambda m: m["time"]) if markers else None
@@ -68,7 +68,7 @@ def build_timeline(run_dir: Path, loss_log: Path) -> Timeline:
     decision = first(lambda e: e["event"] == "decision" and e.get("action") != "continue")
     restart = first(lambda e: e["event"] == "generation_start" and e.get("gen", 0) >= 1)
     done = first(lambda e: e["event"] == "done")
-    losses = _read_jsonl(loss_log)
+    losses = _read_jsonl(progress_log)
     after = [r for r in losses if restart and r.get("time", 0) >= restart["time"]]
     resumed = after[0] if after else None
     fault_step = fault.get("step") if fault else None
@@ -113,18 +113,18 @@ def run_drill(run_dir: Path, *, steps: int = 40, ckpt_every: int = 4, fault_step
     run_dir = run_dir.resolve()
     if run_dir.exists() and any(run_dir.iterdir()):
         raise SystemExit(f"drill: {run_dir} is not empty; pass a fresh --run-dir")
-    loss_log = run_dir / "loss.jsonl"
+    progress_log = run_dir / "progress.jsonl"
     os.environ["TRAINKIT_FAULT"] = f"node={fault_node},step={fault_step},kind=hang"
     torchrun_argv = ["--nnodes=2:3", "--nproc-per-node=2", "--monitor-interval=0.1",
                      str(TRAIN_SCRIPT), "--steps", str(steps), "--ckpt-every", str(ckpt_every),
-                     "--ckpt-dir", str(run_dir / "ckpt"), "--loss-log", str(loss_log),
-                     "--monitor"]
+                     "--ckpt-dir", str(run_dir / "ckpt"), "--progress-log", str(progress_log),
+                     "--detect"]
     opts = RunOptions(run_dir=run_dir, local_nodes=3, exclude_after=1, max_restarts=2,
                       hang_timeout=hang_timeout)
     print(f"drill: 3 nodes x 2 processes, hang injected on node{fault_node} at step "
           f"{fault_step} (TRAINKIT_FAULT={os.environ['TRAINKIT_FAULT']})", flush=True)
     rc = run_job(opts, torchrun_argv)
-    timeline = build_timeline(run_dir, loss_log)
+    timeline = build_timeline(run_dir, progress_log)
     print(format_timeline(timeline), flush=True)
     ok = (rc == 0 and timeline.finished and timeline.excluded == (f"node{fault_node}",))
     if not ok:
