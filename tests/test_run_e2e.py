@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,100 @@ def test_max_restarts_exhausted_exits_nonzero_with_summary(tmp_path):
     kinds = [e["event"] for e in events]
     assert kinds.count("generation_start") == 2
     assert kinds[-1] == "give_up"
+
+
+# -- with the real training example, the detector and the checkpointer ----------------
+
+TRAIN = Path(__file__).resolve().parent.parent / "examples" / "train.py"
+
+
+def _train_job(tmp_path: Path, trainkit_args: list[str], train_args: list[str], *,
+               env: dict[str, str], timeout: float = 200,
+               during=None) -> tuple[subprocess.CompletedProcess, list[dict], list[dict]]:
+    run_dir = tmp_path / "run"
+    progress = tmp_path / "progress.jsonl"
+    cmd = [sys.executable, "-m", "trainkit", "run", "--run-dir", str(run_dir), *trainkit_args,
+           "--", "--nproc-per-node=2", "--monitor-interval=0.1", str(TRAIN),
+           "--ckpt-dir", str(tmp_path / "ckpt"), "--progress-log", str(progress), *train_args]
+    proc = subprocess.Popen(cmd, env=subprocess_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        if during is not None:
+            during(run_dir, progress)
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"trainkit run timed out:\n{out[-5000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_leftovers(run_dir)
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in progress.read_text().splitlines()] \
+        if progress.exists() else []
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, None), events, steps
+
+
+def test_crash_restarts_and_resumes_with_identical_losses(tmp_path):
+    proc, events, steps = _train_job(
+        tmp_path, ["--local-nodes", "2", "--hang-timeout", "5"],
+        ["--steps", "16", "--ckpt-every", "3"],
+        env={"TRAINKIT_FAULT": "node=1,step=10,kind=crash"})
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    decision = next(e for e in events if e["event"] == "decision")
+    assert decision["action"] == "restart" and decision["culprits"] == ["node1"]
+    by_gen: dict[str, dict[int, float]] = {}
+    for s in steps:
+        by_gen.setdefault(s["generation"], {})[s["step"]] = s["loss"]
+    first, second = by_gen["0"], by_gen["1"]
+    resumed = min(second)
+    assert resumed <= 10 and max(second) == 16
+    assert resumed - 1 in (3, 6, 9), "resumes right after a committed checkpoint"
+    overlap = sorted(set(first) & set(second))
+    assert overlap, "some steps were recomputed after the crash"
+    for step in overlap:  # the same world size: the recomputed steps are bit-identical
+        assert second[step] == first[step], step
+
+
+def test_aggregator_killed_training_continues_unmonitored(tmp_path):
+    import psutil
+
+    def kill_aggregator(run_dir: Path, progress: Path) -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if progress.exists() and len(progress.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        pid = json.loads((run_dir / "aggregator.json").read_text())["pid"]
+        psutil.Process(pid).kill()
+
+    proc, events, steps = _train_job(
+        tmp_path, ["--local-nodes", "2", "--hang-timeout", "5"],
+        ["--steps", "30", "--ckpt-every", "10", "--step-delay", "0.3"], env={},
+        during=kill_aggregator)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    warnings = [e for e in events if e["event"] == "warning"]
+    assert warnings and "unmonitored" in warnings[0]["reason"]
+    assert not [e for e in events if e["event"] == "decision"]
+    assert max(s["step"] for s in steps) == 30
+    assert events[-1]["event"] == "done"
+
+
+def test_drill_hang_isolates_node2_and_finishes_on_two_nodes(tmp_path):
+    run_dir = tmp_path / "drill"
+    proc = subprocess.run([sys.executable, "-m", "trainkit", "run", "--drill", "--run-dir",
+                           str(run_dir)], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=220, start_new_session=True)
+    _kill_leftovers(run_dir)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    finding = next(e for e in events if e["event"] == "finding")["finding"]
+    assert finding["class"] == "hang_noncomm" and set(finding["hosts"]) == {"node2"}
+    decision = next(e for e in events if e["event"] == "decision")
+    assert decision["exclude"] == ["node2"]
+    gen1 = next(e for e in events if e["event"] == "generation_start" and e["gen"] == 1)
+    assert gen1["members"] == ["node0", "node1"]
+    progress = [json.loads(x) for x in (run_dir / "progress.jsonl").read_text().splitlines()]
+    assert progress[-1]["step"] == 40 and progress[-1]["world"] == 4
+    assert "recovery timeline" in proc.stdout and "job finished: yes" in proc.stdout
