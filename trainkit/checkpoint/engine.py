@@ -100,7 +100,7 @@ class Checkpointer:
     """
 
     def __init__(self, path: str | os.PathLike, *, timeout: float = 300.0,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, io_threads: int = 2) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, io_threads: int = 4) -> None:
         self.path = os.path.abspath(os.fspath(path))
         os.makedirs(self.path, exist_ok=True)
         self.timeout = float(timeout)
@@ -319,7 +319,7 @@ class Checkpointer:
                     f"step {step} was saved by {record['world_size']} ranks but this job has "
                     f"{self.world_size}; pass rank= to choose the shard to read")
             rank = self.rank
-        return reader.load_shard(self.path, step, rank, threads=max(2, self._io_threads * 2))
+        return reader.load_shard(self.path, step, rank, threads=self._io_threads)
 
     # -- shutdown -----------------------------------------------------------------------
     def close(self) -> None:

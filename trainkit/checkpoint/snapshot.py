@@ -17,6 +17,7 @@ import queue
 import threading
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 from trainkit.checkpoint.layout import ShardPlan, TensorSpec
@@ -131,7 +132,14 @@ class Snapshot:
         else:
             src = self._tensors[blob.tensors[0]]
             assert src is not None
-            dst.copy_(_bytes_of_storage(src.detach(), blob.source_start, blob.nbytes))
+            raw = _bytes_of_storage(src.detach(), blob.source_start, blob.nbytes)
+            if raw.device.type == "cpu":
+                # One thread's memcpy, GIL released. torch's copy_ would start an intra-op
+                # parallel region from this (background) thread, oversubscribing the cores
+                # the training thread's own parallel regions use.
+                np.copyto(dst.numpy(), raw.numpy())
+            else:
+                dst.copy_(raw)
 
     def _finish_tensors(self) -> None:
         self._tensors = []  # drop references to live tensors
