@@ -23,6 +23,7 @@ import os
 import random
 import sys
 import time
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -57,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-dir", default=None,
                    help="run directory for the monitor (default: $TRAINKIT_RUN_DIR)")
     p.add_argument("--hang-timeout", type=float, default=30.0, help="monitor's hang timeout")
+    p.add_argument("--ckpt-backend", choices=("trainkit", "torch"), default="trainkit",
+                   help="trainkit's lazy checkpointer, or synchronous torch.save (the baseline)")
+    p.add_argument("--pg-timeout", type=float, default=None,
+                   help="collective timeout in seconds (torch's default: 30 min on gloo)")
     p.add_argument("--progress-log", default=None,
                    help="rank 0 appends one JSON line per step: step, loss, time, world size, "
                         "generation (used by the fault drill's recovery timeline)")
@@ -137,7 +142,8 @@ def load_for_this_rank(ckpt: Checkpointer, step: int, rank: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    timeout = {} if args.pg_timeout is None else {"timeout": timedelta(seconds=args.pg_timeout)}
+    dist.init_process_group("gloo", **timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     mon = None
     if args.detect:    # before DDP is built, so the reducer's collectives are recorded too
@@ -159,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     np.random.seed(args.seed + 1 + rank)
     random.seed(args.seed + 1 + rank)
 
-    ckpt = Checkpointer(args.ckpt_dir, timeout=60)
+    if args.ckpt_backend == "torch":
+        from torch_save_ckpt import TorchSaveCheckpointer
+
+        ckpt = TorchSaveCheckpointer(args.ckpt_dir)
+    else:
+        ckpt = Checkpointer(args.ckpt_dir, timeout=60)
     if not args.no_attach:
         ckpt.attach(opt)
     start = 1

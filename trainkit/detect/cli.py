@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trainkit.detect.report import DiagnoseError, format_findings, load_findings, plot_timeline
+from trainkit.detect.report import (DiagnoseError, format_events, format_findings, load_findings,
+                                    plot_timeline)
 
 __all__ = ["register"]
 
@@ -29,10 +30,13 @@ def _diagnose(args: argparse.Namespace) -> int:
     except DiagnoseError as exc:
         print(f"trainkit diagnose: {exc}", file=sys.stderr)
         return 2
+    events = format_events(args.run_dir)
     if not findings:
         print(f"trainkit diagnose: no findings in {args.run_dir} "
               f"(no diagnosis.jsonl, or it is empty: nothing was detected or the detector "
               f"did not run)")
+        if events:
+            print(events)
         return 0
     if args.json:
         import json
@@ -41,6 +45,9 @@ def _diagnose(args: argparse.Namespace) -> int:
             print(json.dumps(f))
     else:
         print(format_findings(args.run_dir, findings, show_stacks=not args.no_stacks))
+        if events:
+            print()
+            print(events)
     if args.plot:
         try:
             out = plot_timeline(args.run_dir, args.plot, finding=args.finding)

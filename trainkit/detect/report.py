@@ -9,7 +9,7 @@ from typing import Any
 
 from trainkit.detect import knobs
 
-__all__ = ["DiagnoseError", "load_findings", "format_findings", "plot_timeline"]
+__all__ = ["DiagnoseError", "load_findings", "format_events", "format_findings", "plot_timeline"]
 
 
 class DiagnoseError(Exception):
@@ -51,6 +51,30 @@ def _fault_markers(run_dir: Path) -> list[dict[str, Any]]:
         except (OSError, ValueError):
             continue
     return out
+
+
+def _run_events(run_dir: Path) -> list[dict[str, Any]]:
+    """``trainkit run``'s decisions (``events.jsonl``), if this run had a launcher."""
+    path = run_dir / "events.jsonl"
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a torn last line
+    return out
+
+
+def format_events(run_dir: str | Path) -> str:
+    """The launcher's events (starts, findings acted on, decisions, restarts) in order."""
+    events = _run_events(Path(run_dir))
+    if not events:
+        return ""
+    lines = [f"trainkit run events ({len(events)}):"]
+    for e in events:
+        gen = f" gen {e['gen']}" if "gen" in e else ""
+        lines.append(f"  {_when(e.get('time'))} UTC{gen}  {e.get('event')}: {e.get('reason', '')}")
+    return "\n".join(lines)
 
 
 def format_findings(run_dir: str | Path, findings: list[dict[str, Any]], *,
@@ -119,10 +143,17 @@ def plot_timeline(run_dir: str | Path, out: str | Path, *, finding: int = 0) -> 
     for r in win.get("ranks", []):
         ax.axhspan(r - 0.4, r + 0.4, color="tab:orange", alpha=0.15)
     ax.axvline(win["time"] - t0, color="tab:red", lw=1)
+    span = max(win["time"] - t0, 1.0)
+    for e in _run_events(run_dir):   # trainkit run's reaction, when it falls in the window
+        if e.get("event") in ("decision", "stopped", "generation_start") \
+                and 0 <= e["time"] - t0 <= 1.5 * span:
+            ax.axvline(e["time"] - t0, color="tab:green", lw=1, ls="--")
+            ax.annotate(e["event"], (e["time"] - t0, ranks[-1] + 0.3 if ranks else 0),
+                        fontsize=7, color="tab:green", rotation=90, va="top")
     ax.set_yticks(ranks)
     ax.set_yticklabels([f"rank {r}" for r in ranks])
     ax.set_xlabel(f"seconds since {_when(t0)} UTC  (| arrival, bar = until completion, "
-                  f"dotted = never completed, red line = finding)")
+                  f"dotted = never completed, red line = finding, green = trainkit run)")
     ax.set_title(f"{win.get('class')} — culprit ranks {win.get('ranks')}")
     fig.tight_layout()
     out = Path(out)
