@@ -145,7 +145,9 @@ def _tree_rss_anon(pid: int) -> int:
 
 
 def measure(cmd: list[str], env: dict | None = None, log: Path | None = None) -> dict:
-    """Run a command; return wall seconds and peak RssAnon of its process tree."""
+    """Run a command; return wall seconds, CPU seconds (user + system, all its
+    threads: steadier than wall time on a shared machine) and peak RssAnon of its
+    process tree."""
     peak = 0
     t0 = time.perf_counter()
     out = open(log, "w") if log else subprocess.DEVNULL
@@ -160,8 +162,9 @@ def measure(cmd: list[str], env: dict | None = None, log: Path | None = None) ->
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    rc = proc.wait()
+    _, status, usage = os.wait4(proc.pid, 0)  # reaps it and returns its CPU time
     wall = time.perf_counter() - t0
+    rc = proc.returncode = os.waitstatus_to_exitcode(status)
     stop.set()
     th.join()
     if log:
@@ -169,7 +172,7 @@ def measure(cmd: list[str], env: dict | None = None, log: Path | None = None) ->
     if rc != 0:
         tail = log.read_text()[-3000:] if log else ""
         raise RuntimeError(f"command failed ({rc}): {' '.join(cmd)}\n{tail}")
-    return {"seconds": wall, "peak_rss_anon_bytes": peak}
+    return {"seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_anon_bytes": peak}
 
 
 RAW_READ = """
@@ -264,7 +267,8 @@ def main() -> int:
                 shutil.rmtree(outs / "mergekit", ignore_errors=True)
             res = measure(jobs[name], log=args.work / f"{name}.log")
             runs.setdefault(name, []).append(res)
-            print(f"round {r + 1} {name:<24} {res['seconds']:8.2f}s  peak RssAnon {res['peak_rss_anon_bytes'] / 2**20:8.1f} MiB", flush=True)
+            print(f"round {r + 1} {name:<24} {res['seconds']:8.2f}s wall {res['cpu_seconds']:8.2f}s cpu  "
+                  f"peak RssAnon {res['peak_rss_anon_bytes'] / 2**20:8.1f} MiB", flush=True)
 
     summary: dict = {
         "quick": args.quick, "repeats": repeats, "threads": args.threads, "density": args.density,
@@ -273,14 +277,20 @@ def main() -> int:
     for name, rs in runs.items():
         med = statistics.median(x["seconds"] for x in rs)
         peak = max(x["peak_rss_anon_bytes"] for x in rs)
-        summary["runs"][name] = {"median_seconds": med, "peak_rss_anon_mib": peak / 2**20,
-                                 "input_gb_per_s": input_bytes / med / 1e9, "all_seconds": [x["seconds"] for x in rs]}
+        cpu = statistics.median(x["cpu_seconds"] for x in rs)
+        summary["runs"][name] = {"median_seconds": med, "median_cpu_seconds": cpu, "peak_rss_anon_mib": peak / 2**20,
+                                 "input_gb_per_s": input_bytes / med / 1e9, "all_seconds": [x["seconds"] for x in rs],
+                                 "all_cpu_seconds": [x["cpu_seconds"] for x in rs]}
     R = summary["runs"]
     if "mergekit" in R:
         summary["speedup_vs_mergekit"] = R["mergekit"]["median_seconds"] / R["trainkit_tensor_compat"]["median_seconds"]
+        summary["cpu_time_ratio_mergekit_over_trainkit"] = (
+            R["mergekit"]["median_cpu_seconds"] / R["trainkit_tensor_compat"]["median_cpu_seconds"]
+        )
         summary["anon_memory_ratio_vs_mergekit"] = R["trainkit_tensor_compat"]["peak_rss_anon_mib"] / R["mergekit"]["peak_rss_anon_mib"]
         summary["mergekit_vs_trainkit_compat"] = ulp_compare(outs / "mergekit", outs / "tk_compat")
     summary["global_over_tensor_time"] = R["trainkit_global"]["median_seconds"] / R["trainkit_tensor"]["median_seconds"]
+    summary["global_over_tensor_cpu"] = R["trainkit_global"]["median_cpu_seconds"] / R["trainkit_tensor"]["median_cpu_seconds"]
     print(json.dumps(summary, indent=2))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))

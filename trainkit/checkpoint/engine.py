@@ -97,15 +97,19 @@ class Checkpointer:
             fails on the survivors.
         chunk_bytes: target size of a data chunk file.
         io_threads: threads writing chunks (and reading them in ``load()``).
+        direct_io: write chunks with O_DIRECT where the filesystem allows it (no page-cache
+            copy: the CPU stays with training); buffered writes otherwise.
     """
 
     def __init__(self, path: str | os.PathLike, *, timeout: float = 300.0,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, io_threads: int = 4) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, io_threads: int = 4,
+                 direct_io: bool = True) -> None:
         self.path = os.path.abspath(os.fspath(path))
         os.makedirs(self.path, exist_ok=True)
         self.timeout = float(timeout)
         self.chunk_bytes = int(chunk_bytes)
         self._io_threads = int(io_threads)
+        self._direct_io = bool(direct_io)
         self._coord: Coordinator = make_coordinator(self.path, timeout=self.timeout)
         self.rank = self._coord.rank
         self.world_size = self._coord.world_size
@@ -197,7 +201,7 @@ class Checkpointer:
             self._pool.release()
             raise
         job = ShardJob(self.path, step, self._seq, self.rank, self.world_size, plan,
-                       tuple(specs), tree, snap)
+                       tuple(specs), tree, snap, self._direct_io)
         self._seq += 1
         future: Future = Future()
         with self._lock:

@@ -24,6 +24,8 @@ from trainkit.checkpoint.layout import ShardPlan, TensorSpec
 
 __all__ = ["describe_tensor", "storage_key", "HostBufferPool", "Snapshot"]
 
+_ALIGN = 4096
+
 
 def storage_key(t: torch.Tensor) -> tuple[str, int]:
     return (str(t.device), t.untyped_storage().data_ptr())
@@ -67,7 +69,9 @@ class HostBufferPool:
             self._busy = True
         if self._buf is None or self._buf.numel() < nbytes or self._buf.numel() > 2 * nbytes + (64 << 20):
             self._buf = None  # free the old one first: never hold two
-            self._buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
+            raw = torch.empty(nbytes + _ALIGN, dtype=torch.uint8, pin_memory=self._pin)
+            start = -raw.data_ptr() % _ALIGN      # page-aligned, for O_DIRECT writes
+            self._buf = raw[start:start + nbytes]
         return self._buf[:nbytes]
 
     def release(self) -> None:

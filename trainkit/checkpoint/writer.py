@@ -36,6 +36,7 @@ from trainkit.checkpoint.layout import (
 )
 from trainkit.checkpoint.snapshot import Snapshot
 from trainkit.checkpoint.storage import (
+    DIRECT_ALIGN,
     crc32,
     fsync_dir,
     remove_tree,
@@ -60,6 +61,7 @@ class ShardJob:
     specs: tuple[TensorSpec, ...]
     tree: object
     snapshot: Snapshot
+    direct_io: bool = True
 
 
 def _index_doc(job: ShardJob, blob_crcs: list[list[int]]) -> dict:
@@ -90,13 +92,13 @@ def _index_doc(job: ShardJob, blob_crcs: list[list[int]]) -> dict:
     }})
 
 
-def _write_chunk(step_dir: str, rank: int, c: int, array: memoryview,
-                 segments: list[Segment]) -> tuple[str, int, int, list[int]]:
+def _write_chunk(step_dir: str, rank: int, c: int, array: memoryview, segments: list[Segment],
+                 direct: bool) -> tuple[str, int, int, list[int]]:
     """Checksum each segment (one pass, GIL released), then write and fsync the chunk."""
     rel = chunk_relpath(rank, c)
     crcs = [crc32(array[start:end]) for _, start, end in segments]
     data = array[segments[0][1]:segments[-1][2]]
-    write_file(os.path.join(step_dir, rel), data, fsync=True)
+    write_file(os.path.join(step_dir, rel), data, fsync=True, direct=direct)
     return rel, len(data), chunk_digest(crcs), crcs
 
 
@@ -124,6 +126,9 @@ def write_shard(job: ShardJob, io_pool: Executor) -> dict:
         view = memoryview(flat) if flat.size else memoryview(b"")
         segments = chunk_segments([(b.offset, b.nbytes) for b in plan.blobs], plan.chunk_bytes,
                                   plan.nchunks)
+        direct = (job.direct_io and snap.buffer.device.type == "cpu"
+                  and snap.buffer.data_ptr() % DIRECT_ALIGN == 0
+                  and plan.chunk_bytes % DIRECT_ALIGN == 0)
         while len(pending) < plan.nchunks:
             took = snap.work(limit=1)
             try:
@@ -133,7 +138,7 @@ def write_shard(job: ShardJob, io_pool: Executor) -> dict:
                     raise snap.error
                 continue
             pending.append(io_pool.submit(_write_chunk, step_dir, job.rank, c, view,
-                                          segments[c]))
+                                          segments[c], direct))
         snap.wait()
         results = {}
         for f in pending:

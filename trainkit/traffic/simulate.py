@@ -53,13 +53,15 @@ def max_min_rates(
 ) -> np.ndarray:
     """Max-min fair rate per entity: A (entities x links) link weights, count identical copies.
 
-    rel_tol > 0 freezes every link whose fair share is within that factor of the
-    smallest in one round (fewer rounds; rates err low by at most rel_tol).
+    rel_tol > 0 freezes, in one round, every link whose fair share is within
+    rel_tol of the current water level (fewer rounds; rates err low by at most
+    that factor).
     """
     rate = np.zeros(A.shape[0])
     residual = cap.astype(np.float64).copy()
     active = active.copy()
     AT = A.T.tocsr() if AT is None else AT
+    level = 0.0  # rate every still-active entity has reached
     for _ in range(A.shape[1] + 1):
         if not active.any():
             break
@@ -71,8 +73,9 @@ def max_min_rates(
         share[used] = residual[used] / denom[used]
         inc = max(float(share.min()), 0.0)
         rate[active] += inc
+        level += inc
         residual -= inc * denom
-        saturated = used & ((residual <= 1e-9 * cap) | (share <= inc * (1 + rel_tol)))
+        saturated = used & ((residual <= 1e-9 * cap) | (share <= inc + rel_tol * level))
         residual[saturated] = 0.0
         hit = (A @ saturated.astype(np.float64)) > 0
         active &= ~hit
@@ -155,6 +158,8 @@ def simulate(p: Plan, *, group_limit: int = GROUP_LIMIT, rel_tol: float = 0.0) -
     over a connection's QPs and waits for all of them, so a split flow is one
     entity whose rate lands on each path in proportion to the bytes planned
     there (the same machinery as spraying, restricted to the planned paths).
+    Aggregated leaf-pair rows are simulated per record (``count`` equal
+    subflows on one path), with pooled host links.
     rel_tol trades exactness for speed on plans with many distinct link loads
     (ECMP at scale): rates and finishing events are batched within that factor.
     """
@@ -163,21 +168,32 @@ def simulate(p: Plan, *, group_limit: int = GROUP_LIMIT, rel_tol: float = 0.0) -
         a, t = ph.assignment, ph.table
         links = _Links(p.topology, t)
         pooled = len(t) > group_limit
-        rows_all = np.arange(len(t))
-        hu, hd = links.host(t, rows_all, pooled)
+        explicit = t.src >= 0
+        # entities: one per explicit flow (its subflows coupled), one per record of aggregated rows
+        rec_agg = np.flatnonzero(~explicit[a.row])
+        rows_e = np.flatnonzero(explicit)
+        n_e, n = len(rows_e), len(rows_e) + len(rec_agg)
+        entity_of_row = np.full(len(t), -1, np.int64)
+        entity_of_row[rows_e] = np.arange(n_e)
+        ent_rows = np.concatenate([rows_e, a.row[rec_agg]])
+        hu, hd = links.host(t, ent_rows, pooled)
+        rec_entity = entity_of_row[a.row]
+        rec_entity[rec_agg] = n_e + np.arange(len(rec_agg))
         fab = a.spine >= 0
         r = a.row[fab]
-        share = (a.each * a.count)[fab] / t.row_bytes[r]
+        rec_bytes = (a.each * a.count)[fab]
+        share = np.where(explicit[r], rec_bytes / t.row_bytes[r], 1.0)
         fu = links.fabric(t.src_leaf[r], a.spine[fab], a.up_link[fab], down=False)
         fd = links.fabric(t.dst_leaf[r], a.spine[fab], a.down_link[fab], down=True)
-        n = len(t)
+        ent = np.arange(n)
         A = coo_matrix(
             (np.concatenate([np.ones(2 * n), share, share]),
-             (np.concatenate([rows_all, rows_all, r, r]), np.concatenate([hu, hd, fu, fd]))),
+             (np.concatenate([ent, ent, rec_entity[fab], rec_entity[fab]]), np.concatenate([hu, hd, fu, fd]))),
             shape=(n, len(links.cap)),
         ).tocsr()
         A.sum_duplicates()
-        size, count = t.size.astype(np.float64), t.count.astype(np.float64)
+        size = np.concatenate([t.size[rows_e], a.each[rec_agg]]).astype(np.float64)
+        count = np.concatenate([t.count[rows_e], a.count[rec_agg]]).astype(np.float64)
         if pooled:
             A, size, count = _group_rows(A, size, count)
         times.append(_run(A, count, size, links.cap, rel_tol))

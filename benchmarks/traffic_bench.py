@@ -1,0 +1,222 @@
+"""Benchmark of trainkit.traffic: optimality, baselines, completion time, scale.
+
+    python benchmarks/traffic_bench.py            # full run (figures in docs/benchmarks.md)
+    python benchmarks/traffic_bench.py --quick    # a few minutes less, smaller samples
+
+Every ratio is against a reference computed in the same run: split and the
+baselines against the HiGHS LP (or the closed-form optimum, which the LP
+matches), simulated completion times against ideal packet spraying simulated
+on the same fabric. Timings are medians of repeated runs (the machine is shared).
+split and spraying are simulated exactly; ECMP and greedy, whose random loads
+give thousands of distinct rate levels, with a 1% batching tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainkit.traffic import LeafSpine, UnroutableError, collective, flows_from_pairs, lower_bound, plan  # noqa: E402
+from trainkit.traffic.scenarios import random_impairment, random_instance  # noqa: E402
+from trainkit.traffic.simulate import simulate, simulate_spraying  # noqa: E402
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-300)
+
+
+def optimality(n: int, seed: int) -> dict:
+    """split == LP on n random healthy instances; subflow counts."""
+    rng = np.random.default_rng(seed)
+    worst, subflows, fabric_bound = 0.0, [], 0
+    for _ in range(n):
+        inst = random_instance(rng)
+        s = plan(inst.topo, inst.flows, method="split")
+        lp = plan(inst.topo, inst.flows, method="lp")
+        worst = max(worst, _rel(s.fabric_load, lp.fabric_load), _rel(s.max_link_load, lp.max_link_load))
+        fabric_bound += s.fabric_load > s.host_load
+        for ph in s.phases:
+            if len(ph.subflows_per_flow()):
+                subflows.append(ph.subflows_per_flow())
+    per_flow = np.concatenate(subflows)
+    return {"instances": n, "fabric_bound_instances": int(fabric_bound), "max_rel_diff": worst,
+            "subflows_mean": float(per_flow.mean()), "subflows_max": float(per_flow.max())}
+
+
+def regular(seed: int) -> dict:
+    """Regular case: every leaf sends/receives r equal flows over s spines -> exactly s/gcd(r, s)."""
+    rows, exact = [], True
+    for r, s in [(1, 16), (2, 16), (3, 16), (4, 16), (6, 16), (15, 16), (5, 8), (3, 4), (12, 8), (16, 16)]:
+        leaves, hosts = r + 1, r
+        topo = LeafSpine(leaves=leaves, spines=s, hosts_per_leaf=hosts, host_gbps=1000, uplink_gbps=100)
+        src = [i * hosts + k for i in range(leaves) for k in range(r)]
+        dst = [((i + 1 + k) % leaves) * hosts + (hosts - 1 - k) for i in range(leaves) for k in range(r)]
+        p = plan(topo, flows_from_pairs(src, dst, 1 << 26), method="split")
+        got = p.phases[0].subflows_per_flow()
+        want = s // math.gcd(r, s)
+        exact &= bool((got == want).all())
+        rows.append({"r": r, "s": s, "s_over_g": want, "max": float(got.max()), "min": float(got.min())})
+    return {"cases": rows, "all_exact": exact}
+
+
+def failures(n: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    ratios, modes, subflows = [], {}, []
+    while len(ratios) < n:
+        inst = random_instance(rng)
+        topo = random_impairment(rng, inst.topo, links=int(rng.integers(1, 4)))
+        try:
+            s = plan(topo, inst.flows, method="split")
+        except UnroutableError:
+            continue
+        lp = plan(topo, inst.flows, method="lp")
+        ratios.append(s.fabric_load / lp.fabric_load if lp.fabric_load else 1.0)
+        subflows.append(s.subflow_stats()["max"])
+        for ph in s.phases:
+            mode = ph.assignment.info.get("split", {}).get("mode")
+            if mode:
+                modes[mode] = modes.get(mode, 0) + 1
+    r = np.array(ratios)
+    return {"instances": n, "worst": float(r.max()), "mean": float(r.mean()), "over_1pct": int((r > 1.01).sum()),
+            "max_subflows_per_flow": float(max(subflows)), "phase_modes": modes}
+
+
+def _fabric(gpus: int, oversub: int) -> LeafSpine:
+    if gpus == 256:  # Ethereal-like: 16 leaves x 16 spines, 16 NICs per leaf
+        return LeafSpine(leaves=16, spines=16, hosts_per_leaf=16, nics_per_host=1, host_gbps=400,
+                         uplink_gbps=400 / oversub)
+    # 4,096 GPUs: 512 hosts x 8 NICs on 64 leaves, 32 spines
+    return LeafSpine(leaves=64, spines=32, hosts_per_leaf=8, nics_per_host=8, host_gbps=400,
+                     uplink_gbps=800 / oversub)
+
+
+def _placement(topo: LeafSpine, kind: str, rng) -> list[int]:
+    if kind == "full":
+        return list(range(topo.nics))
+    # uneven: 75% of the NICs, drawn with Dirichlet leaf weights, ranks shuffled
+    weights = rng.dirichlet(np.full(topo.leaves, 0.8))[topo.leaf_of(np.arange(topo.nics))]
+    chosen = rng.choice(topo.nics, size=topo.nics * 3 // 4, replace=False, p=weights / weights.sum())
+    return rng.permutation(chosen).tolist()
+
+
+def baselines(sizes: list[int], seeds: int, seed: int, sim_tol: float) -> list[dict]:
+    out = []
+    rng = np.random.default_rng(seed)
+    for gpus in sizes:
+        for oversub in (1, 2, 4):
+            topo = _fabric(gpus, oversub)
+            for placement in ("full", "uneven"):
+                hosts = _placement(topo, placement, rng)
+                for name, kw in (("allreduce_ring", {"channels": 2}), ("alltoall", {})):
+                    flows = collective(name, hosts=hosts, nbytes=256 << 20, **kw)
+                    opt = plan(topo, flows, method="lp" if gpus <= 256 else "split")
+                    opt_fabric, opt_all = opt.fabric_load, opt.max_link_load
+                    assert _rel(opt_all, lower_bound(topo, flows)) < 1e-9
+                    spray = simulate_spraying(topo, flows).total  # exact, like split's
+                    row = {"gpus": gpus, "oversub": f"{oversub}:1", "placement": placement, "collective": name,
+                           "host_load_over_fabric_opt": opt.host_load / opt_fabric if opt_fabric else None}
+                    split = plan(topo, flows, method="split")
+                    row["split"] = {"fabric_ratio": split.fabric_load / opt_fabric,
+                                    "ratio": split.max_link_load / opt_all,
+                                    "sim_over_spray": simulate(split).total / spray,
+                                    "subflows": split.subflow_stats()}
+                    greedy = plan(topo, flows, method="greedy")
+                    row["greedy"] = {"fabric_ratio": greedy.fabric_load / opt_fabric,
+                                     "ratio": greedy.max_link_load / opt_all,
+                                     "sim_over_spray": simulate(greedy, rel_tol=sim_tol).total / spray}
+                    fr, ar, sims = [], [], []
+                    for s in range(seeds):
+                        e = plan(topo, flows, method="ecmp", seed=s)
+                        fr.append(e.fabric_load / opt_fabric)
+                        ar.append(e.max_link_load / opt_all)
+                        if s < 3:
+                            sims.append(simulate(e, rel_tol=sim_tol).total / spray)
+                    row["ecmp"] = {"fabric_ratio_mean": float(np.mean(fr)), "fabric_ratio_p99": float(np.percentile(fr, 99)),
+                                   "ratio_mean": float(np.mean(ar)), "ratio_p99": float(np.percentile(ar, 99)),
+                                   "sim_over_spray_mean": float(np.mean(sims)), "seeds": seeds}
+                    out.append(row)
+                    print(json.dumps(row), flush=True)
+    return out
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def scale(repeats: int, sizes: list[int]) -> dict:
+    curve = []
+    for gpus in sizes:
+        leaves = max(2, gpus // 128)
+        topo = LeafSpine(leaves=leaves, spines=max(2, leaves // 2), hosts_per_leaf=16, nics_per_host=8,
+                         host_gbps=400, uplink_gbps=400, links_per_spine=2, layout="rail")
+        row = {"gpus": topo.nics}
+        for name, kw in (("allreduce_ring", {"channels": 8}), ("alltoall", {}), ("allreduce_halving_doubling", {})):
+            flows = collective(name, hosts=range(topo.nics), nbytes=1 << 30, **kw)
+            row[name] = _median_time(lambda: plan(topo, flows, method="split"), repeats)
+            broken = topo.with_down(leaves // 3, 1)
+            row[name + "_replan"] = _median_time(lambda: plan(broken, flows, method="split"), repeats)
+            p = plan(broken, flows, method="split")
+            row[name + "_replan_modes"] = sorted({ph.assignment.info["split"]["mode"] for ph in p.phases
+                                                  if "split" in ph.assignment.info})
+        curve.append(row)
+        print(json.dumps(row), flush=True)
+    return {"curve": curve}
+
+
+def lp_scale() -> dict:
+    out = []
+    for gpus, leaves, spines in ((1024, 32, 16), (2048, 64, 32)):
+        topo = LeafSpine(leaves=leaves, spines=spines, hosts_per_leaf=gpus // leaves, host_gbps=400,
+                         uplink_gbps=400 * (gpus // leaves) / spines / 2)
+        for name in ("alltoall", "allreduce_ring"):
+            flows = collective(name, hosts=np.random.default_rng(0).permutation(gpus).tolist(), nbytes=1 << 28)
+            t = time.perf_counter()
+            lp = plan(topo, flows, method="lp")
+            seconds = time.perf_counter() - t
+            split = plan(topo, flows, method="split")
+            out.append({"gpus": gpus, "collective": name, "lp_seconds": seconds,
+                        "split_over_lp": split.fabric_load / lp.fabric_load})
+            print(json.dumps(out[-1]), flush=True)
+    return {"runs": out}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="traffic_bench.json")
+    args = ap.parse_args()
+    q = args.quick
+    report = {"command": " ".join(["python"] + sys.argv)}
+    t0 = time.perf_counter()
+    report["optimality"] = optimality(200 if q else 1000, args.seed)
+    print(json.dumps(report["optimality"]), flush=True)
+    report["regular"] = regular(args.seed)
+    print(json.dumps(report["regular"]), flush=True)
+    report["failures"] = failures(60 if q else 300, args.seed + 1)
+    print(json.dumps(report["failures"]), flush=True)
+    report["baselines"] = baselines([256] if q else [256, 4096], 10 if q else 40, args.seed + 2, 1e-2)
+    report["scale"] = scale(3 if q else 5, [256, 1024, 4096] if q else [256, 1024, 4096, 16384])
+    report["lp_scale"] = lp_scale()
+    report["seconds"] = time.perf_counter() - t0
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out} in {report['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
