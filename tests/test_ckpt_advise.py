@@ -42,3 +42,17 @@ def test_bad_input_is_named(kwargs, message):
                 nodes=8)
     with pytest.raises(ValueError, match=message):
         advise(**{**base, **kwargs})
+
+
+def test_cli_prints_interval_and_rejects_bad_values(capsys):
+    import json
+
+    from trainkit.cli import main
+
+    assert main(["ckpt", "advise", "--stall", "2", "--persist", "5", "--restore", "30",
+                 "--detect", "10", "--node-mtbf-hours", "1000", "--nodes", "100", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["interval_s"] == pytest.approx(math.sqrt(2 * 2.0 * 36000.0))
+    assert main(["ckpt", "advise", "--stall", "2", "--persist", "5", "--restore", "30",
+                 "--detect", "10", "--node-mtbf-hours", "1000", "--nodes", "0"]) == 2
+    assert "node count" in capsys.readouterr().err

@@ -40,6 +40,46 @@ def register(subparsers: Any) -> None:
     verify.add_argument("step", type=int, nargs="?", help="one step (default: every committed)")
     verify.set_defaults(func=_verify)
 
+    advise = sub.add_parser(
+        "advise", help="the checkpoint interval that maximises goodput (Young/Daly)",
+        description="Given the measured checkpoint stall, persist latency, restore time, "
+                    "detection latency and a per-node MTBF with the node count, print the "
+                    "checkpoint interval that maximises goodput and the expected fraction of "
+                    "time lost. Job MTBF = node MTBF / nodes; the interval is never shorter "
+                    "than the persist latency; loss per failure = interval/2 + commit "
+                    "latency + detection + restore.")
+    advise.add_argument("--stall", type=float, required=True,
+                        help="training time lost per checkpoint, seconds")
+    advise.add_argument("--persist", type=float, required=True,
+                        help="persist latency (save call to durable), seconds")
+    advise.add_argument("--restore", type=float, required=True, help="restore time, seconds")
+    advise.add_argument("--detect", type=float, required=True,
+                        help="failure detection latency, seconds")
+    advise.add_argument("--node-mtbf-hours", type=float, required=True,
+                        help="mean time between failures of one node, hours")
+    advise.add_argument("--nodes", type=int, required=True, help="number of nodes in the job")
+    advise.add_argument("--commit", type=float, default=None,
+                        help="commit latency, seconds (default: the persist latency)")
+    advise.add_argument("--json", action="store_true", help="machine-readable output")
+    advise.set_defaults(func=_advise)
+
+
+def _advise(args: argparse.Namespace) -> int:
+    from trainkit.checkpoint.advise import advise, format_advice
+
+    try:
+        a = advise(stall_s=args.stall, persist_s=args.persist, restore_s=args.restore,
+                   detect_s=args.detect, node_mtbf_s=args.node_mtbf_hours * 3600.0,
+                   nodes=args.nodes, commit_s=args.commit)
+    except ValueError as exc:
+        print(f"trainkit ckpt advise: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(a.to_dict(), indent=1))
+    else:
+        print(format_advice(a))
+    return 0
+
 
 def _require_dir(path: str) -> None:
     if not os.path.isdir(path):
