@@ -132,3 +132,30 @@ def test_cli_errors_are_clear(tmp_path, inputs, capsys):
 def test_entry_point_registers_merge():
     r = subprocess.run([sys.executable, "-m", "trainkit", "merge", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--vocab-mismatch" in r.stdout and "--compat" in r.stdout
+
+
+def test_failed_merge_leaves_no_partial_output(tmp_path, inputs, capsys):
+    base, models, bdir, paths = inputs
+    bad = dict(models[0])
+    bad["model.norm.weight"] = bad["model.norm.weight"].clone()
+    bad["model.norm.weight"][3] = float("nan")
+    save_file(bad, tmp_path / "nan.safetensors")
+    out = tmp_path / "out"
+    rc = main(["merge", "ties", "--base", bdir, "--models", str(tmp_path / "nan.safetensors"),
+               paths[1], "--scope", "tensor", "--out", str(out)])
+    assert rc == 2 and "non-finite" in capsys.readouterr().err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_overwrite_replaces_the_whole_output(tmp_path, inputs):
+    base, models, bdir, paths = inputs
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert main(["merge", "ties", "--base", bdir, "--models", *paths, "--out", str(out),
+                 "--overwrite"]) == 0
+    assert not (out / "stale.txt").exists() and (out / "merge.json").exists()
+    ref = ties_merge(base, models)
+    got = _read_out(out)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)

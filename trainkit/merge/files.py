@@ -11,7 +11,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -81,8 +83,46 @@ def merge_files(
 ) -> dict:
     """Merge model files into ``out`` (sharded safetensors + index + merge.json).
 
-    Returns the ``merge.json`` record.
+    The output is written into a staging directory beside ``out`` and moved into place
+    only when complete, so a merge that fails half-way (a non-finite value found in the
+    merge pass, a full disk) leaves no partial model behind. Returns the ``merge.json``
+    record.
     """
+    final = Path(out)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        record = _merge_into(base, models, stage, cfg, threads=threads, shard_bytes=shard_bytes,
+                             progress=progress, command=command)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    _publish(stage, final)
+    return record
+
+
+def _publish(stage: Path, final: Path) -> None:
+    """Move a finished output into place; an existing (``--overwrite``) one is replaced."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(stage, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _merge_into(
+    base: str | Path,
+    models: list[str | Path],
+    out: Path,
+    cfg: MergeConfig,
+    *,
+    threads: int,
+    shard_bytes: int,
+    progress: bool,
+    command: str | None,
+) -> dict:
     out = Path(out)
     base_spec = parse_input_spec(str(base))
     model_specs = [parse_input_spec(str(m)) for m in models]
