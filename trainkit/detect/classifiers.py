@@ -68,6 +68,16 @@ def _finite(x: float) -> float | None:
     return round(x, 6) if math.isfinite(x) else None
 
 
+def _slow_evidence(key: tuple, members: list[int], window: list,
+                   durations: list[float]) -> dict[str, Any]:
+    """What a slow-link finding rests on: learned normal, limit, recent durations."""
+    return {"op": key[1], "bytes": key[2], "group_ranks": members,
+            "normal_duration_s": _finite(window[-1][4]), "slow_limit_s": _finite(window[-1][5]),
+            "recent_duration_s": {"median": round(statistics.median(durations), 6),
+                                  "max": round(max(durations), 6)},
+            "slow_in_window": sum(1 for s, *_ in window if s), "window": len(window)}
+
+
 def _process_gone(pid: int | None) -> bool | None:
     """True/False on this host, None when it cannot be told (another host, no pid)."""
     if pid is None:
@@ -454,15 +464,10 @@ class SlowLinkClassifier:
         if pair is None and link is None and len(ranks) > 2:
             self._park(tl, key, ranks, window, durations)
             return
-        evidence = {"op": key[1], "bytes": key[2], "group_ranks": info["members"],
-                    "normal_duration_s": _finite(window[-1][4]),
-                    "slow_limit_s": _finite(window[-1][5]),
-                    "recent_duration_s": {"median": round(statistics.median(durations), 6),
-                                          "max": round(max(durations), 6)},
-                    "slow_in_window": sum(1 for s, *_ in window if s), "window": len(window),
-                    "localisation": ("point-to-point pair" if pair is not None else
-                                     "slow point-to-point link inside the group" if link else
-                                     "ranks shared by the slow groups and absent from normal ones")}
+        evidence = _slow_evidence(key, info["members"], window, durations)
+        evidence["localisation"] = ("point-to-point pair" if pair is not None else
+                                    "slow point-to-point link inside the group" if link else
+                                    "ranks shared by the slow groups and absent from normal ones")
         self.pending.append(_finding(tl, time.time(), "slow_link", ranks, link=link, step=window[-1][3],
                                      group=group, seq=window[-1][2], evidence=evidence,
                                      confidence=confidence))
@@ -495,15 +500,10 @@ class SlowLinkClassifier:
             self.cooldown[key] = now + self.cfg.probe_cooldown_s
             return None
         ranks, link = (list(pair), pair) if pair else (entry["ranks"], None)
-        evidence = {"op": key[1], "bytes": key[2], "group_ranks": entry["ranks"],
-                    "normal_duration_s": _finite(window[-1][4]),
-                    "slow_limit_s": _finite(window[-1][5]),
-                    "recent_duration_s": {"median": round(statistics.median(durations), 6),
-                                          "max": round(max(durations), 6)},
-                    "slow_in_window": sum(1 for s, *_ in window if s), "window": len(window),
-                    "probe_rtt_s": {k: round(v, 6) for k, v in sorted(rtt.items())},
-                    "localisation": ("targeted point-to-point probe among the suspects" if pair
-                                     else "probe unanswered; the group's ranks are suspects")}
+        evidence = _slow_evidence(key, entry["ranks"], window, durations)
+        evidence["probe_rtt_s"] = {k: round(v, 6) for k, v in sorted(rtt.items())}
+        evidence["localisation"] = ("targeted point-to-point probe among the suspects" if pair
+                                    else "probe unanswered; the group's ranks are suspects")
         return _finding(tl, now, "slow_link", ranks, link=link, step=window[-1][3], group=key[0],
                         seq=window[-1][2], evidence=evidence, confidence=0.85 if pair else 0.5)
 
