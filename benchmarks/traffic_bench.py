@@ -25,7 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainkit.traffic import LeafSpine, UnroutableError, collective, flows_from_pairs, lower_bound, plan  # noqa: E402
+from trainkit.traffic import (  # noqa: E402
+    LeafSpine, UnroutableError, collective, flows_from_pairs, lower_bound, plan, replan,
+)
 from trainkit.traffic.scenarios import random_impairment, random_instance  # noqa: E402
 from trainkit.traffic.simulate import simulate, simulate_spraying  # noqa: E402
 
@@ -162,13 +164,16 @@ def scale(repeats: int, sizes: list[int]) -> dict:
     for gpus in sizes:
         leaves = max(2, gpus // 128)
         topo = LeafSpine(leaves=leaves, spines=max(2, leaves // 2), hosts_per_leaf=16, nics_per_host=8,
-                         host_gbps=400, uplink_gbps=400, links_per_spine=2, layout="rail")
+                         host_gbps=400, uplink_gbps=400, links_per_spine=2,
+                         layout="rail" if leaves % 8 == 0 else "default")
         row = {"gpus": topo.nics}
         for name, kw in (("allreduce_ring", {"channels": 8}), ("alltoall", {}), ("allreduce_halving_doubling", {})):
             flows = collective(name, hosts=range(topo.nics), nbytes=1 << 30, **kw)
             row[name] = _median_time(lambda: plan(topo, flows, method="split"), repeats)
+            healthy = plan(topo, flows, method="split")
             broken = topo.with_down(leaves // 3, 1)
-            row[name + "_replan"] = _median_time(lambda: plan(broken, flows, method="split"), repeats)
+            row[name + "_replan"] = _median_time(lambda: replan(healthy, broken), repeats)
+            row[name + "_plan_broken_from_scratch"] = _median_time(lambda: plan(broken, flows, method="split"), repeats)
             p = plan(broken, flows, method="split")
             row[name + "_replan_modes"] = sorted({ph.assignment.info["split"]["mode"] for ph in p.phases
                                                   if "split" in ph.assignment.info})

@@ -28,7 +28,7 @@ from trainkit.traffic.plan import Assignment, PhasePlan, Plan
 from trainkit.traffic.split import _pairs, assign_bytes, expand_pooled, plan_split
 from trainkit.traffic.topology import LeafSpine
 
-__all__ = ["PLANNERS", "plan", "plan_lp", "lower_bound"]
+__all__ = ["PLANNERS", "plan", "replan", "plan_lp", "lower_bound"]
 
 
 def plan_lp(topo: LeafSpine, table: FlowTable, rows: np.ndarray, **_) -> Assignment:
@@ -69,12 +69,34 @@ def plan(
         raise JobError("topology", f"expected a LeafSpine, got {type(topo).__name__}")
     if not isinstance(flows, Flows):
         raise JobError("flows", f"expected Flows from collective()/combine(), got {type(flows).__name__}")
-    planner = PLANNERS[method]
     start = time.perf_counter()
+    tables = [build_table(topo, phase, expand_limit=expand_limit) for phase in flows.phases]
+    return _plan_tables(topo, flows, tables, method, start, options)
+
+
+def replan(previous: Plan, topo: LeafSpine, *, method: str | None = None, **options) -> Plan:
+    """Re-plan ``previous`` on a changed fabric (a failed or degraded cable).
+
+    Reuses the flow tables of the previous plan, so only the routing is redone:
+    this is the fast path after a link failure.
+    """
+    method = method or previous.method
+    if method not in PLANNERS:
+        raise JobError("method", f"unknown planner {method!r}; choose from {', '.join(PLANNERS)}")
+    if (topo.leaves, topo.spines, topo.nics, topo.layout) != (
+        previous.topology.leaves, previous.topology.spines, previous.topology.nics, previous.topology.layout
+    ):
+        raise JobError("topology", "replan() needs the same leaves, spines, NICs and layout as the previous plan")
+    start = time.perf_counter()
+    merged = {**previous.info, **options}
+    return _plan_tables(topo, previous.flows, [ph.table for ph in previous.phases], method, start, merged)
+
+
+def _plan_tables(topo, flows, tables, method, start, options) -> Plan:
+    planner = PLANNERS[method]
     phases = []
     cap = path_capacity(topo, pooled=True)
-    for index, phase in enumerate(flows.phases):
-        table = build_table(topo, phase, expand_limit=expand_limit)
+    for index, (phase, table) in enumerate(zip(flows.phases, tables)):
         inter = np.flatnonzero(table.inter)
         if len(inter):
             pi, pj, _ = _pairs(topo, table, inter)
