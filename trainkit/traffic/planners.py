@@ -107,10 +107,11 @@ def _plan_tables(topo, flows, tables, method, start, options) -> Plan:
     return Plan(method, topo, flows, tuple(phases), time.perf_counter() - start, dict(options))
 
 
-def lower_bound(topo: LeafSpine, flows: Flows) -> float:
+def lower_bound(topo: LeafSpine, flows: Flows, *, fabric_only: bool = False) -> float:
     """Closed-form optimum on a healthy fabric: max(host load, max_i out_i / (X c), max_j in_j / (X c)).
 
     On an impaired fabric this is only a lower bound (per-leaf capacity).
+    fabric_only: leave the host links out (the leaf-spine part alone).
     """
     best = 0.0
     cap = topo.link_gbps().sum(axis=(1, 2)) * 1e9 / 8  # bytes/s per leaf
@@ -123,5 +124,5 @@ def lower_bound(topo: LeafSpine, flows: Flows) -> float:
         inn = np.bincount(table.dst_leaf[inter], weights=b, minlength=topo.leaves)
         with np.errstate(divide="ignore", invalid="ignore"):
             fabric = np.nan_to_num(np.maximum(out, inn) / cap, nan=0.0, posinf=np.inf)
-        best = max(best, host, float(fabric.max(initial=0.0)))
+        best = max(best, 0.0 if fabric_only else host, float(fabric.max(initial=0.0)))
     return best
