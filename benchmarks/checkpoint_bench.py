@@ -10,6 +10,10 @@ parameters, half momentum buffers): 64 x 16 MiB tensors ("big") and 2000 x 512 K
 * loop cost per checkpoint: time blocked in the save call, plus the extra time of the
   next 3 training steps over 3 steps without a checkpoint just before (the background
   copy competes with compute on a small machine, so blocked time alone flatters);
+* extra CPU per checkpoint: the process's CPU seconds (all threads) from the call until
+  durable, with 3 training steps inside, minus those of 3 steps without a checkpoint.
+  On a shared, overloaded machine wall-clock step times swing by seconds; CPU seconds
+  are what a background checkpoint takes from training when the cores are busy;
 * persistence: time from the call until the checkpoint is durable, against a raw
   sequential write + fsync of the same number of bytes to one file, interleaved
   A/B/A/B; the median of the per-pair ratios (raw time / competitor time);
@@ -19,7 +23,8 @@ parameters, half momentum buffers): 64 x 16 MiB tensors ("big") and 2000 x 512 K
   state size.
 
 A training step is a fixed compute burn (matmuls, standing in for forward/backward)
-plus ``optimizer.step()``. glibc is told to return big frees to the OS
+plus ``optimizer.step()``, on one intra-op thread (``torch.set_num_threads(1)``): with
+OpenMP spinning on both cores, background work and step times become pure noise. glibc is told to return big frees to the OS
 (MALLOC_MMAP_THRESHOLD_) so memory peaks of one competitor do not hide another's.
 """
 
@@ -275,6 +280,12 @@ def run_workload(w: Workload, comps: list[Competitor], root: Path, reps: int) ->
             counter[0] += 1
             return croot / f"save{counter[0]}"
 
+        proc = psutil.Process()
+
+        def cpu() -> float:
+            t = proc.cpu_times()
+            return t.user + t.system
+
         def one_save(train_steps: int) -> tuple[float, float, list[float], object, Path]:
             d = new_dir()
             t0 = time.perf_counter()
@@ -288,15 +299,20 @@ def run_workload(w: Workload, comps: list[Competitor], root: Path, reps: int) ->
         with PeakRSS() as mem:                        # first save: includes buffer setup
             one_save(0)
         peak_extra = mem.peak - mem.base
-        persist_ratio, costs, blocked_all = [], [], []
+        persist_ratio, costs, blocked_all, cpu_extra, base_med = [], [], [], [], []
         last = None
         for _ in range(reps):
             t_raw = raw_write(raw_path, nbytes, block)
             blocked, total, _, tok, d = one_save(0)
             persist_ratio.append(t_raw / total)
-            base = [w.step() for _ in range(5)]
+            c0 = cpu()
+            base = [w.step() for _ in range(3)]
+            c1 = cpu()
             blocked, total, steps, tok, d = one_save(3)
-            costs.append(blocked + sum(steps) - 3 * statistics.median(base))
+            c2 = cpu()
+            costs.append(blocked + sum(steps) - sum(base))
+            cpu_extra.append((c2 - c1) - (c1 - c0))
+            base_med.append(statistics.median(base))
             blocked_all.append(blocked)
             last = (tok, d)
         restore_ratio = []
@@ -313,15 +329,14 @@ def run_workload(w: Workload, comps: list[Competitor], root: Path, reps: int) ->
                 del loaded
                 restore_ratio.append(t_raw / t_load)
         comp.teardown()
-        torch_save_cost = None
         rows.append({
             "workload": w.name, "competitor": comp.name, "state_bytes": nbytes,
             "blocked_s": statistics.median(blocked_all),
-            "loop_cost_s": statistics.median(costs),
+            "loop_cost_s": statistics.median(costs), "loop_cost_reps": costs,
+            "cpu_extra_s": statistics.median(cpu_extra), "base_step_s": statistics.median(base_med),
             "persist_vs_raw": statistics.median(persist_ratio),
             "restore_vs_raw": statistics.median(restore_ratio) if restore_ratio else None,
             "peak_extra_mem_x": peak_extra / nbytes,
-            "step_s": None, "torch_save_cost": torch_save_cost,
         })
         print(json.dumps(rows[-1]), flush=True)
         shutil.rmtree(croot, ignore_errors=True)
@@ -334,15 +349,18 @@ def table(rows: list[dict]) -> str:
         group = [r for r in rows if r["workload"] == wname]
         ts = next((r["loop_cost_s"] for r in group if r["competitor"].startswith("torch.save")), None)
         out.append(f"\n**{wname}** ({group[0]['state_bytes'] / MiB:.0f} MiB of state)\n")
+        tc = next((r["cpu_extra_s"] for r in group if r["competitor"].startswith("torch.save")), None)
         out.append("| competitor | blocked (ms) | loop cost / ckpt (ms) | % of torch.save | "
-                   "persist vs raw write | restore vs raw read | peak extra mem |")
-        out.append("|---|---|---|---|---|---|---|")
+                   "extra CPU / ckpt (s) | % of torch.save | persist vs raw write | "
+                   "restore vs raw read | peak extra mem |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
         for r in group:
             pct = f"{100 * r['loop_cost_s'] / ts:.1f}%" if ts else "-"
             restore = f"{r['restore_vs_raw']:.2f}" if r["restore_vs_raw"] is not None else "-"
+            cpct = f"{100 * r['cpu_extra_s'] / tc:.0f}%" if tc else "-"
             out.append(f"| {r['competitor']} | {1000 * r['blocked_s']:.0f} | "
-                       f"{1000 * r['loop_cost_s']:.0f} | {pct} | {r['persist_vs_raw']:.2f} | "
-                       f"{restore} | {r['peak_extra_mem_x']:.2f}x |")
+                       f"{1000 * r['loop_cost_s']:.0f} | {pct} | {r['cpu_extra_s']:.2f} | {cpct} | "
+                       f"{r['persist_vs_raw']:.2f} | {restore} | {r['peak_extra_mem_x']:.2f}x |")
     return "\n".join(out)
 
 
@@ -354,6 +372,7 @@ def main() -> int:
     p.add_argument("--only", default=None, help="run only competitors whose name contains this")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args()
+    torch.set_num_threads(1)    # training uses one core; the other is left for checkpointing
     scale = 16 if args.quick else 1
     reps = args.reps or (2 if args.quick else 3)
     root = Path(args.dir or tempfile.mkdtemp(prefix="trainkit-bench-"))

@@ -98,9 +98,10 @@ def correct(cls: str, p: dict, f: dict) -> bool:
     return f["ranks"] == [p["rank"]]
 
 
-def run_matrix(runs: int, hang_timeout: float, workdir: Path, log) -> dict:
+def run_matrix(runs: int, hang_timeout: float, workdir: Path, log,
+               classes: tuple[str, ...] = (*CLASSES, "clean")) -> dict:
     results: dict[str, list[dict]] = {c: [] for c in (*CLASSES, "clean")}
-    order = [(c, i) for i in range(runs) for c in (*CLASSES, "clean")]   # interleave classes
+    order = [(c, i) for i in range(runs) for c in classes]   # interleave classes
     for n, (cls, i) in enumerate(order):
         p = plan(cls, i, hang_timeout)
         run_dir = workdir / f"{cls}-{i}"
@@ -123,6 +124,8 @@ def summarise(results: dict) -> dict:
     all_runs = [(c, e) for c, entries in results.items() for e in entries]
     for cls in CLASSES:
         entries = results[cls]
+        if not entries:
+            continue
         tp, latencies, step_lat = 0, [], []
         for e in entries:
             hit = [f for f in e["findings"] if correct(cls, e["plan"], f)]
@@ -330,6 +333,8 @@ def markdown(report: dict) -> str:
         lines += ["| class | runs | recall [95% CI] | precision [95% CI] | latency median / p95 |",
                   "|---|---|---|---|---|"]
         for cls in CLASSES:
+            if cls not in summary:
+                continue
             s = summary[cls]
             lat = (f"{s['latency_s_median']:.1f} s / {s['latency_s_p95']:.1f} s"
                    if s["latency_s_median"] is not None else "n/a")
@@ -375,6 +380,8 @@ def main() -> int:
     ap.add_argument("--hang-timeout", type=float, default=10.0)
     ap.add_argument("--quick", action="store_true", help="3 runs per class, hang_timeout 3 s")
     ap.add_argument("--parts", default="matrix,overhead,contrast")
+    ap.add_argument("--classes", default=",".join((*CLASSES, "clean")),
+                    help="comma-separated subset of the matrix classes")
     ap.add_argument("--overhead-blocks", type=int, default=10)
     ap.add_argument("--contrast-timeout", type=float, default=10.0)
     ap.add_argument("--contrast-reps", type=int, default=3)
@@ -393,7 +400,11 @@ def main() -> int:
 
     report: dict = {"config": vars(args), "world": WORLD, "started": started}
     if "matrix" in parts:
-        results = run_matrix(args.runs_per_class, args.hang_timeout, workdir, log)
+        classes = tuple(c for c in args.classes.split(",") if c)
+        unknown = set(classes) - {*CLASSES, "clean"}
+        if unknown:
+            ap.error(f"unknown classes {sorted(unknown)}")
+        results = run_matrix(args.runs_per_class, args.hang_timeout, workdir, log, classes)
         report["matrix"] = results
         report["summary"] = summarise(results)
         print(json.dumps(report["summary"], indent=1))

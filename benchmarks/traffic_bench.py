@@ -25,7 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainkit.traffic import LeafSpine, UnroutableError, collective, flows_from_pairs, lower_bound, plan  # noqa: E402
+from trainkit.traffic import (  # noqa: E402
+    LeafSpine, UnroutableError, collective, flows_from_pairs, lower_bound, plan, replan,
+)
 from trainkit.traffic.scenarios import random_impairment, random_instance  # noqa: E402
 from trainkit.traffic.simulate import simulate, simulate_spraying  # noqa: E402
 
@@ -162,13 +164,16 @@ def scale(repeats: int, sizes: list[int]) -> dict:
     for gpus in sizes:
         leaves = max(2, gpus // 128)
         topo = LeafSpine(leaves=leaves, spines=max(2, leaves // 2), hosts_per_leaf=16, nics_per_host=8,
-                         host_gbps=400, uplink_gbps=400, links_per_spine=2, layout="rail")
+                         host_gbps=400, uplink_gbps=400, links_per_spine=2,
+                         layout="rail" if leaves % 8 == 0 else "default")
         row = {"gpus": topo.nics}
         for name, kw in (("allreduce_ring", {"channels": 8}), ("alltoall", {}), ("allreduce_halving_doubling", {})):
             flows = collective(name, hosts=range(topo.nics), nbytes=1 << 30, **kw)
             row[name] = _median_time(lambda: plan(topo, flows, method="split"), repeats)
+            healthy = plan(topo, flows, method="split")
             broken = topo.with_down(leaves // 3, 1)
-            row[name + "_replan"] = _median_time(lambda: plan(broken, flows, method="split"), repeats)
+            row[name + "_replan"] = _median_time(lambda: replan(healthy, broken), repeats)
+            row[name + "_plan_broken_from_scratch"] = _median_time(lambda: plan(broken, flows, method="split"), repeats)
             p = plan(broken, flows, method="split")
             row[name + "_replan_modes"] = sorted({ph.assignment.info["split"]["mode"] for ph in p.phases
                                                   if "split" in ph.assignment.info})
@@ -194,12 +199,59 @@ def lp_scale() -> dict:
     return {"runs": out}
 
 
+def render(report: dict) -> str:
+    """Markdown tables of a report (what docs/benchmarks.md shows)."""
+    o, f, rg = report["optimality"], report["failures"], report["regular"]
+    lines = [
+        f"Command: `{report['command']}` ({report['seconds']:.0f} s).", "",
+        f"- **Optimality (healthy)**: split vs HiGHS LP on {o['instances']} random instances "
+        f"({o['fabric_bound_instances']} fabric-bound): max relative difference {o['max_rel_diff']:.1e}; "
+        f"subflows per inter-leaf flow mean {o['subflows_mean']:.2f}, max {o['subflows_max']:.0f}.",
+        "- **Regular case** (r flows per leaf, s spines): subflows per flow = s/gcd(r, s) exactly in "
+        f"{sum(c['max'] == c['min'] == c['s_over_g'] for c in rg['cases'])}/{len(rg['cases'])} cases "
+        "(" + ", ".join(f"r={c['r']} s={c['s']}: {c['s_over_g']}" for c in rg["cases"]) + ").",
+        f"- **Failures/degradations** (1-3 random cables down or at 25-90%): split / LP over {f['instances']} "
+        f"instances: worst {f['worst']:.4f}, mean {f['mean']:.6f}, over 1%: {f['over_1pct']}; max subflows per "
+        f"flow {f['max_subflows_per_flow']:.0f}; phase modes {f['phase_modes']}.", "",
+        "| GPUs | fabric | placement | collective | host/fabric opt | ECMP fabric mean / p99 | ECMP overall mean / p99 "
+        "| ECMP sim/spray | greedy fabric | greedy sim/spray | split fabric | split sim/spray | split subflows |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["baselines"]:
+        e, g, sp = r["ecmp"], r["greedy"], r["split"]
+        lines.append(
+            f"| {r['gpus']} | {r['oversub']} | {r['placement']} | {r['collective']} | "
+            f"{r['host_load_over_fabric_opt']:.2f} | {e['fabric_ratio_mean']:.2f} / {e['fabric_ratio_p99']:.2f} | "
+            f"{e['ratio_mean']:.2f} / {e['ratio_p99']:.2f} | {e['sim_over_spray_mean']:.2f} | "
+            f"{g['fabric_ratio']:.2f} | {g['sim_over_spray']:.2f} | {sp['fabric_ratio']:.4f} | "
+            f"{sp['sim_over_spray']:.4f} | {sp['subflows']['mean']:.1f} ({sp['subflows']['max']:.0f}) |"
+        )
+    worst = max(r["split"]["sim_over_spray"] for r in report["baselines"])
+    lines += ["", f"split completion / ideal spraying, worst over these scenarios: {worst:.4f}.", "",
+              "| GPUs | ring plan | ring re-plan | all-to-all plan | all-to-all re-plan | halving-doubling plan "
+              "| HD re-plan | re-plan modes |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["scale"]["curve"]:
+        ms = lambda k: f"{r[k] * 1e3:.0f} ms"  # noqa: E731
+        modes = sorted({m for k, v in r.items() if k.endswith("_modes") for m in v})
+        lines.append(f"| {r['gpus']} | {ms('allreduce_ring')} | {ms('allreduce_ring_replan')} | {ms('alltoall')} | "
+                     f"{ms('alltoall_replan')} | {ms('allreduce_halving_doubling')} | "
+                     f"{ms('allreduce_halving_doubling_replan')} | {', '.join(modes)} |")
+    lines += ["", "| GPUs | collective | LP (HiGHS) time | split / LP |", "|---|---|---|---|"]
+    for r in report["lp_scale"]["runs"]:
+        lines.append(f"| {r['gpus']} | {r['collective']} | {r['lp_seconds']:.1f} s | {r['split_over_lp']:.9f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="traffic_bench.json")
+    ap.add_argument("--render", metavar="JSON", help="only print the markdown tables of a saved report")
     args = ap.parse_args()
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())))
+        return 0
     q = args.quick
     report = {"command": " ".join(["python"] + sys.argv)}
     t0 = time.perf_counter()
@@ -214,6 +266,7 @@ def main() -> int:
     report["lp_scale"] = lp_scale()
     report["seconds"] = time.perf_counter() - t0
     Path(args.out).write_text(json.dumps(report, indent=1))
+    print(render(report))
     print(f"wrote {args.out} in {report['seconds']:.0f} s")
     return 0
 

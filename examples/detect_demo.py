@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-monitor", action="store_true")
     p.add_argument("--gloo-timeout", type=float, default=120.0)
     p.add_argument("--linger", type=float, default=0.0, help="sleep before closing (tests)")
+    p.add_argument("--progress-file", default=None, help="rank 0 writes the step here every 10 steps")
     return p.parse_args(argv)
 
 
@@ -96,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t0)
+        if args.progress_file and rank == 0 and step % 10 == 0:
+            with open(args.progress_file, "w") as fh:
+                fh.write(str(step))
     if args.linger:
         time.sleep(args.linger)
     if mon is not None:

@@ -185,3 +185,32 @@ def test_disk_full_on_a_small_tmpfs(tmp_path):
         _assert_failed_cleanly(path, _run_child(path, "plain"), "No space left on device")
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_failed_lazy_save_never_breaks_the_training_step(tmp_path, monkeypatch):
+    import errno
+
+    from trainkit.checkpoint import writer
+
+    model = torch.nn.Linear(256, 256)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 256)).sum().backward()
+    opt.step()
+    with Checkpointer(tmp_path / "ck") as ck:
+        ck.attach(opt)
+        ck.save(1, {"model": model.state_dict(), "optim": opt.state_dict()}).result(timeout=60)
+
+        def full(job):
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ck"))
+
+        monkeypatch.setattr(writer, "_prepare_dirs", full)
+        handle = ck.save(2, {"model": model.state_dict(), "optim": opt.state_dict()})
+        opt.step()                                  # the pre-hook must not raise
+        with pytest.raises(CheckpointWriteError, match="step 2, rank 0.*No space left"):
+            handle.result(timeout=60)
+        with pytest.raises(CheckpointWriteError, match="earlier checkpoint failed"):
+            ck.save(3, {"model": model.state_dict()})
+        monkeypatch.undo()
+        ck.save(4, {"model": model.state_dict()}).result(timeout=60)
+        assert ck.steps() == [1, 4]
+        assert torch.equal(ck.load(4)["model"]["weight"], model.weight.detach())

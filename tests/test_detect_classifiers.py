@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 from trainkit.detect.classifiers import (CrashClassifier, HangClassifier, SlowLinkClassifier,
                                          StragglerClassifier)
@@ -83,14 +84,42 @@ def test_no_straggler_when_a_rank_is_last_by_a_hair():
     assert _run_steps(tl, [clf], 60, late=lambda s, r: 0.0012 if r == 1 else 0.0) == []
 
 
-def test_slow_collective_learned_online_no_alarm_on_clean_run():
+def _slow_group(tl, clf):
+    assert _run_steps(tl, [clf], 60, seed=5) == []          # learned online: no alarm
+    assert _run_steps(tl, [clf], 30, dur=lambda s: 0.02, t0=2000.0, seed=6) == []
+    # One group only: timings cannot name a link, so the suspects get a targeted probe.
+    (req,) = tl.probe_requests
+    assert req["ranks"] == [0, 1, 2, 3] and len(req["pairs"]) == 6
+    return req
+
+
+def test_slow_group_collective_localised_by_targeted_probe():
     tl = _timeline(4)
     clf = SlowLinkClassifier(CFG)
-    assert _run_steps(tl, [clf], 60, seed=5) == []
-    found = _run_steps(tl, [clf], 30, dur=lambda s: 0.02, t0=2000.0, seed=6)
-    assert len(found) == 1 and found[0].cls == "slow_link"
-    # one group only: the suspects are its ranks, no pair can be named from timings alone
-    assert found[0].link is None and found[0].ranks == (0, 1, 2, 3)
+    req = _slow_group(tl, clf)
+    tl.probe_results[req["id"]] = {f"{a}-{b}": (0.09 if (a, b) == (1, 2) else 0.001)
+                                   for a, b in req["pairs"]}
+    (f,) = clf.check(tl, 3000.0)
+    assert f.cls == "slow_link" and f.link == (1, 2) and f.ranks == (1, 2)
+    assert f.evidence["probe_rtt_s"]["1-2"] == 0.09
+
+
+def test_slow_group_with_healthy_links_is_not_a_slow_link():
+    tl = _timeline(4)
+    clf = SlowLinkClassifier(CFG)
+    req = _slow_group(tl, clf)
+    tl.probe_results[req["id"]] = {f"{a}-{b}": 0.002 for a, b in req["pairs"]}
+    assert clf.check(tl, 3000.0) == []          # machine-wide slowdown, e.g. CPU contention
+    assert clf.dismissed and not clf.parked
+
+
+def test_unanswered_probe_reports_the_group_as_suspects():
+    tl = _timeline(4)
+    clf = SlowLinkClassifier(CFG)
+    _slow_group(tl, clf)
+    assert clf.check(tl, time.time()) == []     # still waiting for answers
+    (f,) = clf.check(tl, time.time() + CFG.probe_wait_s + 1)
+    assert f.link is None and f.ranks == (0, 1, 2, 3) and f.confidence == 0.5
 
 
 def test_slow_point_to_point_link_named_even_if_slow_from_the_start():

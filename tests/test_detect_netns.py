@@ -104,62 +104,119 @@ def _netns_reason() -> str | None:
     return None
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(150)
-def test_rate_limited_link_between_namespaces_is_named(tmp_path):
+@pytest.fixture
+def fabric():
     reason = _netns_reason()
     if reason:
         pytest.skip(reason)
     fab = _Fabric(WORLD)
-    procs: list[subprocess.Popen] = []
-    agg = None
     try:
         try:
             fab.build()
-            fab.throttle(1, 2, "4mbit")
         except subprocess.CalledProcessError as exc:
             pytest.skip(f"could not build the namespace fabric: {exc.stderr.strip()}")
-        port = 29000 + os.getpid() % 1000
+        yield fab
+    finally:
+        fab.close()
+
+
+class _Job:
+    """An aggregator in the switch namespace and one rank per host namespace."""
+
+    def __init__(self, fab: _Fabric, run_dir, script_args: list[str]):
+        self.fab, self.run_dir = fab, run_dir
+        self.procs: list[subprocess.Popen] = []
         env = subprocess_env()
-        agg = subprocess.Popen(["ip", "netns", "exec", fab.switch, sys.executable, "-m",
-                                "trainkit.detect.aggregator", "--run-dir", str(tmp_path), "--host",
-                                fab.switch_ip, "--port", "0", "--hang-timeout", "5",
-                                "--standalone"], env=env, stdout=subprocess.DEVNULL,
-                               stderr=open(tmp_path / "aggregator.log", "w"),
-                               start_new_session=True)
-        addr = tmp_path / "aggregator.json"
+        self.agg = subprocess.Popen(["ip", "netns", "exec", fab.switch, sys.executable, "-m",
+                                     "trainkit.detect.aggregator", "--run-dir", str(run_dir),
+                                     "--host", fab.switch_ip, "--port", "0", "--hang-timeout",
+                                     "20", "--standalone"], env=env, stdout=subprocess.DEVNULL,
+                                    stderr=open(run_dir / "aggregator.log", "w"),
+                                    start_new_session=True)
+        addr = run_dir / "aggregator.json"
         deadline = time.monotonic() + 30
         while not addr.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         info = json.loads(addr.read_text())
+        port = 29000 + os.getpid() % 1000
         for rank in range(WORLD):
             rank_env = dict(env, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK="0",
                             MASTER_ADDR=fab.ips[0], MASTER_PORT=str(port),
                             GLOO_SOCKET_IFNAME="eth0", TRAINKIT_HOSTNAME=fab.hosts[rank],
                             TRAINKIT_AGGREGATOR=f"{info['host']}:{info['port']}")
-            procs.append(subprocess.Popen(
+            self.procs.append(subprocess.Popen(
                 ["ip", "netns", "exec", fab.hosts[rank], sys.executable, str(DEMO), "--run-dir",
-                 str(tmp_path), "--steps", "45", "--p2p", "--p2p-kb", "64", "--compute-ms", "10",
-                 "--hang-timeout", "5"], env=rank_env, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, text=True, start_new_session=True))
-        outs = [p.communicate(timeout=120)[0] for p in procs]
-        assert all(p.returncode == 0 for p in procs), "\n".join(o[-1500:] for o in outs)
-        diag = tmp_path / "diagnosis.jsonl"
-        deadline = time.monotonic() + 5
-        while not diag.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        findings = [json.loads(line) for line in diag.read_text().splitlines()]
-    finally:
-        for p in procs:
+                 str(run_dir), "--hang-timeout", "20", *script_args], env=rank_env,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                start_new_session=True))
+
+    def findings(self) -> list[dict]:
+        diag = self.run_dir / "diagnosis.jsonl"
+        if not diag.exists():
+            return []
+        return [json.loads(line) for line in diag.read_text().splitlines() if line.strip()]
+
+    def stop(self) -> list[str]:
+        stop_aggregator(self.run_dir)
+        for p in [*self.procs, self.agg]:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=10)
-        stop_aggregator(tmp_path)
-        if agg is not None and agg.poll() is None:
-            os.killpg(agg.pid, signal.SIGKILL)
-            agg.wait(timeout=10)
-        fab.close()
+        outs = []
+        for p in self.procs:
+            outs.append(p.communicate(timeout=20)[0] or "")
+        self.agg.wait(timeout=20)
+        return outs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_rate_limited_link_between_namespaces_is_named(fabric, tmp_path):
+    """Point-to-point ring traffic over a link rate-limited from the start."""
+    fabric.throttle(1, 2, "4mbit")
+    job = _Job(fabric, tmp_path, ["--steps", "45", "--p2p", "--p2p-kb", "64",
+                                  "--compute-ms", "10"])
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in job.procs]
+        assert all(p.returncode == 0 for p in job.procs), "\n".join(o[-1500:] for o in outs)
+        deadline = time.monotonic() + 5
+        while not job.findings() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        findings = job.findings()
+    finally:
+        job.stop()
     assert findings, "no finding for a 4 Mbit/s link"
     assert {f["class"] for f in findings} == {"slow_link"}, findings
     assert findings[0]["link"] == [1, 2]
-    assert findings[0]["hosts"] == [fab.hosts[1], fab.hosts[2]]
+    assert findings[0]["hosts"] == [fabric.hosts[1], fabric.hosts[2]]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_slow_link_inside_one_allreduce_group_localised_by_probe(fabric, tmp_path):
+    """DDP allreduce only (one group): the link slows mid-run; the targeted probe names it."""
+    progress = tmp_path / "progress"
+    job = _Job(fabric, tmp_path, ["--steps", "100000", "--compute-ms", "10",
+                                  "--hidden", "128", "--progress-file", str(progress)])
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:          # learn the normal duration first
+            try:
+                if int(progress.read_text() or 0) >= 35:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail("the job did not reach step 35")
+        fabric.throttle(1, 2, "4mbit")          # a bad link: both directions
+        fabric.throttle(2, 1, "4mbit")
+        deadline = time.monotonic() + 60
+        while not job.findings() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        outs = job.stop()
+    findings = job.findings()
+    assert findings, "no finding after the link slowed:\n" + "\n".join(o[-800:] for o in outs)
+    f = findings[0]
+    assert f["class"] == "slow_link" and f["link"] == [1, 2], json.dumps(findings)[:3000]
+    assert "probe" in f["evidence"]["localisation"] and len(f["evidence"]["probe_rtt_s"]) == 3

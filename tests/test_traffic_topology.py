@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from trainkit.traffic import (
-    JobError, LeafSpine, TopologyError, UnroutableError, collective, combine, plan,
+    JobError, LeafSpine, TopologyError, TrafficError, UnroutableError, collective, combine, plan,
 )
 from trainkit.traffic.collectives import _btree_parents
 from trainkit.traffic.files import job_from_dict, load_job, load_topology, parse_size
@@ -156,3 +156,21 @@ def test_job_file_with_two_jobs(tmp_path):
     with pytest.raises(JobError) as info:
         job_from_dict({"job": [{"collective": "alltoall", "hosts": "0-3"}]})
     assert info.value.field == "job[0].nbytes"
+
+
+def test_json_files_load_like_toml(tmp_path):
+    import json
+
+    topo_path = tmp_path / "topo.json"
+    topo_path.write_text(json.dumps({"topology": {"leaves": 4, "spines": 2, "hosts_per_leaf": 2,
+                                                  "parallel_links": 2, "degrade": {"leaf1:spine0#1": 0.5}}}))
+    topo = load_topology(topo_path)
+    assert topo.links_per_spine == 2 and topo.link_gbps()[1, 0].tolist() == [400.0, 200.0]
+    job_path = tmp_path / "job.json"
+    job_path.write_text(json.dumps({"job": [{"collective": "allreduce_tree", "hosts": [0, 2, 4, 6], "nbytes": 4096}]}))
+    assert load_job(job_path).phases[0].flow_count == 6
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(TrafficError) as info:
+        load_topology(bad)
+    assert "cannot parse" in str(info.value) and info.value.field == "topology"

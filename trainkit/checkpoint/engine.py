@@ -220,6 +220,7 @@ class Checkpointer:
             manifest = write_shard(job, self._io)
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the handle
             error = exc
+            job.snapshot.cancel()
         finally:
             self._pool.release()
         self._commit.submit(self._run_commit, job, future, manifest, error)

@@ -192,6 +192,16 @@ class Snapshot:
                 self._finish_tensors()
         return took > 0
 
+    def cancel(self) -> None:
+        """The save failed: drop the copies not yet started, so the step pre-hook does not
+        spend time on a checkpoint that will not be written (the failure is reported
+        through the save's handle, not from ``optimizer.step()``)."""
+        with self._lock:
+            self._pending.clear()
+            finished = self._inflight == 0
+        if finished:
+            self._finish_tensors()
+
     def wait_eager(self) -> None:
         """Block until every eager blob is copied, copying alongside the writer thread."""
         self.work(eager_only=True)

@@ -141,8 +141,8 @@ class Aggregator:
         now = time.time()
         if not self.ever_connected:
             return now - self.started > self.first_client_timeout
-        hang = next((c for c in self.classifiers if c.name == "hang"), None)
-        busy = bool(getattr(hang, "waiting", None))
+        busy = any(getattr(c, "waiting", None) or getattr(c, "parked", None)
+                   for c in self.classifiers)
         return not self.conns and not busy and now - self.last_change > self.linger_s
 
     def tick(self, now: float) -> None:
@@ -155,6 +155,13 @@ class Aggregator:
         for clf in self.classifiers:
             for finding in clf.check(tl, now):
                 self._write_finding(finding)
+        probes, tl.probe_requests = tl.probe_requests, []
+        for probe in probes:
+            message = {"t": "probe", "id": probe["id"], "pairs": probe["pairs"],
+                       "nbytes": 65536, "reps": 3}
+            for conn in list(self.conns.values()):
+                if conn.rank in probe["ranks"] and conn.attempt == tl.attempt:
+                    self._send(conn, message)
         requests, tl.stack_requests = tl.stack_requests, []
         for rank in requests:
             conn = next((c for c in self.conns.values() if c.rank == rank
@@ -259,6 +266,9 @@ class Aggregator:
         elif kind == "exit":
             info.exit_error = str(msg.get("error"))
             info.comm_error = bool(msg.get("comm_error"))
+        elif kind == "probe_result":
+            self.timeline.probe_results.setdefault(int(msg["id"]), {}).update(
+                {str(k): float(v) for k, v in msg["rtt"].items()})
         elif kind == "bye":
             info.bye = True
 

@@ -17,12 +17,14 @@ first steps do not persist, so they raise nothing.
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import statistics
 import time
 from typing import Any, Protocol
 
 from trainkit.detect.knobs import ClassifierConfig
+from trainkit.detect.linkprobe import probe_pairs, slowest_pair
 from trainkit.detect.timeline import Coll, Finding, Timeline, p2p_pair
 
 __all__ = ["Classifier", "CLASSIFIERS", "make_classifiers"]
@@ -64,6 +66,16 @@ def _quantile(values: list[float], q: float) -> float:
 
 def _finite(x: float) -> float | None:
     return round(x, 6) if math.isfinite(x) else None
+
+
+def _slow_evidence(key: tuple, members: list[int], window: list,
+                   durations: list[float]) -> dict[str, Any]:
+    """What a slow-link finding rests on: learned normal, limit, recent durations."""
+    return {"op": key[1], "bytes": key[2], "group_ranks": members,
+            "normal_duration_s": _finite(window[-1][4]), "slow_limit_s": _finite(window[-1][5]),
+            "recent_duration_s": {"median": round(statistics.median(durations), 6),
+                                  "max": round(max(durations), 6)},
+            "slow_in_window": sum(1 for s, *_ in window if s), "window": len(window)}
 
 
 def _process_gone(pid: int | None) -> bool | None:
@@ -375,6 +387,10 @@ class SlowLinkClassifier:
         self.reported: set[tuple] = set()
         self.reported_excess: dict[tuple, float] = {}
         self.pending: list[Finding] = []
+        self.parked: dict[int, dict[str, Any]] = {}     # findings waiting for a probe
+        self.dismissed: list[dict[str, Any]] = []       # slowdowns the probe cleared
+        self.cooldown: dict[tuple, float] = {}          # key -> no new probe before this time
+        self._probe_ids = itertools.count(1)
 
     def observe(self, coll: Coll, tl: Timeline) -> None:
         if tl.fatal_time is not None or coll.failed:
@@ -432,7 +448,7 @@ class SlowLinkClassifier:
             ranks, link, confidence = sorted(pair), (min(pair), max(pair)), 0.9
         else:
             ranks, link, confidence = self._suspects(tl, info)
-        if tuple(ranks) in self.reported:
+        if tuple(ranks) in self.reported or time.time() < self.cooldown.get(key, 0.0):
             return
         window = info["window"]
         durations = [d for _, d, *_ in window]
@@ -445,18 +461,51 @@ class SlowLinkClassifier:
                 return
         self.reported.add(tuple(ranks))
         self.reported_excess[tuple(ranks)] = excess
-        evidence = {"op": key[1], "bytes": key[2], "group_ranks": info["members"],
-                    "normal_duration_s": _finite(window[-1][4]),
-                    "slow_limit_s": _finite(window[-1][5]),
-                    "recent_duration_s": {"median": round(statistics.median(durations), 6),
-                                          "max": round(max(durations), 6)},
-                    "slow_in_window": sum(1 for s, *_ in window if s), "window": len(window),
-                    "localisation": ("point-to-point pair" if pair is not None else
-                                     "slow point-to-point link inside the group" if link else
-                                     "ranks shared by the slow groups and absent from normal ones")}
+        if pair is None and link is None and len(ranks) > 2:
+            self._park(tl, key, ranks, window, durations)
+            return
+        evidence = _slow_evidence(key, info["members"], window, durations)
+        evidence["localisation"] = ("point-to-point pair" if pair is not None else
+                                    "slow point-to-point link inside the group" if link else
+                                    "ranks shared by the slow groups and absent from normal ones")
         self.pending.append(_finding(tl, time.time(), "slow_link", ranks, link=link, step=window[-1][3],
                                      group=group, seq=window[-1][2], evidence=evidence,
                                      confidence=confidence))
+
+    def _park(self, tl: Timeline, key: tuple, ranks: list[int], window: list,
+              durations: list[float]) -> None:
+        """Timings alone cannot name the link: ask the suspects for a ping-pong probe."""
+        probe_id = next(self._probe_ids)
+        pairs = probe_pairs(ranks)
+        tl.probe_requests.append({"id": probe_id, "ranks": ranks, "pairs": [list(p) for p in pairs]})
+        self.parked[probe_id] = {"key": key, "ranks": ranks, "window": window, "pairs": pairs,
+                                 "durations": durations, "asked": time.time()}
+
+    def _unpark(self, tl: Timeline, probe_id: int, now: float) -> Finding | None:
+        entry = self.parked[probe_id]
+        rtt = tl.probe_results.get(probe_id, {})
+        if len(rtt) < len(entry["pairs"]) and now - entry["asked"] < self.cfg.probe_wait_s:
+            return None
+        del self.parked[probe_id]
+        key, window, durations = entry["key"], entry["window"], entry["durations"]
+        pair = slowest_pair(rtt)
+        if pair is None and len(rtt) == len(entry["pairs"]):
+            # Every pair answered and none stands out: the links are fine, so the slowdown
+            # is machine-wide (CPU contention, a slower phase of the job), not a slow link.
+            self.dismissed.append({"key": list(key), "probe_rtt_s": rtt, "time": now})
+            ranks = tuple(entry["ranks"])
+            self.reported.discard(ranks)          # a later, real slow link may still be found
+            self.reported_excess.pop(ranks, None)
+            self.recent[key].clear()
+            self.cooldown[key] = now + self.cfg.probe_cooldown_s
+            return None
+        ranks, link = (list(pair), pair) if pair else (entry["ranks"], None)
+        evidence = _slow_evidence(key, entry["ranks"], window, durations)
+        evidence["probe_rtt_s"] = {k: round(v, 6) for k, v in sorted(rtt.items())}
+        evidence["localisation"] = ("targeted point-to-point probe among the suspects" if pair
+                                    else "probe unanswered; the group's ranks are suspects")
+        return _finding(tl, now, "slow_link", ranks, link=link, step=window[-1][3], group=key[0],
+                        seq=window[-1][2], evidence=evidence, confidence=0.85 if pair else 0.5)
 
     def _suspects(self, tl: Timeline, info: dict[str, Any]) -> tuple[list[int], tuple | None, float]:
         """Localise a slow group collective from what the slow and normal traffic share."""
@@ -481,6 +530,10 @@ class SlowLinkClassifier:
 
     def check(self, tl: Timeline, now: float) -> list[Finding]:
         out, self.pending = self.pending, []
+        for probe_id in list(self.parked):
+            finding = self._unpark(tl, probe_id, now)
+            if finding is not None:
+                out.append(finding)
         return out
 
 

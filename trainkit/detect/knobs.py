@@ -79,6 +79,10 @@ class ClassifierConfig:
     """Absolute floor on the excess duration of a slow collective."""
     baseline_samples: int = 20
     """Samples learned per collective kind before slowness is judged."""
+    probe_wait_s: float = 15.0
+    """How long a slow-link finding waits for the targeted probe's answers."""
+    probe_cooldown_s: float = 30.0
+    """After a probe finds every link healthy, no new probe for that collective this long."""
 
 
 def parse_address(text: str) -> tuple[str, int]:

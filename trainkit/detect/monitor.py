@@ -36,6 +36,7 @@ import torch.distributed.distributed_c10d as c10d
 
 from trainkit.detect import knobs
 from trainkit.detect.channel import Channel
+from trainkit.detect.linkprobe import LinkProbe
 from trainkit.detect.probe import (MonitoredProcessGroup, Recorder, StackDumper, register_group,
                                    unregister_group)
 from trainkit.faults import FaultInjector, local_identity
@@ -94,6 +95,9 @@ class CollectiveMonitor:
             (``TRAINKIT_HANG_TIMEOUT`` overrides).
         wrap_default: install the monitored wrapper as the default group, so
             DDP/FSDP created afterwards and plain ``dist.*`` calls are recorded.
+        link_probe: with more than two ranks, create a small private gloo group
+            for targeted point-to-point probes that localise a slow link
+            (collective: every rank must pass the same value).
         heartbeat_s: heartbeat period of the side channel.
         aggregator_args: extra command-line options for a self-started aggregator.
 
@@ -103,7 +107,7 @@ class CollectiveMonitor:
 
     def __init__(self, run_dir: str | os.PathLike | None = None, hang_timeout: float = 30.0, *,
                  wrap_default: bool = True, heartbeat_s: float = 0.5,
-                 aggregator_args: tuple[str, ...] = ()):
+                 link_probe: bool = True, aggregator_args: tuple[str, ...] = ()):
         env_timeout = os.environ.get(knobs.HANG_TIMEOUT_ENV)
         if env_timeout:
             try:
@@ -117,6 +121,8 @@ class CollectiveMonitor:
         self.wrap_default = wrap_default
         self.heartbeat_s = heartbeat_s
         self.aggregator_args = tuple(aggregator_args)
+        self.link_probe = link_probe
+        self._link_probe: LinkProbe | None = None
         self.enabled = os.environ.get(knobs.DETECT_ENV, "1") not in ("0", "false", "off")
         self.channel: Channel | None = None
         self.recorder: Recorder | None = None
@@ -143,6 +149,10 @@ class CollectiveMonitor:
         # A malformed TRAINKIT_FAULT is an error at start-up, monitored or not.
         self.injector = FaultInjector.from_env(rank=rank, run_dir=self.run_dir)
         channel = self._connect(rank, world) if self.enabled else None
+        if self.enabled and self.link_probe and world > 2:
+            # Decided from arguments and world size only, identical on every rank:
+            # new_group is collective even when this rank's channel failed.
+            self._link_probe = LinkProbe.create(rank, channel.send if channel else _discard)
         put = channel.put if channel is not None else _discard
         self.recorder = Recorder(put, rank=rank, injector=self.injector)
         if channel is None and not self.injector.active:
@@ -266,6 +276,8 @@ class CollectiveMonitor:
             text = self._stacks.dump()
             step = self.recorder.step if self.recorder else None
             self.channel.send({"t": "stack", "text": text[-20000:], "step": step})
+        elif message.get("t") == "probe" and self._link_probe is not None:
+            self._link_probe.handle(message)
 
     def _install_excepthook(self) -> None:
         self._prev_excepthook = sys.excepthook

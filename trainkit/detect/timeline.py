@@ -127,6 +127,8 @@ class Timeline:
         self.stack_requests: list[int] = []          # drained by the aggregator
         self.findings: list[Finding] = []
         self.last_done: dict[int, float] = {}        # per rank, latest completion seen
+        self.probe_requests: list[dict[str, Any]] = []   # drained by the aggregator
+        self.probe_results: dict[int, dict[str, float]] = {}
 
     # -- membership ------------------------------------------------------------------
     def group_ranks(self, group: str) -> list[int]:

@@ -73,9 +73,10 @@ class Assignment:
 
 def _spread(bytes_: np.ndarray, leaf: np.ndarray, spine: np.ndarray, link: np.ndarray, cap: np.ndarray) -> np.ndarray:
     """Bytes per cable (leaf, spine, link); link -1 spreads over the parallel cables by capacity."""
-    out = np.zeros(cap.shape)
+    L, S, P = cap.shape
     fixed = link >= 0
-    np.add.at(out, (leaf[fixed], spine[fixed], link[fixed]), bytes_[fixed])
+    flat = (leaf[fixed] * S + spine[fixed]) * P + link[fixed]
+    out = np.bincount(flat, weights=bytes_[fixed], minlength=L * S * P).reshape(cap.shape)
     pooled = ~fixed
     if pooled.any():
         caps = cap[leaf[pooled], spine[pooled], :]

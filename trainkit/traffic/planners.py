@@ -28,7 +28,7 @@ from trainkit.traffic.plan import Assignment, PhasePlan, Plan
 from trainkit.traffic.split import _pairs, assign_bytes, expand_pooled, plan_split
 from trainkit.traffic.topology import LeafSpine
 
-__all__ = ["PLANNERS", "plan", "plan_lp", "lower_bound"]
+__all__ = ["PLANNERS", "plan", "replan", "plan_lp", "lower_bound"]
 
 
 def plan_lp(topo: LeafSpine, table: FlowTable, rows: np.ndarray, **_) -> Assignment:
@@ -69,12 +69,34 @@ def plan(
         raise JobError("topology", f"expected a LeafSpine, got {type(topo).__name__}")
     if not isinstance(flows, Flows):
         raise JobError("flows", f"expected Flows from collective()/combine(), got {type(flows).__name__}")
-    planner = PLANNERS[method]
     start = time.perf_counter()
+    tables = [build_table(topo, phase, expand_limit=expand_limit) for phase in flows.phases]
+    return _plan_tables(topo, flows, tables, method, start, options)
+
+
+def replan(previous: Plan, topo: LeafSpine, *, method: str | None = None, **options) -> Plan:
+    """Re-plan ``previous`` on a changed fabric (a failed or degraded cable).
+
+    Reuses the flow tables of the previous plan, so only the routing is redone:
+    this is the fast path after a link failure.
+    """
+    method = method or previous.method
+    if method not in PLANNERS:
+        raise JobError("method", f"unknown planner {method!r}; choose from {', '.join(PLANNERS)}")
+    if (topo.leaves, topo.spines, topo.nics, topo.layout) != (
+        previous.topology.leaves, previous.topology.spines, previous.topology.nics, previous.topology.layout
+    ):
+        raise JobError("topology", "replan() needs the same leaves, spines, NICs and layout as the previous plan")
+    start = time.perf_counter()
+    merged = {**previous.info, **options}
+    return _plan_tables(topo, previous.flows, [ph.table for ph in previous.phases], method, start, merged)
+
+
+def _plan_tables(topo, flows, tables, method, start, options) -> Plan:
+    planner = PLANNERS[method]
     phases = []
     cap = path_capacity(topo, pooled=True)
-    for index, phase in enumerate(flows.phases):
-        table = build_table(topo, phase, expand_limit=expand_limit)
+    for index, (phase, table) in enumerate(zip(flows.phases, tables)):
         inter = np.flatnonzero(table.inter)
         if len(inter):
             pi, pj, _ = _pairs(topo, table, inter)
@@ -85,10 +107,11 @@ def plan(
     return Plan(method, topo, flows, tuple(phases), time.perf_counter() - start, dict(options))
 
 
-def lower_bound(topo: LeafSpine, flows: Flows) -> float:
+def lower_bound(topo: LeafSpine, flows: Flows, *, fabric_only: bool = False) -> float:
     """Closed-form optimum on a healthy fabric: max(host load, max_i out_i / (X c), max_j in_j / (X c)).
 
     On an impaired fabric this is only a lower bound (per-leaf capacity).
+    fabric_only: leave the host links out (the leaf-spine part alone).
     """
     best = 0.0
     cap = topo.link_gbps().sum(axis=(1, 2)) * 1e9 / 8  # bytes/s per leaf
@@ -101,5 +124,5 @@ def lower_bound(topo: LeafSpine, flows: Flows) -> float:
         inn = np.bincount(table.dst_leaf[inter], weights=b, minlength=topo.leaves)
         with np.errstate(divide="ignore", invalid="ignore"):
             fabric = np.nan_to_num(np.maximum(out, inn) / cap, nan=0.0, posinf=np.inf)
-        best = max(best, host, float(fabric.max(initial=0.0)))
+        best = max(best, 0.0 if fabric_only else host, float(fabric.max(initial=0.0)))
     return best

@@ -100,10 +100,30 @@ def expand_pooled(topo: LeafSpine, table: FlowTable, a: Assignment) -> Assignmen
         return a
     cap = topo.link_gbps()
     P = topo.links_per_spine
+    rows_all, spines_all = a.row, a.spine
+    even = np.zeros(len(a.row), bool)
+    even[pooled] = (
+        (cap[table.src_leaf[rows_all[pooled]], spines_all[pooled]] == topo.uplink_gbps).all(axis=1)
+        & (cap[table.dst_leaf[rows_all[pooled]], spines_all[pooled]] == topo.uplink_gbps).all(axis=1)
+        & (table.src[rows_all[pooled]] >= 0)
+    )
+    if even.any():  # healthy cables on both sides: cable k up, cable k down, 1/P each
+        ev = np.flatnonzero(even)
+        k = np.tile(np.arange(P), len(ev))
+        ev_rep = np.repeat(ev, P)
+        simple = Assignment(a.row[ev_rep], a.spine[ev_rep], k, k, a.each[ev_rep] / P, a.count[ev_rep], a.info)
+        rest = ~even
+        a = Assignment(a.row[rest], a.spine[rest], a.up_link[rest], a.down_link[rest], a.each[rest],
+                       a.count[rest], a.info)
+        return Assignment.concat([simple, expand_pooled(topo, table, a)], a.info)
     r, s = a.row[pooled], a.spine[pooled]
     up = cap[table.src_leaf[r], s]
     down = cap[table.dst_leaf[r], s]
-    share = (up / up.sum(axis=1, keepdims=True))[:, :, None] * (down / down.sum(axis=1, keepdims=True))[:, None, :]
+    u = up / up.sum(axis=1, keepdims=True)
+    d = down / down.sum(axis=1, keepdims=True)
+    share = u[:, :, None] * d[:, None, :]
+    same = np.isclose(u, d).all(axis=1)  # equal marginals: cable k up, cable k down (P pieces, not P^2)
+    share[same] = u[same][:, :, None] * np.eye(P)[None]
     idx, ku, kd = np.nonzero(share > 0)
     keep = ~pooled
     each = a.each[pooled][idx] * share[idx, ku, kd]
