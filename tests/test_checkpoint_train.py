@@ -3,6 +3,8 @@ uninterrupted run's losses exactly, step for step."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from distributed import REPO_ROOT, run_torchrun
@@ -26,10 +28,14 @@ def test_interrupted_run_resumes_to_identical_losses(tmp_path):
     assert crashed.returncode != 0                  # the simulated crash
     resumed = run_torchrun(TRAIN, 2, *run, timeout=120)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert "resumed from step 20" in resumed.stdout
+    # The crash may come before step 20's save committed (it runs in the background):
+    # then the run resumes from step 10, which is just as correct.
+    match = re.search(r"resumed from step (\d+)", resumed.stdout)
+    assert match and int(match.group(1)) in (10, 20), resumed.stdout[-3000:]
+    resumed_from = int(match.group(1))
     reference = dict(_losses(tmp_path / "a.txt"))
     rows = _losses(tmp_path / "b.txt")
     assert len(reference) == 40
     assert {s for s, _ in rows} == set(reference)
-    assert len(rows) == 45                          # steps 21-25 ran twice
+    assert len(rows) == 40 + 25 - resumed_from     # steps after the checkpoint ran twice
     assert [(s, v) for s, v in rows if reference[s] != v] == []
