@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -126,7 +125,27 @@ def run_torchrun(script: str | os.PathLike, nproc: int, *script_args: str, timeo
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, _ = proc.communicate()
         raise TimeoutError(f"torchrun {script} timed out after {timeout}s:\n{out[-4000:]}")
+    finally:
+        kill_tree(proc.pid)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every descendant. torchrun starts workers in sessions of their
+    own, so killing its process group alone can leave workers running."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=5)
