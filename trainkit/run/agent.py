@@ -42,17 +42,37 @@ def _stream(proc: subprocess.Popen, prefix: str, log_path: Path, codes: list[int
                 codes.append(int(m.group(1)))
 
 
-def _terminate(proc: subprocess.Popen, grace: float) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def terminate_tree(proc: subprocess.Popen, grace: float) -> None:
+    """Stop torchrun and every worker under it.
+
+    SIGTERM first, so torchrun can shut its workers down and exit cleanly; after
+    ``grace`` seconds, SIGKILL to every descendant. torchrun starts workers in sessions
+    of their own, so signalling its process group alone could leave a hung worker alive.
+    """
+    import psutil
+
+    try:
+        tree = [*psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    for p in tree:
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 class NodeAgent:
@@ -130,7 +150,7 @@ class NodeAgent:
             if (self.control.get(f"tk/gen/{gen}/stop") is not None
                     or self.control.get("tk/final") is not None):
                 stopped = True
-                _terminate(proc, self.stop_grace)
+                terminate_tree(proc, self.stop_grace)
                 break
             time.sleep(0.1)
         reader.join(timeout=5)

@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainkit.run.agent import NodeAgent, _terminate
+from trainkit.run.agent import NodeAgent, terminate_tree
 from trainkit.run.control import Control, connect_store, host_store
 from trainkit.run.coordinator import Coordinator, CoordinatorConfig
 from trainkit.run.detector import start_aggregator
@@ -145,7 +145,7 @@ def _coordinate(opts: RunOptions, args: TorchrunArgs, run_dir: Path, node_id: st
             try:
                 child.wait(timeout=opts.stop_timeout)
             except subprocess.TimeoutExpired:
-                _terminate(child, 5)
+                terminate_tree(child, 5)
         return rc
     except KeyboardInterrupt:
         events.log("interrupted", reason="trainkit run was interrupted; stopping all workers")
@@ -156,6 +156,6 @@ def _coordinate(opts: RunOptions, args: TorchrunArgs, run_dir: Path, node_id: st
         signal.signal(signal.SIGTERM, previous)
         for child in children:
             if child.poll() is None:
-                _terminate(child, 5)
+                terminate_tree(child, 5)
         if aggregator is not None:
             aggregator.stop()
