@@ -149,6 +149,38 @@ def fault_run(cfg: argparse.Namespace, root: Path, side: str, kind: str, every: 
             "steps_recomputed": fault_step - (resumed or fault_step), "wall_s": wall}
 
 
+def markdown(out: dict) -> str:
+    """The figures as the table docs/benchmarks.md shows."""
+    cal, res = out["calibration"], out["results"]
+    lines = [
+        f"Checkpoint cost (3 steps after a save, over the median step): torch.save "
+        f"{1000 * cal['torch']['cost_s']:.0f} ms, trainkit {1000 * cal['trainkit']['cost_s']:.0f} ms "
+        f"per checkpoint; median step {cal['torch']['step_s']:.3f} s. Budget "
+        f"{100 * out['config']['budget']:.0f}%: baseline saves every {out['baseline_every']} "
+        f"steps, trainkit every {out['trainkit_every']}; fault at step {out['fault_step']}.",
+        "",
+        "| fault | side | time lost (s) | resumed at step | steps recomputed |",
+        "|---|---|---|---|---|"]
+    for kind in ("crash", "hang"):
+        for side in ("baseline", "trainkit"):
+            r = res[f"{side}-{kind}"]
+            if r["ok"]:
+                lines.append(f"| {kind} | {side} | {r['lost_s']:.1f} | {r['resumed_step']} | "
+                             f"{r['steps_recomputed']} |")
+            else:
+                lines.append(f"| {kind} | {side} | failed (rc {r['rc']}) | | |")
+    if "summary" in out:
+        s = out["summary"]
+        lines += ["", f"- crash: baseline / trainkit = **{s['crash_ratio']:.2f}x**",
+                  f"- hang, baseline gloo timeout lowered to {out['config']['pg_timeout']:.0f} s: "
+                  f"**{s['hang_ratio_lowered_timeout']:.2f}x**",
+                  f"- hang, baseline at gloo's default 30 min timeout (extrapolated: lowered "
+                  f"result - lowered timeout + 1800 s = "
+                  f"{s['baseline_hang_default_timeout_extrapolated_s']:.0f} s): "
+                  f"**{s['hang_ratio_default_timeout_extrapolated']:.1f}x**"]
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller model, fewer steps")
@@ -195,6 +227,7 @@ def main() -> int:
         print(json.dumps(out["summary"], indent=1), flush=True)
     if cfg.json:
         cfg.json.write_text(json.dumps(out, indent=1))
+    print(markdown(out), flush=True)
     return 0
 
 
