@@ -184,10 +184,11 @@ def scale(repeats: int, sizes: list[int]) -> dict:
 
 def lp_scale() -> dict:
     out = []
-    for gpus, leaves, spines in ((1024, 32, 16), (2048, 64, 32)):
+    # 1,024 GPUs is the target; 2,048 took over 5 minutes in HiGHS on this machine, so it is left out
+    for gpus, leaves, spines, names in ((1024, 32, 16, ("alltoall", "allreduce_ring")),):
         topo = LeafSpine(leaves=leaves, spines=spines, hosts_per_leaf=gpus // leaves, host_gbps=400,
                          uplink_gbps=400 * (gpus // leaves) / spines / 2)
-        for name in ("alltoall", "allreduce_ring"):
+        for name in names:
             flows = collective(name, hosts=np.random.default_rng(0).permutation(gpus).tolist(), nbytes=1 << 28)
             t = time.perf_counter()
             lp = plan(topo, flows, method="lp")

@@ -20,7 +20,7 @@ from trainkit.traffic.topology import LeafSpine
 
 __all__ = ["FlowTable", "build_table", "EXPAND_LIMIT"]
 
-EXPAND_LIMIT = 1 << 20  # dense groups with more ordered pairs than this are aggregated
+EXPAND_LIMIT = 1 << 18  # dense groups with more ordered pairs than this (n > 512) are aggregated
 
 
 @dataclass(frozen=True, eq=False)
