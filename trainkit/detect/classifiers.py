@@ -429,7 +429,9 @@ class SlowLinkClassifier:
             slow_cross = duration > cross_limit
             if not slow_temporal and math.isnan(med):
                 med, limit = ref, cross_limit
-        slow = slow_temporal or slow_cross
+        # Once this collective's own normal is learned it is the judge (its noise is in the
+        # MAD); the cross-sectional test only covers the time before that.
+        slow = slow_temporal if len(base) >= self.cfg.baseline_samples else slow_cross
         if not slow:
             base.append(duration)
         window = self.recent[key]
