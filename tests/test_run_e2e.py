@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -34,6 +33,10 @@ CRASHY = textwrap.dedent("""
             os.kill(os.getpid(), 9)
         time.sleep(0.05)
     print("finished", os.environ["TRAINKIT_NODE"], os.environ["TRAINKIT_GENERATION"], flush=True)
+    # ranks share torchrun's stdout, so lines can interleave: count marker files instead
+    marker = "finished.{}.gen{}.rank{}".format(os.environ["TRAINKIT_NODE"],
+                                               os.environ["TRAINKIT_GENERATION"], dist.get_rank())
+    open(os.path.join(os.environ["TRAINKIT_RUN_DIR"], marker), "w").close()
     dist.destroy_process_group()
 """)
 
@@ -82,8 +85,9 @@ def test_crash_without_detector_restarts_and_names_the_node(tmp_path):
     assert decisions[0]["fault"] == "crash"
     assert [e["gen"] for e in events if e["event"] == "generation_start"] == [0, 1]
     assert events[-1]["event"] == "done"
-    finished_gen1 = re.findall(r"finished node\d 1", proc.stdout)
-    assert len(finished_gen1) == 4, proc.stdout[-4000:]  # 2 nodes x 2 ranks in generation 1
+    finished = sorted(p.name.split(".")[1:3] for p in (tmp_path / "run").glob("finished.*"))
+    # every rank of generation 1 finished: 2 nodes x 2 ranks, none from generation 0
+    assert finished == [["node0", "gen1"]] * 2 + [["node1", "gen1"]] * 2, finished
 
 
 def test_max_restarts_exhausted_exits_nonzero_with_summary(tmp_path):
