@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from distributed import subprocess_env
+from trainkit._jsonl import read_jsonl
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -41,6 +42,28 @@ CRASHY = textwrap.dedent("""
 """)
 
 
+def _launch(cmd: list[str], run_dir: Path, *, env: dict[str, str], timeout: float,
+            during=None) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """Run a `trainkit run` command to the end (or kill it at ``timeout``) and read its
+    events; ``during(run_dir)`` runs while it is going. Everything it started is killed."""
+    proc = subprocess.Popen(cmd, env=subprocess_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        if during is not None:
+            during(run_dir)
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"trainkit run timed out:\n{out[-5000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_leftovers(run_dir)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, None), \
+        read_jsonl(run_dir / "events.jsonl")
+
+
 def _trainkit_run(tmp_path: Path, args: list[str], script: str, *, env: dict[str, str],
                   timeout: float = 200) -> tuple[subprocess.CompletedProcess, list[dict]]:
     path = tmp_path / "job.py"
@@ -48,18 +71,7 @@ def _trainkit_run(tmp_path: Path, args: list[str], script: str, *, env: dict[str
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "trainkit", "run", "--run-dir", str(run_dir), *args, "--",
            "--nproc-per-node=2", "--monitor-interval=0.1", str(path)]
-    proc = subprocess.Popen(cmd, env=subprocess_env(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"trainkit run timed out:\n{out[-5000:]}")
-    finally:
-        _kill_leftovers(run_dir)
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, None), events
+    return _launch(cmd, run_dir, env=env, timeout=timeout)
 
 
 def _kill_leftovers(run_dir: Path) -> None:
@@ -115,24 +127,9 @@ def _train_job(tmp_path: Path, trainkit_args: list[str], train_args: list[str], 
     cmd = [sys.executable, "-m", "trainkit", "run", "--run-dir", str(run_dir), *trainkit_args,
            "--", "--nproc-per-node=2", "--monitor-interval=0.1", str(TRAIN),
            "--ckpt-dir", str(tmp_path / "ckpt"), "--progress-log", str(progress), *train_args]
-    proc = subprocess.Popen(cmd, env=subprocess_env(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        if during is not None:
-            during(run_dir, progress)
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"trainkit run timed out:\n{out[-5000:]}")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        _kill_leftovers(run_dir)
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    steps = [json.loads(line) for line in progress.read_text().splitlines()] \
-        if progress.exists() else []
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, None), events, steps
+    proc, events = _launch(cmd, run_dir, env=env, timeout=timeout,
+                           during=None if during is None else lambda d: during(d, progress))
+    return proc, events, read_jsonl(progress)
 
 
 def test_crash_restarts_and_resumes_with_identical_losses(tmp_path):

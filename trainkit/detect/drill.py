@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainkit._jsonl import read_jsonl
 from trainkit.detect import knobs
 from trainkit.faults import FAULT_ENV
 
@@ -52,18 +53,6 @@ class DrillResult:
     def fault_time(self) -> float | None:
         times = [m["time"] for m in self.fault_markers if "time" in m]
         return min(times) if times else None
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
 
 
 def _markers(run_dir: Path) -> list[dict[str, Any]]:
@@ -178,7 +167,7 @@ def run_drill(script: str | os.PathLike, *, world: int, run_dir: str | os.PathLi
         log.seek(0)
         outputs.append(log.read())
         log.close()
-    return DrillResult(findings=_read_jsonl(run_dir / knobs.DIAGNOSIS_FILE),
+    return DrillResult(findings=read_jsonl(run_dir / knobs.DIAGNOSIS_FILE),
                        fault_markers=_markers(run_dir),
                        returncodes=[p.returncode for p in procs], outputs=outputs,
                        wall_s=time.monotonic() - start, timed_out=timed_out)

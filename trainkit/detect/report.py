@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from trainkit._jsonl import read_jsonl
 from trainkit.detect import knobs
 
 __all__ = ["DiagnoseError", "load_findings", "format_events", "format_findings", "plot_timeline"]
@@ -55,14 +56,7 @@ def _fault_markers(run_dir: Path) -> list[dict[str, Any]]:
 
 def _run_events(run_dir: Path) -> list[dict[str, Any]]:
     """``trainkit run``'s decisions (``events.jsonl``), if this run had a launcher."""
-    path = run_dir / "events.jsonl"
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a torn last line
-    return out
+    return read_jsonl(run_dir / "events.jsonl")
 
 
 def format_events(run_dir: str | Path) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainkit._jsonl import read_jsonl
 from trainkit.run.events import read_events
 from trainkit.run.launcher import RunOptions, run_job
 
@@ -42,18 +43,6 @@ class Timeline:
     finished: bool
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
 def build_timeline(run_dir: Path, progress_log: Path) -> Timeline:
     """Assemble the recovery timeline from the records a drill run leaves behind."""
     markers = [json.loads(p.read_text()) for p in sorted((run_dir / "faults").glob("*.json"))]
@@ -68,7 +57,7 @@ def build_timeline(run_dir: Path, progress_log: Path) -> Timeline:
     decision = first(lambda e: e["event"] == "decision" and e.get("action") != "continue")
     restart = first(lambda e: e["event"] == "generation_start" and e.get("gen", 0) >= 1)
     done = first(lambda e: e["event"] == "done")
-    losses = _read_jsonl(progress_log)
+    losses = read_jsonl(progress_log)
     after = [r for r in losses if restart and r.get("time", 0) >= restart["time"]]
     resumed = after[0] if after else None
     fault_step = fault.get("step") if fault else None

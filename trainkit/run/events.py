@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainkit._jsonl import read_jsonl
+
 EVENTS_FILE = "events.jsonl"
 
 
@@ -43,13 +45,4 @@ class EventLog:
 
 def read_events(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """All events of a run, oldest first; a torn last line (crash mid-write) is skipped."""
-    path = Path(run_dir) / EVENTS_FILE
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    return read_jsonl(Path(run_dir) / EVENTS_FILE)
