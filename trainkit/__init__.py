@@ -12,15 +12,11 @@ Subpackages are imported on demand so ``import trainkit`` stays cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from trainkit._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "Checkpointer"]
 
 
-def __getattr__(name: str) -> Any:
-    if name == "Checkpointer":
-        return importlib.import_module("trainkit.checkpoint").Checkpointer
-    raise AttributeError(f"module 'trainkit' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, {"Checkpointer": "trainkit.checkpoint"}, globals())

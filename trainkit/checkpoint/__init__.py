@@ -10,8 +10,7 @@ Names are resolved on first use, so ``trainkit ckpt --help`` does not import tor
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from trainkit._lazy import lazy_getattr
 
 __all__ = [
     "Checkpointer",
@@ -38,12 +37,8 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"trainkit.checkpoint.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'trainkit.checkpoint' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, {k: f"trainkit.checkpoint.{v}" for k, v in _WHERE.items()},
+                           globals())
 
 
 def __dir__() -> list[str]:

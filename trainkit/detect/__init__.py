@@ -12,9 +12,7 @@ Names that need torch are imported on first use, so ``trainkit --help`` and
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from trainkit._lazy import lazy_getattr
 from trainkit.detect.knobs import (AGGREGATOR_ENV, DETECT_ENV, HANG_TIMEOUT_ENV, RUN_DIR_ENV,
                                    ClassifierConfig)
 from trainkit.detect.report import load_findings
@@ -44,7 +42,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'trainkit.detect' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
