@@ -190,7 +190,7 @@ def test_disk_full_on_a_small_tmpfs(tmp_path):
 def test_failed_lazy_save_never_breaks_the_training_step(tmp_path, monkeypatch):
     import errno
 
-    from trainkit.checkpoint import writer
+    from trainkit.checkpoint.tiers import LocalTier
 
     model = torch.nn.Linear(256, 256)
     opt = torch.optim.Adam(model.parameters())
@@ -200,10 +200,10 @@ def test_failed_lazy_save_never_breaks_the_training_step(tmp_path, monkeypatch):
         ck.attach(opt)
         ck.save(1, {"model": model.state_dict(), "optim": opt.state_dict()}).result(timeout=60)
 
-        def full(job):
+        def full(tier, step, rank_dir):
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ck"))
 
-        monkeypatch.setattr(writer, "_prepare_dirs", full)
+        monkeypatch.setattr(LocalTier, "prepare", full)
         handle = ck.save(2, {"model": model.state_dict(), "optim": opt.state_dict()})
         opt.step()                                  # the pre-hook must not raise
         with pytest.raises(CheckpointWriteError, match="step 2, rank 0.*No space left"):

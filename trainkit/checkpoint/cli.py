@@ -99,7 +99,7 @@ def _ls(args: argparse.Namespace) -> int:
 
     _require_dir(args.dir)
     rows = []
-    for step in reader._all_step_dirs(args.dir):
+    for step in reader.as_tier(args.dir).step_dirs():
         try:
             record = reader.read_commit_record(args.dir, step)
         except reader.CheckpointNotFoundError:

@@ -33,7 +33,8 @@ from trainkit.checkpoint.coord import Coordinator, make_coordinator
 from trainkit.checkpoint.errors import CheckpointError, CheckpointWriteError, CommitError
 from trainkit.checkpoint.layout import DEFAULT_CHUNK_BYTES, TensorSpec, plan_shard, step_dirname
 from trainkit.checkpoint.snapshot import HostBufferPool, Snapshot, describe_tensor, storage_key
-from trainkit.checkpoint.writer import ShardJob, write_commit_record, write_shard
+from trainkit.checkpoint.tiers import COMMIT_FILE, is_url, open_tier
+from trainkit.checkpoint.writer import ShardJob, commit_record, write_shard
 
 __all__ = ["Checkpointer", "SaveHandle"]
 
@@ -104,8 +105,9 @@ class Checkpointer:
     def __init__(self, path: str | os.PathLike, *, timeout: float = 300.0,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, io_threads: int = 4,
                  direct_io: bool = True) -> None:
-        self.path = os.path.abspath(os.fspath(path))
-        os.makedirs(self.path, exist_ok=True)
+        path = os.fspath(path)
+        self.path = path if is_url(path) else os.path.abspath(path)
+        self._tier = open_tier(self.path)
         self.timeout = float(timeout)
         self.chunk_bytes = int(chunk_bytes)
         self._io_threads = int(io_threads)
@@ -172,7 +174,7 @@ class Checkpointer:
         self._raise_failed()
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise TypeError(f"step must be a non-negative int, got {step!r}")
-        if os.path.isfile(os.path.join(self.path, step_dirname(step), reader.COMMIT_FILE)):
+        if self._is_committed(step):
             raise CheckpointError(f"step {step} is already committed in {self.path}; "
                                   f"checkpoints are never overwritten")
         tensors: list[torch.Tensor] = []
@@ -200,7 +202,7 @@ class Checkpointer:
         except BaseException:
             self._pool.release()
             raise
-        job = ShardJob(self.path, step, self._seq, self.rank, self.world_size, plan,
+        job = ShardJob(self._tier, step, self._seq, self.rank, self.world_size, plan,
                        tuple(specs), tree, snap, self._direct_io)
         self._seq += 1
         future: Future = Future()
@@ -212,6 +214,12 @@ class Checkpointer:
             self._lazy = snap
         self.stats["save_s"] += time.perf_counter() - t0
         return SaveHandle(step, future, self)
+
+    def _is_committed(self, step: int) -> bool:
+        try:
+            return self._tier.size(f"{step_dirname(step)}/{COMMIT_FILE}") is not None
+        except OSError:          # unreadable: the write will fail with a clear error
+            return False
 
     def _run_data(self, job: ShardJob, future: Future) -> None:
         manifest, error = None, None
@@ -228,7 +236,8 @@ class Checkpointer:
     def _run_commit(self, job: ShardJob, future: Future, manifest: dict | None,
                     error: BaseException | None) -> None:
         def finalize(manifests: list[dict]) -> None:
-            write_commit_record(self.path, job.step, self.world_size, manifests)
+            self._tier.publish(job.step, commit_record(job.step, self.world_size, manifests,
+                                                       tier=self._tier.name))
 
         try:
             self._coord.commit(job.seq, job.step, manifest,
@@ -259,7 +268,7 @@ class Checkpointer:
         if manifest is None:
             return False
         try:
-            record = reader.read_commit_record(self.path, step)
+            record = reader.read_commit_record(self._tier, step)
         except CheckpointError:
             return False
         files = record.get("files", {})
@@ -299,7 +308,7 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         """Committed steps in this directory, oldest first."""
-        return reader.committed_steps(self.path)
+        return reader.committed_steps(self._tier)
 
     def latest(self) -> int | None:
         """The newest committed step, or None."""
@@ -318,13 +327,13 @@ class Checkpointer:
                 raise reader.CheckpointNotFoundError(
                     f"no committed checkpoint in {self.path}; committed steps: none")
         if rank is None:
-            record = reader.read_commit_record(self.path, step)
+            record = reader.read_commit_record(self._tier, step)
             if self.world_size > 1 and record["world_size"] != self.world_size:
                 raise CheckpointError(
                     f"step {step} was saved by {record['world_size']} ranks but this job has "
                     f"{self.world_size}; pass rank= to choose the shard to read")
             rank = self.rank
-        return reader.load_shard(self.path, step, rank, threads=self._io_threads)
+        return reader.load_shard(self._tier, step, rank, threads=self._io_threads)
 
     # -- shutdown -----------------------------------------------------------------------
     def close(self) -> None:

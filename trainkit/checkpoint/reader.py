@@ -11,6 +11,7 @@ disk's speed and the returned tensors do not pin one giant buffer.
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,80 +24,115 @@ from trainkit.checkpoint.layout import (
     chunk_digest,
     chunk_relpath,
     chunk_segments,
-    parse_step_dirname,
     rank_dirname,
     step_dirname,
 )
-from trainkit.checkpoint.storage import crc32, preadv_exact, read_json
+from trainkit.checkpoint.storage import crc32
+from trainkit.checkpoint.tiers import COMMIT_FILE, Tier, open_tier
 
-__all__ = ["committed_steps", "read_commit_record", "read_rank_index", "load_shard", "verify_step"]
-
-COMMIT_FILE = "zarr.json"
-
-
-def _all_step_dirs(root: str) -> list[int]:
-    try:
-        names = os.listdir(root)
-    except FileNotFoundError:
-        return []
-    return sorted(s for s in map(parse_step_dirname, names) if s is not None)
+__all__ = ["committed_steps", "read_commit_record", "read_rank_index", "load_shard",
+           "load_blobs", "rank_files_present", "verify_step", "as_tier", "COMMIT_FILE"]
 
 
-def committed_steps(root: str) -> list[int]:
-    """Steps whose commit record exists, oldest first."""
-    return [s for s in _all_step_dirs(root)
-            if os.path.isfile(os.path.join(root, step_dirname(s), COMMIT_FILE))]
+def as_tier(where: Tier | str | os.PathLike) -> Tier:
+    """A tier for a path or URL given by a user; tiers pass through."""
+    if isinstance(where, (str, os.PathLike)):
+        return open_tier(os.fspath(where))
+    return where
 
 
-def read_commit_record(root: str, step: int) -> dict:
+def _rel(step: int, rel: str) -> str:
+    return f"{step_dirname(step)}/{rel}"
+
+
+def committed_steps(where: Tier | str) -> list[int]:
+    """Steps whose commit record exists on the tier, oldest first."""
+    tier = as_tier(where)
+    return [s for s in tier.step_dirs() if tier.size(_rel(s, COMMIT_FILE)) is not None]
+
+
+def read_commit_record(where: Tier | str, step: int) -> dict:
     """The commit record of ``step``; a clear error if the step is missing or uncommitted."""
-    path = os.path.join(root, step_dirname(step), COMMIT_FILE)
+    tier = as_tier(where)
+    rel = _rel(step, COMMIT_FILE)
     try:
-        doc, _ = read_json(path)
+        raw = tier.read(rel)
     except FileNotFoundError:
-        committed = committed_steps(root)
+        committed = committed_steps(tier)
         detail = ("it exists but was never committed (a save was interrupted or failed)"
-                  if step in _all_step_dirs(root) else "it does not exist")
+                  if step in tier.step_dirs() else "it does not exist")
         raise CheckpointNotFoundError(
-            f"step {step} is not a committed checkpoint in {root}: {detail}; committed steps: "
-            f"{committed if committed else 'none'}") from None
+            f"step {step} is not a committed checkpoint in {tier.url}: {detail}; committed "
+            f"steps: {committed if committed else 'none'}") from None
+    try:
+        doc = json.loads(raw)
     except ValueError as exc:
-        raise CorruptCheckpointError(f"step {step}: commit record {path} is not valid JSON: "
-                                     f"{exc}") from exc
-    record = doc.get("attributes", {}).get("trainkit")
+        raise CorruptCheckpointError(f"step {step}: commit record {tier.url}/{rel} is not "
+                                     f"valid JSON: {exc}") from exc
+    record = doc.get("attributes", {}).get("trainkit") if isinstance(doc, dict) else None
     if not isinstance(record, dict) or record.get("kind") != "step":
-        raise CorruptCheckpointError(f"step {step}: {path} is not a trainkit commit record")
+        raise CorruptCheckpointError(f"step {step}: {tier.url}/{rel} is not a trainkit commit "
+                                     f"record")
     return record
 
 
-def _check_file(root: str, step: int, rank: int, rel: str, size: int, what: str) -> str:
-    path = os.path.join(root, step_dirname(step), rel)
-    try:
-        actual = os.stat(path).st_size
-    except FileNotFoundError:
-        raise CorruptCheckpointError(f"step {step}, rank {rank}: file {path} is missing "
-                                     f"({what})") from None
+def _check_file(tier: Tier, step: int, rank: int, rel: str, size: int, what: str) -> str:
+    where = f"{tier.url}/{_rel(step, rel)}"
+    actual = tier.size(_rel(step, rel))
+    if actual is None:
+        raise CorruptCheckpointError(f"step {step}, rank {rank}: file {where} is missing "
+                                     f"({what}) on the {tier.name} tier")
     if actual != size:
-        raise CorruptCheckpointError(f"step {step}, rank {rank}: file {path} has {actual} bytes, "
+        raise CorruptCheckpointError(f"step {step}, rank {rank}: file {where} has {actual} bytes, "
                                      f"the commit record says {size} ({what}); it was truncated "
                                      f"or overwritten")
-    return path
+    return where
 
 
-def read_rank_index(root: str, step: int, rank: int, record: dict) -> dict:
-    """The rank's index (tensor table, blobs and the encoded tree), checksum-verified."""
+def read_rank_index(where: Tier | str, step: int, rank: int, record: dict) -> dict:
+    """The rank's index (tensor table, blobs, arrays and the tree), checksum-verified."""
+    tier = as_tier(where)
     rel = f"{rank_dirname(rank)}/zarr.json"
     files = record["files"]
     if rel not in files:
         raise CheckpointNotFoundError(f"step {step} has no rank {rank}: it was saved by "
                                       f"{record['world_size']} ranks")
     size, crc = files[rel]
-    path = _check_file(root, step, rank, rel, size, "the rank's index")
-    doc, raw = read_json(path)
+    path = _check_file(tier, step, rank, rel, size, "the rank's index")
+    raw = tier.read(_rel(step, rel))
     if crc32(raw) != crc:
         raise CorruptCheckpointError(f"step {step}, rank {rank}: checksum mismatch in {path} "
                                      f"(the rank's index)")
-    return doc["attributes"]["trainkit"]
+    return json.loads(raw)["attributes"]["trainkit"]
+
+
+def rank_arrays(index: dict) -> dict[str, dict]:
+    """The arrays a rank's blobs live in: ``{"rank": {...}, "replicated": {...}}``."""
+    return index["arrays"]
+
+
+def rank_files(index: dict) -> list[str]:
+    """Every file a rank's load reads, relative to the step directory."""
+    out = [f"{rank_dirname(index['rank'])}/zarr.json"]
+    for info in rank_arrays(index).values():
+        out.append(f"{info['path']}/zarr.json")
+        out += [chunk_relpath(info["path"], c) for c in range(info["nchunks"])]
+    return out
+
+
+def rank_files_present(where: Tier | str, step: int, rank: int, record: dict) -> str | None:
+    """Cheap completeness check (sizes only) of what loading ``rank`` reads from this tier.
+    Returns None when all is there, or what is missing."""
+    tier = as_tier(where)
+    try:
+        index = read_rank_index(tier, step, rank, record)
+        for rel in rank_files(index):
+            if rel not in record["files"]:
+                return f"{rel} is not in the commit record"
+            _check_file(tier, step, rank, rel, record["files"][rel][0], "data")
+    except (CheckpointNotFoundError, CorruptCheckpointError, OSError) as exc:
+        return str(exc)
+    return None
 
 
 def _blob_names(index: dict, blob: int, limit: int = 3) -> str:
@@ -105,128 +141,149 @@ def _blob_names(index: dict, blob: int, limit: int = 3) -> str:
     return ", ".join(repr(n) for n in names[:limit]) + more
 
 
-def load_shard(root: str, step: int, rank: int, *, threads: int = 4) -> Any:
-    """Verify and load one rank's shard of a committed step as CPU tensors."""
-    record = read_commit_record(root, step)
-    index = read_rank_index(root, step, rank, record)
-    chunk = index["chunk_bytes"]
-    nchunks = index["nchunks"]
-    blobs = index["blobs"]
-    files = record["files"]
-    for rel in (f"{rank_dirname(rank)}/data/zarr.json",):
-        _check_file(root, step, rank, rel, files[rel][0], "array metadata")
-    paths = []
-    for c in range(nchunks):
-        rel = chunk_relpath(rank, c)
-        if rel not in files:
-            raise CorruptCheckpointError(f"step {step}, rank {rank}: chunk {rel} is not in the "
-                                         f"commit record")
-        paths.append(_check_file(root, step, rank, rel, files[rel][0],
-                                 f"chunk {c}, holding tensors {_chunk_tensors(index, c)}"))
+def array_segments(index: dict, array: str) -> tuple[list[int], list[list]]:
+    """The blobs in ``array`` (indexes, by offset) and each chunk's segments, with the
+    blob index in place of the position inside the array's blob list."""
+    info = rank_arrays(index)[array]
+    members = sorted((i for i, b in enumerate(index["blobs"]) if b.get("array", "rank") == array),
+                     key=lambda i: index["blobs"][i]["offset"])
+    segs = chunk_segments([(index["blobs"][i]["offset"], index["blobs"][i]["nbytes"])
+                           for i in members], info["chunk_bytes"], info["nchunks"])
+    return members, [[(None if b is None else members[b], a, e) for b, a, e in chunk]
+                     for chunk in segs]
 
+
+def load_blobs(tier: Tier, step: int, rank: int, record: dict, index: dict, *,
+               threads: int = 4) -> list[torch.Tensor]:
+    """Read and verify every blob of a rank: one uint8 tensor per blob."""
+    files = record["files"]
+    blobs = index["blobs"]
     storages = [torch.empty(b["nbytes"], dtype=torch.uint8) for b in blobs]
     views = [memoryview(s.numpy()) if s.numel() else memoryview(b"") for s in storages]
-    segments = chunk_segments([(b["offset"], b["nbytes"]) for b in blobs], chunk, nchunks)
-    # which of its blob's checksums each segment is checked against
-    seg_index: list[list[int]] = [[] for _ in range(nchunks)]
-    counters = [0] * len(blobs)
-    for c in range(nchunks):
-        for b, _, _ in segments[c]:
-            if b is None:
-                seg_index[c].append(-1)
-            else:
-                seg_index[c].append(counters[b])
-                counters[b] += 1
+    work: list[tuple[str, int, list, list[int]]] = []
+    for array, info in rank_arrays(index).items():
+        _check_file(tier, step, rank, f"{info['path']}/zarr.json",
+                    files[f"{info['path']}/zarr.json"][0], "array metadata")
+        _, segments = array_segments(index, array)
+        counters: dict[int, int] = {}
+        for c in range(info["nchunks"]):
+            rel = chunk_relpath(info["path"], c)
+            if rel not in files:
+                raise CorruptCheckpointError(f"step {step}, rank {rank}: chunk {rel} is not in "
+                                             f"the commit record")
+            _check_file(tier, step, rank, rel, files[rel][0],
+                        f"chunk {c}, holding tensors {_chunk_tensors(index, segments[c])}")
+            which = []
+            for b, _, _ in segments[c]:
+                if b is None:
+                    which.append(-1)
+                else:
+                    which.append(counters.get(b, 0))
+                    counters[b] = counters.get(b, 0) + 1
+            work.append((rel, c, segments[c], which))
 
-    def read_chunk(c: int) -> None:
+    def read_chunk(item: tuple[str, int, list, list[int]]) -> None:
+        rel, _, segs, which = item
         bufs: list[memoryview] = []
-        for b, start, end in segments[c]:
+        for b, start, end in segs:
             if b is None:
                 bufs.append(memoryview(bytearray(end - start)))
             else:
                 off = start - blobs[b]["offset"]
                 bufs.append(views[b][off:off + end - start])
-        fd = os.open(paths[c], os.O_RDONLY)
         try:
-            preadv_exact(fd, bufs, 0, paths[c])
+            tier.read_into(_rel(step, rel), bufs)
         except EOFError as exc:
             raise CorruptCheckpointError(f"step {step}, rank {rank}: {exc}") from exc
-        finally:
-            os.close(fd)
-        for (b, _, _), buf, k in zip(segments[c], bufs, seg_index[c]):
+        except FileNotFoundError as exc:
+            raise CorruptCheckpointError(f"step {step}, rank {rank}: {tier.url}/{_rel(step, rel)}"
+                                         f" vanished while it was read") from exc
+        for (b, _, _), buf, k in zip(segs, bufs, which):
             if b is not None and crc32(buf) != blobs[b]["crc32"][k]:
                 raise CorruptCheckpointError(
                     f"step {step}, rank {rank}: checksum mismatch in tensor "
-                    f"{_blob_names(index, b)} stored in {paths[c]}: the data was altered after "
-                    f"it was written")
+                    f"{_blob_names(index, b)} stored in {tier.url}/{_rel(step, rel)}: the data "
+                    f"was altered after it was written")
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="trainkit-ckpt-read") as pool:
-        list(pool.map(read_chunk, range(nchunks)))
+        list(pool.map(read_chunk, work))
+    return storages
 
+
+def tensor_from_blob(entry: dict, storage: torch.Tensor) -> torch.Tensor:
+    """The tensor an index entry describes, as a view of its blob's bytes."""
+    dtype = getattr(torch, entry["dtype"])
+    return torch.empty(0, dtype=dtype).set_(storage.untyped_storage(),
+                                            entry["offset"] // dtype.itemsize,
+                                            entry["shape"], entry["stride"])
+
+
+def load_shard(where: Tier | str, step: int, rank: int, *, threads: int = 4,
+               record: dict | None = None) -> Any:
+    """Verify and load one rank's shard of a committed step as CPU tensors."""
+    tier = as_tier(where)
+    if record is None:
+        record = read_commit_record(tier, step)
+    index = read_rank_index(tier, step, rank, record)
+    storages = load_blobs(tier, step, rank, record, index, threads=threads)
     tensors = index["tensors"]
-
-    def tensor(i: int) -> torch.Tensor:
-        t = tensors[i]
-        dtype = getattr(torch, t["dtype"])
-        storage = storages[t["blob"]].untyped_storage()
-        return torch.empty(0, dtype=dtype).set_(storage, t["offset"] // dtype.itemsize,
-                                                t["shape"], t["stride"])
-
-    return codec.decode(index["tree"], tensor)
+    return codec.decode(index["tree"],
+                        lambda i: tensor_from_blob(tensors[i], storages[tensors[i]["blob"]]))
 
 
-def _chunk_tensors(index: dict, c: int) -> str:
-    chunk = index["chunk_bytes"]
-    hit = [i for i, b in enumerate(index["blobs"])
-           if b["nbytes"] and b["offset"] // chunk <= c <= (b["offset"] + b["nbytes"] - 1) // chunk]
+def _chunk_tensors(index: dict, segments: list) -> str:
+    hit = sorted({b for b, _, _ in segments if b is not None})
     names = [_blob_names(index, i, limit=1) for i in hit[:3]]
     return ", ".join(names) + (f" and {len(hit) - 3} more blobs" if len(hit) > 3 else "")
 
 
-def verify_step(root: str, step: int) -> list[str]:
+def verify_step(where: Tier | str, step: int) -> list[str]:
     """Check every file of ``step`` on every rank against the commit record and every blob
     against its checksum. Returns the problems found (empty: the step is intact)."""
+    tier = as_tier(where)
     problems: list[str] = []
     try:
-        record = read_commit_record(root, step)
+        record = read_commit_record(tier, step)
     except (CheckpointNotFoundError, CorruptCheckpointError) as exc:
         return [str(exc)]
-    step_dir = os.path.join(root, step_dirname(step))
+    checked: set[str] = set()
     for rank in range(record["world_size"]):
         try:
-            index = read_rank_index(root, step, rank, record)
+            index = read_rank_index(tier, step, rank, record)
         except (CheckpointNotFoundError, CorruptCheckpointError) as exc:
             problems.append(str(exc))
             continue
-        segments = chunk_segments([(b["offset"], b["nbytes"]) for b in index["blobs"]],
-                                  index["chunk_bytes"], index["nchunks"])
-        for c in range(index["nchunks"]):
-            rel = chunk_relpath(rank, c)
-            problems += _verify_file(step, rank, os.path.join(step_dir, rel),
-                                     record["files"].get(rel),
-                                     lambda data, c=c: chunk_digest(
-                                         [crc32(data[a - c * index["chunk_bytes"]:
-                                                     e - c * index["chunk_bytes"]])
-                                          for _, a, e in segments[c]]),
-                                     f"tensors {_chunk_tensors(index, c)}")
-        rel = f"{rank_dirname(rank)}/data/zarr.json"
-        problems += _verify_file(step, rank, os.path.join(step_dir, rel), record["files"].get(rel),
-                                 crc32, "array metadata")
+        for array, info in rank_arrays(index).items():
+            rel = f"{info['path']}/zarr.json"
+            if rel in checked:
+                continue
+            checked.add(rel)
+            problems += _verify_file(tier, step, rank, rel, record["files"].get(rel), crc32,
+                                     "array metadata")
+            _, segments = array_segments(index, array)
+            for c in range(info["nchunks"]):
+                rel = chunk_relpath(info["path"], c)
+                problems += _verify_file(
+                    tier, step, rank, rel, record["files"].get(rel),
+                    lambda data, c=c: chunk_digest(
+                        [crc32(data[a - c * info["chunk_bytes"]:e - c * info["chunk_bytes"]])
+                         for _, a, e in segments[c]]),
+                    f"tensors {_chunk_tensors(index, segments[c])}")
     return problems
 
 
-def _verify_file(step: int, rank: int, path: str, expected: list[int] | None,
+def _verify_file(tier: Tier, step: int, rank: int, rel: str, expected: list[int] | None,
                  checksum: Any, what: str) -> list[str]:
+    where = f"{tier.url}/{_rel(step, rel)}"
     if expected is None:
-        return [f"step {step}, rank {rank}: {path} is not in the commit record"]
+        return [f"step {step}, rank {rank}: {where} is not in the commit record"]
     try:
-        with open(path, "rb") as f:
-            data = memoryview(f.read())
+        data = memoryview(tier.read(_rel(step, rel)))
     except FileNotFoundError:
-        return [f"step {step}, rank {rank}: {path} is missing ({what})"]
+        return [f"step {step}, rank {rank}: {where} is missing ({what})"]
     if len(data) != expected[0]:
-        return [f"step {step}, rank {rank}: {path} has {len(data)} bytes, the commit record "
+        return [f"step {step}, rank {rank}: {where} has {len(data)} bytes, the commit record "
                 f"says {expected[0]} ({what})"]
     if checksum(data) != expected[1]:
-        return [f"step {step}, rank {rank}: {path} fails its checksum ({what})"]
+        return [f"step {step}, rank {rank}: {where} fails its checksum ({what})"]
     return []

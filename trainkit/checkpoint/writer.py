@@ -1,4 +1,4 @@
-"""Writing one rank's shard and the commit record.
+"""Writing one rank's shard and the commit record, to any tier.
 
 Runs in the engine's background threads. Chunks are written as soon as the snapshot
 has filled them, by a small pool of I/O threads (``os.pwrite`` and ``os.fsync``
@@ -9,7 +9,8 @@ and the directories holding them too, does the rank report its manifest for the 
 
 from __future__ import annotations
 
-import os
+import hashlib
+import json
 import queue
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
@@ -19,7 +20,6 @@ import torch
 
 from trainkit.checkpoint.errors import CheckpointWriteError
 from trainkit.checkpoint.layout import (
-    DATA_ARRAY,
     FORMAT_VERSION,
     NUMPY_DTYPE,
     Segment,
@@ -30,29 +30,23 @@ from trainkit.checkpoint.layout import (
     chunk_relpath,
     chunk_segments,
     group_metadata,
-    parse_step_dirname,
+    rank_array,
     rank_dirname,
     step_dirname,
 )
 from trainkit.checkpoint.snapshot import Snapshot
-from trainkit.checkpoint.storage import (
-    DIRECT_ALIGN,
-    crc32,
-    fsync_dir,
-    remove_tree,
-    write_file,
-    write_json,
-    write_json_atomic,
-)
+from trainkit.checkpoint.storage import DIRECT_ALIGN, crc32
+from trainkit.checkpoint.tiers import Tier
 
-__all__ = ["ShardJob", "write_shard", "write_commit_record"]
+__all__ = ["ShardJob", "write_shard", "commit_record", "index_doc", "manifest_of",
+           "write_array_and_index", "replicated_blobs", "tensor_table"]
 
 
 @dataclass(frozen=True)
 class ShardJob:
     """Everything the background threads need for one rank's part of one save."""
 
-    root: str
+    tier: Tier
     step: int
     seq: int
     rank: int
@@ -62,13 +56,15 @@ class ShardJob:
     tree: object
     snapshot: Snapshot
     direct_io: bool = True
+    sharded: tuple[tuple[int, int], ...] = ()     # (tensor index, dim) of split tensors
 
 
-def _index_doc(job: ShardJob, blob_crcs: list[list[int]]) -> dict:
-    plan = job.plan
+def tensor_table(specs: tuple[TensorSpec, ...], plan: ShardPlan,
+                 sharded: dict[int, int]) -> list[dict]:
+    """The index's tensor entries (geometry and blob placement)."""
     tensors = []
-    for spec, place in zip(job.specs, plan.placements):
-        tensors.append({
+    for i, (spec, place) in enumerate(zip(specs, plan.placements)):
+        entry = {
             "name": spec.name,
             "dtype": str(spec.dtype).removeprefix("torch."),
             "numpy_dtype": NUMPY_DTYPE.get(spec.dtype, f"|V{spec.dtype.itemsize}"),
@@ -77,51 +73,71 @@ def _index_doc(job: ShardJob, blob_crcs: list[list[int]]) -> dict:
             "blob": place.blob,
             "offset": place.offset,
             "nbytes": spec.nbytes,
-        })
-    blobs = [{"offset": b.offset, "nbytes": b.nbytes, "crc32": c}
-             for b, c in zip(plan.blobs, blob_crcs)]
+        }
+        if i in sharded:
+            entry["shard_dim"] = sharded[i]
+        tensors.append(entry)
+    return tensors
+
+
+def index_doc(job_step: int, rank: int, world_size: int, tensors: list[dict], blobs: list[dict],
+              arrays: dict[str, dict], tree: object) -> dict:
+    """The rank group's metadata: the tensor table, blob checksums, arrays and tree."""
     return group_metadata({"trainkit": {
-        "format": FORMAT_VERSION, "kind": "rank", "step": job.step, "rank": job.rank,
-        "world_size": job.world_size, "array": DATA_ARRAY, "chunk_bytes": plan.chunk_bytes,
-        "nchunks": plan.nchunks, "nbytes": plan.nbytes,
-        "checksum": "crc32 of each blob's piece in each chunk, in order",
-        "tensors": tensors, "blobs": blobs, "tree": job.tree,
-        "note": "tensor bytes live in the 'data' array at blob offset + tensor offset; "
-                "reinterpret them with numpy_dtype (torch dtype in 'dtype'), shape and "
-                "stride (in elements)",
+        "format": FORMAT_VERSION, "kind": "rank", "step": job_step, "rank": rank,
+        "world_size": world_size, "arrays": arrays,
+        "checksum": "crc32 of each blob's piece in each chunk of its array, in order",
+        "tensors": tensors, "blobs": blobs, "tree": tree,
+        "note": "a tensor's bytes live in its blob's array ('arrays'), at blob offset + "
+                "tensor offset; reinterpret them with numpy_dtype (torch dtype in 'dtype'), "
+                "shape and stride (in elements)",
     }})
 
 
-def _write_chunk(step_dir: str, rank: int, c: int, array: memoryview, segments: list[Segment],
+def blob_digest(tensors: list[dict], blob: int, nbytes: int, crcs: list[int]) -> str:
+    """What must match for two ranks' blobs to count as one replicated blob."""
+    members = [(t["name"], t["dtype"], t["shape"], t["stride"], t["offset"])
+               for t in tensors if t["blob"] == blob]
+    raw = json.dumps([members, nbytes, crcs], separators=(",", ":")).encode()
+    return hashlib.sha1(raw).hexdigest()[:16]
+
+
+def _write_chunk(tier: Tier, array: str, c: int, data: memoryview, segments: list[Segment],
                  direct: bool) -> tuple[str, int, int, list[int]]:
-    """Checksum each segment (one pass, GIL released), then write and fsync the chunk."""
-    rel = chunk_relpath(rank, c)
-    crcs = [crc32(array[start:end]) for _, start, end in segments]
-    data = array[segments[0][1]:segments[-1][2]]
-    write_file(os.path.join(step_dir, rel), data, fsync=True, direct=direct)
+    """Checksum each segment (one pass, GIL released), then write the chunk durably."""
+    rel = chunk_relpath(array, c)
+    base = segments[0][1]
+    crcs = [crc32(data[start - base:end - base]) for _, start, end in segments]
+    tier.write(rel, data, direct=direct)
     return rel, len(data), chunk_digest(crcs), crcs
 
 
-def _prepare_dirs(job: ShardJob) -> str:
-    step_dir = os.path.join(job.root, step_dirname(job.step))
-    rank_dir = os.path.join(step_dir, rank_dirname(job.rank))
-    os.makedirs(step_dir, exist_ok=True)
-    remove_tree(rank_dir)  # leftovers of an interrupted attempt at this step
-    if job.rank == 0:      # rank dirs of an earlier attempt with more ranks
-        for name in os.listdir(step_dir):
-            if name.startswith("rank_") and name[5:].isdigit() and int(name[5:]) >= job.world_size:
-                remove_tree(os.path.join(step_dir, name))
-    os.makedirs(os.path.join(rank_dir, DATA_ARRAY, "c"))
-    return step_dir
+def write_json_file(tier: Tier, rel: str, doc: dict) -> tuple[int, int]:
+    """Write a JSON document to the tier; returns (size, crc32) for the inventory."""
+    data = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    tier.write(rel, memoryview(data))
+    return len(data), crc32(data)
+
+
+def manifest_of(rank: int, files: dict, nbytes: int, tensors: list[dict], blobs: list[dict],
+                step_rel: str = "") -> dict:
+    """A rank's report for the commit: its files, and what the dedupe and the resharding
+    need to know about its blobs and split tensors."""
+    digests = [blob_digest(tensors, i, b["nbytes"], b["crc32"]) for i, b in enumerate(blobs)]
+    sharded = {t["name"]: [t["shard_dim"], t["shape"]] for t in tensors if "shard_dim" in t}
+    return {"rank": rank, "files": files, "nbytes": nbytes, "ntensors": len(tensors),
+            "blobs": digests, "sharded": sharded}
 
 
 def write_shard(job: ShardJob, io_pool: Executor) -> dict:
-    """Write the shard of ``job`` durably; returns the rank's manifest for the commit."""
-    plan, snap = job.plan, job.snapshot
+    """Write the shard of ``job`` durably to its tier; returns the rank's manifest."""
+    plan, snap, tier = job.plan, job.snapshot, job.tier
     pending: list[Future] = []
     files: dict[str, list[int]] = {}
+    array = rank_array(job.rank)
+    step_dir = step_dirname(job.step)
     try:
-        step_dir = _prepare_dirs(job)
+        tier.prepare(job.step, rank_dirname(job.rank))
         flat = snap.buffer.numpy()
         view = memoryview(flat) if flat.size else memoryview(b"")
         segments = chunk_segments([(b.offset, b.nbytes) for b in plan.blobs], plan.chunk_bytes,
@@ -137,33 +153,37 @@ def write_shard(job: ShardJob, io_pool: Executor) -> dict:
                 if snap.error is not None:
                     raise snap.error
                 continue
-            pending.append(io_pool.submit(_write_chunk, step_dir, job.rank, c, view,
+            data = view[c * plan.chunk_bytes:(c + 1) * plan.chunk_bytes]
+            pending.append(io_pool.submit(_write_chunk, tier, f"{step_dir}/{array}", c, data,
                                           segments[c], direct))
         snap.wait()
         results = {}
         for f in pending:
             rel, size, digest, crcs = f.result()
+            rel = rel[len(step_dir) + 1:]
             files[rel] = [size, digest]
             results[rel] = crcs
         blob_crcs: list[list[int]] = [[] for _ in plan.blobs]
         for c in range(plan.nchunks):
-            for (b, _, _), crc in zip(segments[c], results[chunk_relpath(job.rank, c)]):
+            for (b, _, _), crc in zip(segments[c], results[chunk_relpath(array, c)]):
                 if b is not None:
                     blob_crcs[b].append(crc)
-        rank_dir = os.path.join(step_dir, rank_dirname(job.rank))
-        arr_dir = os.path.join(rank_dir, DATA_ARRAY)
-        size, crc = write_json(os.path.join(arr_dir, "zarr.json"),
-                               array_metadata(plan.array_bytes, plan.chunk_bytes))
-        files[f"{rank_dirname(job.rank)}/{DATA_ARRAY}/zarr.json"] = [size, crc]
-        size, crc = write_json(os.path.join(rank_dir, "zarr.json"), _index_doc(job, blob_crcs))
-        files[f"{rank_dirname(job.rank)}/zarr.json"] = [size, crc]
-        for d in (os.path.join(arr_dir, "c"), arr_dir, rank_dir, step_dir, job.root):
-            fsync_dir(d)
+        sharded = dict(job.sharded)
+        tensors = tensor_table(job.specs, plan, sharded)
+        blobs = [{"array": "rank", "offset": b.offset, "nbytes": b.nbytes, "crc32": c}
+                 for b, c in zip(plan.blobs, blob_crcs)]
+        arrays = {"rank": {"path": array, "chunk_bytes": plan.chunk_bytes,
+                           "nchunks": plan.nchunks, "nbytes": plan.nbytes}}
+        files.update(write_array_and_index(
+            tier, job.step, job.rank, {array: (plan.array_bytes, plan.chunk_bytes)},
+            index_doc(job.step, job.rank, job.world_size, tensors, blobs, arrays, job.tree)))
+        tier.sync(job.step, rank_dirname(job.rank))
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         raise CheckpointWriteError(
-            f"step {job.step}, rank {job.rank}: could not write{where}: {exc.strerror or exc} "
-            f"(errno {exc.errno}); older checkpoints are intact") from exc
+            f"step {job.step}, rank {job.rank}: could not write{where} on the {tier.name} tier "
+            f"({tier.url}): {exc.strerror or exc} (errno {exc.errno}); older checkpoints are "
+            f"intact") from exc
     finally:
         # The host buffer is released after this returns: no I/O thread may still use it.
         for f in pending:
@@ -171,17 +191,39 @@ def write_shard(job: ShardJob, io_pool: Executor) -> dict:
         for f in pending:
             if not f.cancelled():
                 f.exception()
-    return {"rank": job.rank, "files": files, "nbytes": plan.nbytes,
-            "ntensors": len(job.specs)}
+    return manifest_of(job.rank, files, plan.nbytes, tensors, blobs)
 
 
-def write_commit_record(root: str, step: int, world_size: int, manifests: list[dict]) -> None:
-    """Rank 0: the step becomes visible when this file lands (atomic rename + dir fsync)."""
+def write_array_and_index(tier: Tier, step: int, rank: int, arrays: dict[str, tuple[int, int]],
+                          index: dict) -> dict[str, list[int]]:
+    """Write each array's zarr.json (``{path: (array bytes, chunk bytes)}``), then the
+    rank's index, and return their inventory entries."""
+    files: dict[str, list[int]] = {}
+    step_dir = step_dirname(step)
+    for path, (array_bytes, chunk_bytes) in arrays.items():
+        rel = f"{path}/zarr.json"
+        files[rel] = list(write_json_file(tier, f"{step_dir}/{rel}",
+                                          array_metadata(array_bytes, chunk_bytes)))
+    rel = f"{rank_dirname(rank)}/zarr.json"
+    files[rel] = list(write_json_file(tier, f"{step_dir}/{rel}", index))
+    return files
+
+
+def commit_record(step: int, world_size: int, manifests: list[dict], *, tier: str,
+                  replicated: list[int] | None = None) -> dict:
+    """The step group's metadata: the commit record of ``step`` on one tier.
+
+    ``files`` inventories every file of every rank with its size and checksum;
+    ``replicated`` lists the blob indexes identical on every rank (the persistent tier
+    stores them once); ``sharded`` gives each split tensor's global shape and each rank's
+    offset along the split dimension.
+    """
     files: dict[str, list[int]] = {}
     for m in manifests:
         files.update(m["files"])
     record = {"trainkit": {
         "format": FORMAT_VERSION, "kind": "step", "step": step, "world_size": world_size,
+        "tier": tier,
         "committed_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "torch_version": torch.__version__,
         "checksum": {"zarr.json": "crc32 of the file",
@@ -189,8 +231,43 @@ def write_commit_record(root: str, step: int, world_size: int, manifests: list[d
                                "(blob pieces and padding, in order; see the rank index)"},
         "ranks": [{"rank": m["rank"], "nbytes": m["nbytes"], "ntensors": m["ntensors"]}
                   for m in manifests],
+        "replicated": replicated if replicated is not None else replicated_blobs(manifests),
+        "sharded": global_shards(manifests),
         "files": files,
     }}
-    step_dir = os.path.join(root, step_dirname(step))
-    assert parse_step_dirname(step_dirname(step)) == step
-    write_json_atomic(os.path.join(step_dir, "zarr.json"), group_metadata(record))
+    return group_metadata(record)
+
+
+def replicated_blobs(manifests: list[dict]) -> list[int]:
+    """Blob indexes whose digest is the same on every rank (none with one rank)."""
+    if len(manifests) < 2:
+        return []
+    first = manifests[0]["blobs"]
+    return [i for i, d in enumerate(first)
+            if all(i < len(m["blobs"]) and m["blobs"][i] == d for m in manifests[1:])]
+
+
+def global_shards(manifests: list[dict]) -> dict[str, dict]:
+    """For each split tensor: its dimension, global shape and every rank's offset."""
+    out: dict[str, dict] = {}
+    for name, (dim, _) in manifests[0].get("sharded", {}).items():
+        offsets, total, shape = [], 0, None
+        for m in manifests:
+            got = m.get("sharded", {}).get(name)
+            if got is None or got[0] != dim:
+                raise CheckpointWriteError(f"tensor {name!r} is split along dim {dim} on rank "
+                                           f"{manifests[0]['rank']} but not the same way on "
+                                           f"rank {m['rank']}")
+            local = got[1]
+            if shape is not None and (len(local) != len(shape) or any(
+                    a != b for k, (a, b) in enumerate(zip(local, shape)) if k != dim)):
+                raise CheckpointWriteError(f"tensor {name!r}: rank {m['rank']} holds a piece of "
+                                           f"shape {local}, which does not fit {shape} along "
+                                           f"dim {dim}")
+            shape = list(local)
+            offsets.append(total)
+            total += local[dim]
+        assert shape is not None
+        shape[dim] = total
+        out[name] = {"dim": dim, "shape": shape, "offsets": offsets}
+    return out
