@@ -318,9 +318,9 @@ class Checkpointer:
             wrapped.__cause__ = error
             error = wrapped
         if error is None:
-            future.set_result(job.step)
-            if doc is not None:
+            if doc is not None:      # queued first, so wait() after result() sees it
                 self._flow.after_commit(job.step, job.seq, doc, dedupe=job.replicated)
+            future.set_result(job.step)
             return
         log.error("checkpoint step %d failed: %s", job.step, error)
         with self._lock:

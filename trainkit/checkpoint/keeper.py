@@ -29,7 +29,8 @@ import time
 
 from trainkit.checkpoint.storage import remove_tree
 
-__all__ = ["memory_dir_for", "ensure_keeper", "take_lease", "drop_lease", "MEMORY_DIR_ENV"]
+__all__ = ["memory_dir_for", "ensure_keeper", "take_lease", "drop_lease", "keeper_pid",
+           "MEMORY_DIR_ENV"]
 
 MEMORY_DIR_ENV = "TRAINKIT_MEMORY_DIR"
 _LEASES = ".leases"
@@ -120,6 +121,25 @@ def ensure_keeper(directory: str, *, ttl: float) -> None:
                 "/dev/shm is cleared", directory)
 
 
+def keeper_pid(directory: str) -> int | None:
+    """The pid of the keeper holding ``directory``, if one does."""
+    lock = os.path.join(directory, _LOCK)
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raw = os.pread(fd, 32, 0)
+            return int(raw) if raw.strip().isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def keep(directory: str, ttl: float, poll: float = 1.0) -> int:
     """The keeper's loop: hold the lock; remove ``directory`` after ``ttl`` seconds with no
     live lease."""
@@ -129,6 +149,8 @@ def keep(directory: str, ttl: float, poll: float = 1.0) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return 0                            # another keeper won the race
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)   # so tools (and tests) can find it
     idle_since = time.monotonic()
     while True:
         if not os.path.isdir(directory):

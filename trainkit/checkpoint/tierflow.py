@@ -148,8 +148,6 @@ class TierFlow:
         """Queue the copies of a step just committed on the first tier."""
         if len(self.tiers) == 1:
             self._persisted.add(step)
-            self._gc_later(frozenset())
-            return
         targets = self.tiers[1:]
         if self.persistent in targets and seq % self.config.persist_every != 0:
             targets = [t for t in targets if t is not self.persistent]
