@@ -3,6 +3,7 @@ split tensors resharded, and ranks agreeing on one step (real gloo ranks)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -69,7 +70,7 @@ def _load_2(rank: int, world: int, root: str) -> dict:
     return {"emb_rows": state["emb"].shape[0]}
 
 
-def test_4_ranks_save_dedupe_and_load_on_2_and_1(tmp_path):
+def test_4_ranks_save_dedupe_and_load_on_2_and_1(tmp_path, capsys):
     root = str(tmp_path)
     results = run_ranks(_save_4, 4, root, timeout=150)
     assert all(r["tiers"] == ["local", "persistent"] for r in results.values()), results
@@ -89,6 +90,14 @@ def test_4_ranks_save_dedupe_and_load_on_2_and_1(tmp_path):
     from trainkit.checkpoint import verify_step
 
     assert verify_step(os.path.join(root, "p"), 2) == []
+    from trainkit.cli import main
+
+    assert main(["ckpt", "info", os.path.join(root, "p"), "2", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert {r["name"]: r["rank"] for r in table if r["name"].startswith("model")} == {
+        "model/w1": "replicated", "model/w2": "replicated", "model/b": "replicated"}
+    emb = [r for r in table if r["name"] == "emb"]
+    assert [r["rank"] for r in emb] == [0, 1, 2, 3] and emb[0]["global_shape"] == [ROWS, 4]
     # the node-local tiers vanish (new machines): the persistent copy serves any world size
     for node in (0, 1):
         shutil.rmtree(os.path.join(root, f"local{node}"))
