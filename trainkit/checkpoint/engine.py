@@ -164,6 +164,7 @@ class Checkpointer:
         self._tier = self._flow.first
         self._loads = 0
         self.loaded_step: int | None = None
+        self.loaded_from: str | None = None     # the tier the last load() read
         self._optimizers: list[torch.optim.Optimizer] = []
         self._hooks: list[Any] = []
         self._lazy: Snapshot | None = None
@@ -397,8 +398,8 @@ class Checkpointer:
         logged). A step saved by another number of ranks loads too: replicated values
         as themselves, split tensors resharded, per-rank values as
         :class:`~trainkit.checkpoint.restore.PerRank`. ``rank=`` instead reads one saved
-        rank's shard as it was written (not collective). ``loaded_step`` says which
-        step was loaded. Call ``wait()`` first to include saves still in flight.
+        rank's shard as it was written (not collective). ``loaded_step`` and
+        ``loaded_from`` say which step was loaded, from which tier. Call ``wait()`` first to include saves still in flight.
         """
         if rank is not None:
             if step is None:
@@ -406,23 +407,24 @@ class Checkpointer:
                 if step is None:
                     raise reader.CheckpointNotFoundError(
                         f"no committed checkpoint in {self.path}; committed steps: none")
-            value = self._load_rank(step, rank)
+            value, tier = self._load_rank(step, rank)
         else:
             key = f"load{self._loads}"
             self._loads += 1
-            step, value = load_agreed(self._flow.tiers, self._coord.allgather, key,
+            step, value, tier = load_agreed(self._flow.tiers, self._coord.allgather, key,
                                       rank=self.rank, world=self.world_size, step=step,
                                       threads=self._io_threads)
         self.loaded_step = step
+        self.loaded_from = tier
         return value
 
-    def _load_rank(self, step: int, rank: int) -> Any:
+    def _load_rank(self, step: int, rank: int) -> tuple[Any, str]:
         problems = []
         for tier in self._flow.tiers:
             try:
                 record = reader.read_commit_record(tier, step)
                 return reader.load_shard(tier, step, rank, threads=self._io_threads,
-                                         record=record)
+                                         record=record), tier.name
             except (CheckpointError, OSError) as exc:
                 problems.append(f"{tier.name}: {exc}")
                 log.warning("restore: step %d, rank %d from the %s tier failed: %s", step, rank,

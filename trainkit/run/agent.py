@@ -11,12 +11,15 @@ known only to the parent: the detector sees a crash only as a lost connection).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -88,6 +91,11 @@ class NodeAgent:
         self.stop_grace = stop_grace
         self.prefix = "" if quiet else f"[{node_id}] "
         self._stop_heartbeat = threading.Event()
+        # The node's memory tier: checkpoints in /dev/shm that outlive a crashed worker,
+        # owned by this agent across generations and freed when it leaves.
+        digest = hashlib.sha1(f"{run_dir.resolve()}|{node_id}".encode()).hexdigest()[:16]
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        self.memory_dir = Path(base) / f"trainkit-{os.getuid()}" / f"run-{digest}"
 
     def _heartbeat(self) -> None:
         while not self._stop_heartbeat.wait(HEARTBEAT_S):
@@ -121,6 +129,7 @@ class NodeAgent:
             return 1
         finally:
             self._stop_heartbeat.set()
+            shutil.rmtree(self.memory_dir, ignore_errors=True)
 
     def _run_generation(self, gen: int, plan: dict) -> None:
         env = dict(os.environ)
@@ -130,6 +139,7 @@ class NodeAgent:
             "TRAINKIT_HOSTNAME": self.node_id,
             "TRAINKIT_NODE_INDEX": str(plan["index"][self.node_id]),
             "TRAINKIT_GENERATION": str(gen),
+            "TRAINKIT_MEMORY_DIR": str(self.memory_dir),
         })
         if plan.get("aggregator"):
             env["TRAINKIT_AGGREGATOR"] = plan["aggregator"]
