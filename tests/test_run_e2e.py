@@ -144,6 +144,8 @@ def test_crash_restarts_and_resumes_with_identical_losses(tmp_path):
     assert proc.returncode == 0, proc.stdout[-5000:]
     decision = next(e for e in events if e["event"] == "decision")
     assert decision["action"] == "restart" and decision["culprits"] == ["node1"]
+    gen1 = next(e for e in events if e["event"] == "generation_start" and e["gen"] == 1)
+    assert gen1["warm"] is True         # same nodes: the pre-started generation takes over
     by_gen: dict[str, dict[int, float]] = {}
     for s in steps:
         by_gen.setdefault(s["generation"], {})[s["step"]] = s["loss"]
@@ -199,6 +201,7 @@ def test_drill_hang_isolates_node2_and_finishes_on_two_nodes(tmp_path):
     assert decision["exclude"] == ["node2"]
     gen1 = next(e for e in events if e["event"] == "generation_start" and e["gen"] == 1)
     assert gen1["members"] == ["node0", "node1"]
+    assert gen1["warm"] is False        # membership changed: the warm generation is discarded
     progress = [json.loads(x) for x in (run_dir / "progress.jsonl").read_text().splitlines()]
     assert progress[-1]["step"] == 40 and progress[-1]["world"] == 4
     assert "recovery timeline" in proc.stdout and "job finished: yes" in proc.stdout
