@@ -84,10 +84,12 @@ def _progress(path: Path) -> list[dict]:
 
 def _train_args(cfg: argparse.Namespace, work: Path, backend: str, every: int, steps: int,
                 extra: list[str] = ()) -> list[str]:
+    tiers = (["--keep-in-memory", "1", "--persist-every", str(cfg.persist_every)]
+             if backend == "trainkit" else [])
     return [str(TRAIN), "--steps", str(steps), "--ckpt-every", str(every), "--ckpt-backend",
             backend, "--ckpt-dir", str(work / "ckpt"), "--progress-log",
             str(work / "progress.jsonl"), "--hidden", str(cfg.hidden), "--step-delay",
-            str(cfg.step_delay), "--detect", *extra]
+            str(cfg.step_delay), "--detect", *tiers, *extra]
 
 
 def _torchrun(cfg: argparse.Namespace, train_args: list[str]) -> list[str]:
@@ -131,7 +133,9 @@ def fault_run(cfg: argparse.Namespace, root: Path, side: str, kind: str, every: 
     else:
         args = _train_args(cfg, work, "trainkit", every, steps)
         cmd = [sys.executable, "-m", "trainkit", "run", "--run-dir", str(work),
-               "--hang-timeout", str(cfg.hang_timeout), "--", f"--nproc-per-node={cfg.ranks}",
+               "--hang-timeout", str(cfg.hang_timeout),
+               *(["--no-warm-start"] if cfg.no_warm_start else []),
+               "--", f"--nproc-per-node={cfg.ranks}",
                "--monitor-interval=0.1", *args]
         env = _env(work, TRAINKIT_FAULT=fault)
     rc, wall = _run(cmd, env, timeout=cfg.pg_timeout + 600,
@@ -193,6 +197,11 @@ def main() -> int:
     p.add_argument("--hang-timeout", type=float, default=10.0, help="trainkit's hang timeout (s)")
     p.add_argument("--calib-saves", type=int, default=5)
     p.add_argument("--tail-steps", type=int, default=4)
+    p.add_argument("--persist-every", type=int, default=5,
+                   help="trainkit side: every n-th checkpoint also goes to the persistent "
+                        "directory; all go to the memory tier (/dev/shm)")
+    p.add_argument("--no-warm-start", action="store_true",
+                   help="trainkit side: run without pre-started generations")
     p.add_argument("--json", type=Path, default=None)
     cfg = p.parse_args()
     if cfg.quick:

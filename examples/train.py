@@ -152,7 +152,9 @@ def restore(ckpt: object, rank: int) -> tuple[int | None, dict | None]:
     if isinstance(ckpt, Checkpointer):
         try:
             state = ckpt.load()
-        except CheckpointNotFoundError:
+        except CheckpointNotFoundError as exc:
+            if rank == 0:
+                print(f"[train] starting fresh: {exc}", flush=True)
             return None, None
         if rank == 0:
             print(f"[train] restored step {ckpt.loaded_step} from the {ckpt.loaded_from} tier",

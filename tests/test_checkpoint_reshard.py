@@ -136,6 +136,11 @@ def _disagree(rank: int, world: int, root: str) -> dict:
         seen = ck.latest()
         state = ck.load()
         agreed = ck.loaded_step
+        # step 2 belongs to a timeline the job left: uncommitted, so it can be saved again
+        assert ck.steps() == [1]
+        ck.save(2, {"x": torch.full((8,), 20.0), "rank": rank}).result(timeout=60)
+        ck.wait()
+        assert torch.equal(ck.load(2)["x"], torch.full((8,), 20.0))
     assert state["rank"] == rank and torch.equal(state["x"], torch.full((8,), float(agreed)))
     return {"seen": seen, "agreed": agreed}
 

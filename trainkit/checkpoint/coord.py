@@ -219,8 +219,37 @@ class StoreCoordinator:
         return out
 
     def close(self) -> None:
-        self._stop.set()
-        self._hb.join(timeout=5)
+        """Rank 0 often hosts the store (``init_process_group`` with ``MASTER_ADDR``):
+        it waits, up to the timeout, until every live rank has closed too, so a rank
+        still reading an answer (a commit result, load's exchange) never finds the store
+        gone. A rank whose heartbeat stopped is not waited for."""
+        try:
+            self._set(f"closed/{self.rank}", "1")
+            if self.rank == 0:
+                self._wait_closed()
+        except CommitError:
+            pass
+        finally:
+            self._stop.set()
+            self._hb.join(timeout=5)
+
+    def _wait_closed(self) -> None:
+        start = time.monotonic()
+        pending = set(range(1, self.world_size))
+        seen = {r: (self._beat_count(r), start) for r in pending}
+        while pending and time.monotonic() - start < min(self.timeout, 30.0):
+            now = time.monotonic()
+            for r in list(pending):
+                if self._has(f"closed/{r}"):
+                    pending.discard(r)
+                    continue
+                count = self._beat_count(r)
+                if count != seen[r][0]:
+                    seen[r] = (count, now)
+                elif now - seen[r][1] > min(self.timeout, 5.0):
+                    pending.discard(r)          # dead: nothing to wait for
+            if pending:
+                time.sleep(_POLL_S)
 
 
 _instances: dict[str, int] = {}

@@ -395,7 +395,9 @@ class Checkpointer:
         Default: the newest step that every rank can load completely from some tier,
         agreed through the store, read from the fastest tier that holds it, falling back
         tier by tier and then step by step on a missing or corrupt copy (each fallback
-        logged). A step saved by another number of ranks loads too: replicated values
+        logged). Steps newer than the one loaded, which some rank could not load, are
+        uncommitted (with a warning), so the resumed job can save them again. Steps newer than the one loaded, which some rank could not load, are
+        uncommitted (with a warning), so the resumed job can save them again. A step saved by another number of ranks loads too: replicated values
         as themselves, split tensors resharded, per-rank values as
         :class:`~trainkit.checkpoint.restore.PerRank`. ``rank=`` instead reads one saved
         rank's shard as it was written (not collective). ``loaded_step`` and
@@ -411,9 +413,19 @@ class Checkpointer:
         else:
             key = f"load{self._loads}"
             self._loads += 1
-            step, value, tier = load_agreed(self._flow.tiers, self._coord.allgather, key,
-                                      rank=self.rank, world=self.world_size, step=step,
-                                      threads=self._io_threads)
+            resume = step is None
+            try:
+                step, value, tier = load_agreed(self._flow.tiers, self._coord.allgather, key,
+                                                rank=self.rank, world=self.world_size,
+                                                step=step, threads=self._io_threads)
+            except reader.CheckpointNotFoundError:
+                if resume:  # nothing every rank can load: a fresh start, consistently
+                    self._flow.abandon_newer(-1)
+                    self._coord.allgather(f"{key}/abandoned", "1")
+                raise
+            if resume:      # newer steps some rank lacks: a timeline the job has left
+                self._flow.abandon_newer(step)
+                self._coord.allgather(f"{key}/abandoned", "1")
         self.loaded_step = step
         self.loaded_from = tier
         return value

@@ -214,6 +214,25 @@ class TierFlow:
                 log.warning("gc on the %s tier (%s) failed: %s; will retry after the next "
                             "save", tier.name, tier.url, exc)
 
+    def abandon_newer(self, step: int) -> list[tuple[str, int]]:
+        """After a resume from ``step``: steps newer than it, committed on tiers this rank
+        collects, belong to a timeline the job has left (some rank could not load them).
+        Their commit records are removed, so the job can save those steps again; their
+        bytes stay until overwritten or collected."""
+        gone = []
+        for tier in self._gc_tiers:
+            try:
+                newer = [s for s in committed_steps(tier) if s > step]
+            except OSError:
+                continue
+            for s in newer:
+                log.warning("step %d on the %s tier (%s) is newer than step %d, which every "
+                            "rank could load; uncommitting it: the job resumes from step %d",
+                            s, tier.name, tier.url, step, step)
+                tier.unpublish(s)
+                gone.append((tier.name, s))
+        return gone
+
     # -- draining -----------------------------------------------------------------------
     def wait(self, *, raise_errors: bool = True) -> None:
         """Block until every queued copy is done; raise the first unseen copy failure."""

@@ -115,7 +115,6 @@ class NodeAgent:
         base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
         self.memory_dir = Path(base) / f"trainkit-{os.getuid()}" / f"run-{digest}"
         self._warm: _Launch | None = None
-        self._warm_reported = False
 
     def _heartbeat(self) -> None:
         while not self._stop_heartbeat.wait(HEARTBEAT_S):
@@ -191,20 +190,25 @@ class NodeAgent:
         if not warm or not warm_start_supported(self.args):
             return
         go_dir = Path(tempfile.mkdtemp(prefix=f"trainkit-warm-{self.node_id}-"))
-        self._warm = self._launch(gen, {**plan, "rdzv_conf": plan.get("rdzv_conf", "")},
-                                  warm["rdzv_id"], warm_go=go_dir / "go")
-        self._warm_reported = False
+        self._warm = launch = self._launch(gen, plan, warm["rdzv_id"], warm_go=go_dir / "go")
+        self.control.put(f"tk/gen/{gen}/warm_started/{self.node_id}", time.time())
+        threading.Thread(target=self._watch_warm, args=(launch,), daemon=True,
+                         name="trainkit-agent-warm").start()
 
-    def _check_warm(self) -> None:
-        """Tell the coordinator once every local worker of the warm generation waits."""
-        w = self._warm
-        if w is None or self._warm_reported or w.proc.poll() is not None:
-            return
+    def _watch_warm(self, w: _Launch) -> None:
+        """Tell the coordinator when every local worker of the warm generation waits for
+        go (``warm_ready``), or that the warm generation died first (``warm_failed``)."""
         assert w.go is not None
-        ready = len(list(w.go.parent.glob("go.ready.*")))
-        if ready >= self.args.nproc_per_node:
-            self.control.put(f"tk/gen/{w.gen}/warm_ready/{self.node_id}", time.time())
-            self._warm_reported = True
+        try:
+            while w.proc.poll() is None:
+                if len(list(w.go.parent.glob("go.ready.*"))) >= self.args.nproc_per_node:
+                    self.control.put(f"tk/gen/{w.gen}/warm_ready/{self.node_id}", time.time())
+                    return
+                time.sleep(0.05)
+            self.control.put(f"tk/gen/{w.gen}/warm_failed/{self.node_id}",
+                             {"rc": w.proc.returncode, "time": time.time()})
+        except Exception:  # noqa: BLE001 - coordinator gone; the main loop notices
+            return
 
     def _drop_warm(self) -> None:
         w, self._warm = self._warm, None
@@ -238,7 +242,6 @@ class NodeAgent:
             if self._warm is None and time.monotonic() > warm_at:
                 warm_at = float("inf")
                 self._start_warm(gen + 1, plan)
-            self._check_warm()
             time.sleep(0.1)
         launch.reader.join(timeout=5)
         if launch.go is not None:

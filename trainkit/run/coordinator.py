@@ -47,6 +47,7 @@ class CoordinatorConfig:
     exit_grace: float = 3.0
     aggregator: AggregatorHandle | None = None
     warm_start: bool = True
+    warm_wait: float = 60.0
 
 
 def _natural_key(name: str) -> list[int | str]:
@@ -99,9 +100,7 @@ class Coordinator:
         while True:
             started = time.time()
             if gen and self.cfg.warm_start:
-                use_warm = state.members == previous and all(
-                    self.control.get(f"tk/gen/{gen}/warm_ready/{m}") is not None
-                    for m in state.members)
+                use_warm = state.members == previous and self._warm_ready(gen, state.members)
             previous = state.members
             self.control.put(f"tk/gen/{gen}/plan", {
                 "members": list(state.members), "index": index, "time": started,
@@ -145,6 +144,22 @@ class Coordinator:
                     self._summary(decision)
                     return 1
             gen += 1
+
+    def _warm_ready(self, gen: int, members: tuple[str, ...]) -> bool:
+        """Whether every member's warm generation ``gen`` is ready. One that was started
+        but is still importing is waited for (up to ``warm_wait``): it is ahead of a cold
+        start in every case. One never started, or dead, means a cold start."""
+        deadline = time.monotonic() + self.cfg.warm_wait
+        while time.monotonic() < deadline:
+            keys = {k: [self.control.get(f"tk/gen/{gen}/{k}/{m}") for m in members]
+                    for k in ("warm_started", "warm_ready", "warm_failed")}
+            if any(v is None for v in keys["warm_started"]) or any(
+                    v is not None for v in keys["warm_failed"]):
+                return False
+            if all(v is not None for v in keys["warm_ready"]):
+                return True
+            time.sleep(0.05)
+        return False
 
     def _rdzv_id(self, gen: int, warm: bool) -> str:
         """Warm generations rendezvous ahead of time under their own id, so a cold

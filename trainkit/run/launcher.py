@@ -12,6 +12,7 @@ Modes:
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import socket
 import subprocess
@@ -124,6 +125,14 @@ def _coordinate(opts: RunOptions, args: TorchrunArgs, run_dir: Path, node_id: st
         join_timeout=opts.join_timeout, stop_timeout=opts.stop_timeout,
         aggregator=aggregator, warm_start=opts.warm_start)
     agent_rc: list[int] = []
+    # Local nodes share one hostname, and torchrun's c10d rendezvous orders ranks by
+    # (address, pid): by pid here, so ranks would move between nodes at every restart and
+    # the node-local checkpoint tiers would hold other ranks' shards. A loopback address
+    # per local node (127.0.0.k) keeps each node's ranks where they were.
+    pin = opts.local_nodes > 1 and opts.local_nodes < 250 and not any(
+        a.split("=", 1)[0] in ("--local-addr", "--local_addr") for a in torchrun_argv)
+    if pin:
+        args = dataclasses.replace(args, passthrough=("--local-addr=127.0.0.1", *args.passthrough))
     agent = NodeAgent(Control(connect_store(host, port)), node_id, args, run_dir=run_dir,
                       endpoint=endpoint)
     agent_thread = threading.Thread(target=lambda: agent_rc.append(agent.run()),
@@ -136,7 +145,8 @@ def _coordinate(opts: RunOptions, args: TorchrunArgs, run_dir: Path, node_id: st
             argv = [f"--rdzv-endpoint={endpoint}", *argv]
         for i in range(1, opts.local_nodes):
             cmd = [sys.executable, "-m", "trainkit", "run", "--run-dir", str(run_dir),
-                   "--node-id", f"node{i}", "--", *argv]
+                   "--node-id", f"node{i}", "--",
+                   *([f"--local-addr=127.0.0.{i + 1}"] if pin else []), *argv]
             children.append(subprocess.Popen(cmd, start_new_session=True))
         coordinator = Coordinator(control, cfg, events)
         rc = coordinator.run()

@@ -31,9 +31,13 @@ _POLL_S = 0.005
 
 
 def _warm_imports() -> None:
-    """What nearly every torch training script imports at the top, done ahead of time."""
-    import numpy  # noqa: F401  # pyflakes: ignore
+    """What nearly every torch training script imports, done ahead of time. Measured on
+    torch 2.13 CPU: ``DistributedDataParallel(...)`` imports ``torch._dynamo`` on first
+    use, 2.8 s alone and 5-8 s with four ranks starting together on two cores; that
+    import, not the collectives, dominated a restart."""
+    import numpy  # noqa: F401
     import torch  # noqa: F401
+    import torch._dynamo  # noqa: F401
     import torch.distributed  # noqa: F401
     import torch.nn.functional  # noqa: F401
     import torch.nn.parallel  # noqa: F401
