@@ -25,7 +25,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
 
     ls = sub.add_parser("ls", help="list steps: committed or not, ranks, sizes, commit times")
-    ls.add_argument("dir", help="checkpoint directory")
+    ls.add_argument("dir", help="checkpoint directory or URL (s3://bucket/prefix)")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=_ls)
 
@@ -82,6 +82,16 @@ def _advise(args: argparse.Namespace) -> int:
 
 
 def _require_dir(path: str) -> None:
+    """A local directory must exist; a URL (s3://...) must be listable (endpoint and
+    credentials from the standard AWS environment), else one clear line, no traceback."""
+    if "://" in path and not path.startswith("file://"):
+        from trainkit.checkpoint import reader
+
+        try:
+            reader.as_tier(path).step_dirs()
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"trainkit ckpt: cannot read {path}: {exc}") from None
+        return
     if not os.path.isdir(path):
         raise SystemExit(f"trainkit ckpt: {path} is not a directory")
 

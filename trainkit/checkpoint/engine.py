@@ -100,14 +100,18 @@ class Checkpointer:
         io_threads: threads writing chunks (and reading them in ``load()``).
         direct_io: write chunks with O_DIRECT where the filesystem allows it (no page-cache
             copy: the CPU stays with training); buffered writes otherwise.
+        storage_options: for a URL path (``s3://bucket/run1``): options of its fsspec
+            filesystem (``endpoint_url``, ``key``, ``secret``, ...); without them the
+            standard AWS environment variables apply. See
+            :mod:`~trainkit.checkpoint.tiers_fsspec`.
     """
 
     def __init__(self, path: str | os.PathLike, *, timeout: float = 300.0,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, io_threads: int = 4,
-                 direct_io: bool = True) -> None:
+                 direct_io: bool = True, storage_options: dict | None = None) -> None:
         path = os.fspath(path)
         self.path = path if is_url(path) else os.path.abspath(path)
-        self._tier = open_tier(self.path)
+        self._tier = open_tier(self.path, storage_options=storage_options)
         self.timeout = float(timeout)
         self.chunk_bytes = int(chunk_bytes)
         self._io_threads = int(io_threads)
