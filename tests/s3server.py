@@ -24,10 +24,12 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["MotoServer", "CutProxy", "S3Bucket", "moto_server", "s3_bucket"]
 
@@ -40,6 +42,7 @@ class MotoServer:
     def __init__(self, *, start_timeout: float = 60.0) -> None:
         self._start_timeout = start_timeout
         self._proc: subprocess.Popen | None = None
+        self._log: Any = None
         self.port = 0
 
     @property
@@ -48,15 +51,20 @@ class MotoServer:
 
     def start(self) -> MotoServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # The server logs every request: to a file, never to a pipe nobody drains (a full
+        # pipe would block the server's threads mid-request).
+        self._log = tempfile.TemporaryFile(mode="w+", prefix="moto-server-")
         self._proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, env=env, text=True)
+                                      stderr=self._log, env=env, text=True)
         ready, _, _ = select.select([self._proc.stdout], [], [], self._start_timeout)
         line = self._proc.stdout.readline() if ready else ""
         if not line.startswith("port "):
+            self._log.seek(0)
+            log = self._log.read()[-2000:]
             self.stop()
             raise RuntimeError(f"moto server did not start within {self._start_timeout}s: "
-                               f"{line!r}")
+                               f"{line!r}\n{log}")
         self.port = int(line.split()[1])
         return self
 
@@ -70,8 +78,8 @@ class MotoServer:
         except (OSError, subprocess.TimeoutExpired):
             proc.kill()
             proc.wait(timeout=10)
-        for f in (proc.stdout, proc.stderr):
-            f.close()
+        proc.stdout.close()
+        self._log.close()
 
     def create_bucket(self, name: str) -> None:
         """Create a bucket through s3fs (the client the tier uses)."""
@@ -227,6 +235,10 @@ class CutProxy:
                 return
             self._stopped = True
             conns = list(self._conns)
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)   # wakes the accept() (close does not)
+        except OSError:
+            pass
         self._listener.close()
         for pair in conns:
             self._close(*pair)
