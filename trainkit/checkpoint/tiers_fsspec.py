@@ -200,8 +200,11 @@ class FsspecTier:
         try:
             data = self._retry("ranged read", rel,
                                lambda: self._fs.cat_file(self._path(rel), start=offset, end=end))
-        except ObjectStoreError:
-            size = self.size(rel)
+        except ObjectStoreError as exc:     # a range past the end fails on some stores
+            try:
+                size = self.size(rel)
+            except OSError:
+                raise exc from None
             if size is not None and size < end:
                 raise EOFError(f"{self._url(rel)} ends at byte {size}, earlier than expected "
                                f"({end})") from None
