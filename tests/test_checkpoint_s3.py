@@ -266,3 +266,27 @@ def test_memory_url_round_trip():
         ck.save(1, _state(1)).result(timeout=60)
         assert ck.steps() == [1] and _same(ck.load(), _state(1))
     fsspec.filesystem("memory").rm("/tk-test-run", recursive=True)
+
+
+def test_an_interrupted_remove_leaves_the_step_uncommitted(monkeypatch):
+    """remove() deletes the manifest before the data: dying in between (a GC killed
+    mid-delete) leaves an uncommitted step, never a committed step with missing data."""
+    from trainkit.checkpoint.reader import committed_steps
+
+    tier = FsspecTier("memory://tk-test-remove", attempts=1)
+    tier.prepare(4, "rank_00000")
+    tier.write("step_0000000004/rank_00000/data/c/0", memoryview(b"data"))
+    tier.publish(4, {"step": 4})
+    assert committed_steps(tier) == [4]
+
+    def crash(*args, **kwargs):
+        raise ConnectionResetError("killed mid-delete")
+
+    monkeypatch.setattr(tier._fs, "rm", crash)           # the bulk delete of the data dies
+    with pytest.raises(ObjectStoreError, match="delete failed after 1 attempts"):
+        tier.remove(4)
+    assert committed_steps(tier) == [] and tier.step_dirs() == [4]
+    assert tier.read("step_0000000004/rank_00000/data/c/0") == b"data"
+    monkeypatch.undo()
+    tier.remove(4)
+    assert tier.step_dirs() == []
