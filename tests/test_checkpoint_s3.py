@@ -290,3 +290,19 @@ def test_an_interrupted_remove_leaves_the_step_uncommitted(monkeypatch):
     monkeypatch.undo()
     tier.remove(4)
     assert tier.step_dirs() == []
+
+
+def test_s3_options_from_the_standard_environment():
+    from trainkit.checkpoint.tiers_fsspec import s3_defaults
+
+    env = {"AWS_ENDPOINT_URL": "http://generic:9000", "AWS_ENDPOINT_URL_S3": "http://s3:9000"}
+    opts = s3_defaults(None, env)
+    assert opts["endpoint_url"] == "http://s3:9000"             # the service-specific one wins
+    assert opts["use_listings_cache"] is False                  # other processes' commits show
+    assert opts["config_kwargs"]["retries"] == {"max_attempts": 1}   # the tier retries
+    assert s3_defaults(None, {"AWS_ENDPOINT_URL": "http://g:1"})["endpoint_url"] == "http://g:1"
+    mine = s3_defaults({"endpoint_url": "http://mine:1", "config_kwargs": {
+        "retries": {"max_attempts": 3}, "connect_timeout": 5}}, env)
+    assert mine["endpoint_url"] == "http://mine:1"               # explicit options win
+    assert mine["config_kwargs"] == {"retries": {"max_attempts": 3}, "connect_timeout": 5}
+    assert "endpoint_url" not in s3_defaults(None, {})

@@ -115,14 +115,15 @@ class FsspecTier:
             raise ValueError(f"attempts must be at least 1, got {attempts}")
         protocol = url.split("://", 1)[0]
         opts = dict(storage_options or {})
-        inner_retries = opts.pop("retries", 1)     # s3fs's loop (an attribute, see above)
-        if protocol in ("s3", "s3a"):
+        is_s3 = protocol in ("s3", "s3a")
+        inner_retries = opts.pop("retries", 1) if is_s3 else None  # s3fs: an attribute
+        if is_s3:
             opts = s3_defaults(opts)
         try:
             self._fs, root = fsspec.core.url_to_fs(url, **opts)
         except (ImportError, ValueError, TypeError) as exc:
             raise ValueError(f"cannot open checkpoint tier {url!r}: {exc}") from exc
-        if hasattr(self._fs, "retries"):
+        if inner_retries is not None and hasattr(self._fs, "retries"):
             self._fs.retries = int(inner_retries)
         self._root = root.rstrip("/")
         if not self._root.strip("/"):
