@@ -22,6 +22,7 @@ __all__ = [
     "CorruptCheckpointError",
     "committed_steps",
     "verify_step",
+    "PerRank",
 ]
 
 _WHERE = {
@@ -34,6 +35,7 @@ _WHERE = {
     "CorruptCheckpointError": "errors",
     "committed_steps": "reader",
     "verify_step": "reader",
+    "PerRank": "restore",
 }
 
 
