@@ -308,3 +308,34 @@ def test_s3_options_from_the_standard_environment():
     assert mine["endpoint_url"] == "http://mine:1"               # explicit options win
     assert mine["config_kwargs"] == {"retries": {"max_attempts": 3}, "connect_timeout": 5}
     assert "endpoint_url" not in s3_defaults(None, {})
+
+
+def test_s3_as_the_persistent_tier_below_memory_and_local(s3_bucket, tmp_path):
+    """The tier flow copies steps down to S3, garbage-collects there, and a node whose
+    memory and local tiers are gone restores from S3 with no manual step."""
+    import shutil
+
+    from trainkit.checkpoint.reader import committed_steps
+
+    url = s3_bucket.url()
+
+    def open_ck() -> Checkpointer:
+        return Checkpointer(url, storage_options=s3_bucket.storage_options,
+                            local_dir=tmp_path / "l", memory_dir=tmp_path / "m",
+                            keep_in_memory=1, keep_local=1, keep_persistent=2,
+                            chunk_bytes=CHUNK)
+
+    with open_ck() as ck:
+        for step in (1, 2, 3):
+            ck.save(step, _state(step)).result(timeout=60)
+            ck.wait()                                    # the copy to S3 has finished
+            assert "persistent" in ck.tiers(step)
+    remote = FsspecTier(url, storage_options=s3_bucket.storage_options)
+    assert committed_steps(remote) == [2, 3]              # retention on S3: step 1 collected
+    assert remote.step_dirs() == [2, 3]                   # ...with every object of it
+    shutil.rmtree(tmp_path / "l")
+    shutil.rmtree(tmp_path / "m")
+    with open_ck() as ck:
+        assert ck.tiers(3) == ["persistent"]
+        assert _same(ck.load(), _state(3))
+        assert ck.loaded_step == 3 and ck.loaded_from == "persistent"
