@@ -102,9 +102,19 @@ def _advise(args: argparse.Namespace) -> int:
 
 
 def _require_dir(path: str) -> None:
+    """A local directory must exist; a URL (s3://...) must be listable (endpoint and
+    credentials from the standard AWS environment), else one clear line, no traceback."""
     from trainkit.checkpoint.tiers import is_url
 
-    if not is_url(path) and not os.path.isdir(path):
+    if is_url(path):
+        from trainkit.checkpoint import reader
+
+        try:
+            reader.as_tier(path).step_dirs()
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"trainkit ckpt: cannot read {path}: {exc}") from None
+        return
+    if not os.path.isdir(path):
         raise SystemExit(f"trainkit ckpt: {path} is not a directory")
 
 

@@ -287,7 +287,8 @@ def make_coordinator(path: str, *, timeout: float) -> Coordinator:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     base = _get_default_store()
-    digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
+    where = path if "://" in path else os.path.abspath(path)   # a URL is the same on every node
+    digest = hashlib.sha1(where.encode()).hexdigest()[:16]
     with _instances_lock:
         n = _instances.get(digest, 0)
         _instances[digest] = n + 1

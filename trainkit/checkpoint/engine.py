@@ -133,6 +133,10 @@ class Checkpointer:
         io_threads: threads writing chunks (and reading them in ``load()``).
         direct_io: write chunks with O_DIRECT where the filesystem allows it (no page-cache
             copy: the CPU stays with training); buffered writes otherwise.
+        storage_options: for a URL path (``s3://bucket/run1``): options of its fsspec
+            filesystem (``endpoint_url``, ``key``, ``secret``, ...); without them the
+            standard AWS environment variables apply. See
+            :mod:`~trainkit.checkpoint.tiers_fsspec`.
     """
 
     def __init__(self, path: str | os.PathLike, *, local_dir: str | os.PathLike | None = None,

@@ -167,10 +167,19 @@ class LocalTier:
         remove_tree(self.path(step_dirname(step)))
 
 
-def open_tier(path_or_url: str, *, name: str = "persistent", shared: bool = True) -> Tier:
-    """The tier for a local path or a URL (``s3://``, ``memory://``, ... via fsspec)."""
+def open_tier(path_or_url: str, *, name: str = "persistent", shared: bool = True,
+              storage_options: dict | None = None) -> Tier:
+    """The tier for a local path or a URL (``s3://``, ``memory://``, ... via fsspec).
+
+    ``storage_options`` (credentials, endpoint, ...) go to the fsspec filesystem of a URL;
+    they mean nothing for a local path, so passing them with one is an error.
+    """
     if is_url(path_or_url):
         from trainkit.checkpoint.tiers_fsspec import FsspecTier
 
-        return FsspecTier(path_or_url, name=name, shared=shared)
+        return FsspecTier(path_or_url, name=name, shared=shared,
+                          storage_options=storage_options)
+    if storage_options:
+        raise ValueError(f"storage_options apply to URLs (s3://...) only; {path_or_url!r} is "
+                         f"a local path")
     return LocalTier(path_or_url, name=name, shared=shared)
