@@ -20,6 +20,9 @@ __all__ = [
     "CheckpointWriteError",
     "CommitError",
     "CorruptCheckpointError",
+    "PickleRefusedError",
+    "ZarrWriter",
+    "ZarrReader",
     "committed_steps",
     "verify_step",
 ]
@@ -32,6 +35,9 @@ _WHERE = {
     "CheckpointWriteError": "errors",
     "CommitError": "errors",
     "CorruptCheckpointError": "errors",
+    "PickleRefusedError": "errors",
+    "ZarrWriter": "dcp",
+    "ZarrReader": "dcp",
     "committed_steps": "reader",
     "verify_step": "reader",
 }

@@ -139,7 +139,8 @@ def _info(args: argparse.Namespace) -> int:
         for rank in range(record["world_size"]):
             index = reader.read_rank_index(args.dir, args.step, rank, record)
             for t in index["tensors"]:
-                table.append({"rank": rank, "name": t["name"], "dtype": t["dtype"],
+                table.append({"rank": rank, "name": t["name"],
+                              "dtype": "pickled" if t.get("pickled") else t["dtype"],
                               "shape": t["shape"], "bytes": t["nbytes"]})
     except reader.CheckpointError as exc:
         print(f"trainkit ckpt info: {exc}", file=sys.stderr)

@@ -315,11 +315,14 @@ class Checkpointer:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def load(self, step: int | None = None, *, rank: int | None = None) -> Any:
+    def load(self, step: int | None = None, *, rank: int | None = None,
+             allow_pickle: bool = False) -> Any:
         """Load a committed step (default: the newest) as CPU tensors, verifying checksums.
 
         Each rank loads its own shard; ``rank=`` reads another rank's (e.g. rank 0's in a
-        single process). Call ``wait()`` first to include saves still in flight.
+        single process). Call ``wait()`` first to include saves still in flight. Non-tensor
+        values that DCP pickled (steps written by ``ZarrWriter``) are refused with
+        ``PickleRefusedError`` unless ``allow_pickle=True``.
         """
         if step is None:
             step = self.latest()
@@ -333,7 +336,8 @@ class Checkpointer:
                     f"step {step} was saved by {record['world_size']} ranks but this job has "
                     f"{self.world_size}; pass rank= to choose the shard to read")
             rank = self.rank
-        return reader.load_shard(self._tier, step, rank, threads=self._io_threads)
+        return reader.load_shard(self._tier, step, rank, threads=self._io_threads,
+                                 allow_pickle=allow_pickle)
 
     # -- shutdown -----------------------------------------------------------------------
     def close(self) -> None:
