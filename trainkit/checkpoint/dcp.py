@@ -66,7 +66,7 @@ from trainkit.checkpoint.tiers import COMMIT_FILE, Tier, open_tier
 from trainkit.checkpoint.writer import commit_record, write_json_file
 
 __all__ = ["ZarrWriter", "ZarrReader", "DCP_METADATA_FILE", "next_free_step",
-           "commit_dcp_step", "encode_tree"]
+           "commit_dcp_step", "state_tree", "dcp_key_path"]
 
 DCP_METADATA_FILE = "dcp_metadata.json"
 
@@ -124,17 +124,31 @@ def _set_path(root: dict, path: tuple, value: Any) -> None:
     cur[key] = value
 
 
-def encode_tree(obj: Any) -> Any:
-    """Encode a tree of dicts, lists and :class:`_Ref` leaves in the codec's JSON form."""
+def _encode_tree(obj: Any) -> Any:
     if isinstance(obj, _Ref):
         return {"$pickled" if obj.pickled else "$tensor": obj.entry}
     if isinstance(obj, list):
-        return [encode_tree(v) for v in obj]
+        return [_encode_tree(v) for v in obj]
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("$") for k in obj):
-            return {k: encode_tree(v) for k, v in obj.items()}
-        return {"$dict": [[k, encode_tree(v)] for k, v in obj.items()]}
+            return {k: _encode_tree(v) for k, v in obj.items()}
+        return {"$dict": [[k, _encode_tree(v)] for k, v in obj.items()]}
     return obj
+
+
+def state_tree(leaves: list[tuple[tuple, bool]]) -> Any:
+    """The encoded state tree (:mod:`~trainkit.checkpoint.codec` form) of a rank whose
+    table entry ``i`` sits at key path ``leaves[i][0]`` (``leaves[i][1]``: pickled)."""
+    root: dict = {}
+    for i, (path, pickled) in enumerate(leaves):
+        _set_path(root, path, _Ref(i, pickled))
+    return _encode_tree(root)
+
+
+def dcp_key_path(fqn: str, mappings: dict) -> tuple[tuple, str]:
+    """The key path of a DCP item (from the planner's flattening map) and its index name."""
+    path = tuple(mappings.get(fqn, (fqn,)))
+    return path, "/".join(map(str, path))
 
 
 def commit_dcp_step(tier: Tier, step: int, manifests: list[dict], metadata_doc: dict) -> None:
@@ -236,7 +250,7 @@ class ZarrWriter(StorageWriter):
             mappings = plan.planner_data if isinstance(plan.planner_data, dict) else {}
             items, tree = _stream_items(plan.items, planner, mappings)
             manifest, _ = write_stream_shard(self._tier(), sd.step, sd.rank, sd.world_size,
-                                             items, encode_tree(tree),
+                                             items, tree,
                                              chunk_bytes=self.chunk_bytes,
                                              io_threads=self.io_threads)
             for i, (wi, item) in enumerate(zip(plan.items, items)):
@@ -270,16 +284,15 @@ class ZarrWriter(StorageWriter):
 
 
 def _stream_items(write_items: list[WriteItem], planner: SavePlanner,
-                  mappings: dict) -> tuple[list[StreamItem], dict]:
+                  mappings: dict) -> tuple[list[StreamItem], Any]:
     """The rank's items in plan order and its state tree. Non-tensor items are resolved
     (``torch.save``-d by the planner) now, since their size is only known then; tensors
     are resolved lazily, one at a time, while their chunks are filled."""
     items: list[StreamItem] = []
-    tree: dict = {}
-    for i, wi in enumerate(write_items):
+    leaves: list[tuple[tuple, bool]] = []
+    for wi in write_items:
         fqn = wi.index.fqn
-        path = tuple(mappings.get(fqn, (fqn,)))
-        name = "/".join(map(str, path))
+        path, name = dcp_key_path(fqn, mappings)
         if wi.type == WriteItemType.BYTE_IO:
             raw = planner.resolve_data(wi).getvalue()
             items.append(StreamItem(name, torch.uint8, (len(raw),), lambda raw=raw: raw,
@@ -291,8 +304,8 @@ def _stream_items(write_items: list[WriteItem], planner: SavePlanner,
                 extra.update(offsets=list(td.chunk.offsets), global_shape=list(td.size))
             items.append(StreamItem(name, td.properties.dtype, tuple(td.chunk.sizes),
                                     lambda wi=wi: planner.resolve_data(wi), extra=extra))
-        _set_path(tree, path, _Ref(i, wi.type == WriteItemType.BYTE_IO))
-    return items, tree
+        leaves.append((path, wi.type == WriteItemType.BYTE_IO))
+    return items, state_tree(leaves)
 
 
 class ZarrReader(StorageReader):

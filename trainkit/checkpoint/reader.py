@@ -277,8 +277,8 @@ def verify_step(where: Tier | str, step: int, *,
     """Check every file of ``step`` on every rank against the commit record and every blob
     against its checksum. Returns the problems found (empty: the step is intact).
 
-    ``on_bytes(n)`` is called as each data file is checked, with its size in the commit
-    record (a progress bar's total is the sum of ``record["files"]`` sizes)."""
+    ``on_bytes(n)`` is called as each chunk file is checked, with its size in the commit
+    record (a progress bar's total: the sizes of the record's ``.../c/N`` files)."""
     tier = as_tier(where)
     problems: list[str] = []
     try:

@@ -1,0 +1,142 @@
+"""``trainkit ckpt export``: the model part of a step as safetensors, for HF tooling.
+
+The tensors under a key prefix (default ``model.``, the key a training loop usually
+saves its ``model.state_dict()`` under) are written with the prefix stripped, through
+:mod:`trainkit.io`'s sharded writer, so ``transformers``, ``safetensors`` and
+``trainkit merge`` read the result directly:
+
+* ``--to DIR`` (or ``--to DIR/model.safetensors``): the Hugging Face layout,
+  ``model.safetensors``, or ``model-00001-of-0000N.safetensors`` ... plus
+  ``model.safetensors.index.json`` when the model exceeds one shard;
+* ``--to NAME.safetensors``: one file, or ``NAME-0000i-of-0000N.safetensors`` plus
+  ``NAME.safetensors.index.json`` when it does not fit one shard.
+
+Atomic: everything is written and fsynced in a hidden staging directory beside the
+target, then renamed into place, the index last, so a reader never sees a partial
+export. Existing files are not replaced unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainkit.checkpoint import reader
+from trainkit.checkpoint.errors import CheckpointError
+from trainkit.checkpoint.storage import fsync_dir
+from trainkit.checkpoint.tiers import Tier
+from trainkit.io import DEFAULT_SHARD_BYTES, ShardedWriter, TensorMeta, flatten_state, plan_shards
+from trainkit.io.safetensors_format import TORCH_TO_DTYPE
+
+__all__ = ["export_safetensors", "select_tensors", "output_names", "step_state"]
+
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+def step_state(tier: Tier, step: int) -> Any:
+    """The state whose model part is exported. For now rank 0's shard (the whole model
+    under plain data parallelism); the one call to switch to a world-size-agnostic
+    global view. Pickled values come back as opaque bytes and are ignored."""
+    return reader.load_shard(tier, step, 0, pickled_as_bytes=True)
+
+
+def select_tensors(state: Any, prefix: str) -> dict[str, torch.Tensor]:
+    """Tensors whose dotted name starts with ``prefix``, renamed without it."""
+    flat = dict(flatten_state(state)) if isinstance(state, dict) else {}
+    chosen = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    if not chosen or "" in chosen:
+        tops = sorted({k.split(".")[0] for k in flat})
+        raise CheckpointError(f"no tensors under the prefix {prefix!r} (tensor names are "
+                              f"dotted key paths; top-level keys with tensors: "
+                              f"{tops[:20] or 'none'}); pass --prefix")
+    bad = sorted(k for k, v in chosen.items() if v.dtype not in TORCH_TO_DTYPE)
+    if bad:
+        raise CheckpointError(f"safetensors cannot hold the dtype of {bad[:5]} "
+                              f"({chosen[bad[0]].dtype})")
+    return chosen
+
+
+def output_names(to: str | os.PathLike, nshards: int) -> tuple[Path, list[str], str | None]:
+    """(directory, shard file names, index file name or None) for ``--to``."""
+    to = Path(to)
+    if to.name.endswith(".safetensors"):
+        directory, stem = to.parent, to.name[:-len(".safetensors")]
+    else:
+        directory, stem = to, "model"
+    if not stem:
+        raise CheckpointError(f"{to}: the output file needs a name before .safetensors")
+    if nshards == 1:
+        return directory, [f"{stem}.safetensors"], None
+    names = [f"{stem}-{i + 1:05d}-of-{nshards:05d}.safetensors" for i in range(nshards)]
+    return directory, names, f"{stem}{INDEX_SUFFIX}"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def export_safetensors(where: Tier | str, step: int, to: str | os.PathLike, *,
+                       prefix: str = "model.", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                       overwrite: bool = False,
+                       on_bytes: Callable[[int], None] | None = None,
+                       on_total: Callable[[int], None] | None = None) -> list[Path]:
+    """Export the tensors under ``prefix`` of committed ``step``; returns the files made.
+
+    ``on_total(n)`` is told the bytes to write once known, ``on_bytes(n)`` as they go.
+
+    Raises :class:`CheckpointError` for a missing step, an empty prefix match, a dtype
+    safetensors cannot store, or existing output files (without ``overwrite``).
+    """
+    if max_shard_bytes <= 0:
+        raise CheckpointError(f"the maximum shard size must be positive, got {max_shard_bytes}")
+    tier = reader.as_tier(where)
+    reader.read_commit_record(tier, step)          # a clear error for a missing step
+    tensors = select_tensors(step_state(tier, step), prefix)
+    plan = plan_shards({k: TensorMeta(tuple(v.shape), v.dtype) for k, v in tensors.items()},
+                       max_shard_bytes)
+    if on_total is not None:
+        on_total(plan.total_size)
+    directory, names, index_name = output_names(to, len(plan.shard_names))
+    finals = [directory / n for n in names] + ([directory / index_name] if index_name else [])
+    existing = [str(p) for p in finals if p.exists()]
+    if existing and not overwrite:
+        raise CheckpointError(f"{existing[0]} exists; remove it or pass --overwrite")
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    stage = directory / f".trainkit-export-{os.getpid()}-{step}"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        with ShardedWriter(stage, plan) as writer:
+            for name, t in tensors.items():
+                writer.write(name, t)
+                if on_bytes is not None:
+                    on_bytes(t.numel() * t.element_size())
+        renamed = dict(zip(plan.shard_names, names))
+        for old in plan.shard_names:
+            _fsync(stage / old)
+        if index_name:
+            index = {"metadata": {"total_size": plan.total_size,
+                                  "trainkit": {"source": tier.url, "step": step,
+                                               "prefix": prefix}},
+                     "weight_map": {k: renamed[s] for k, (s, _) in plan.placement.items()}}
+            (stage / index_name).write_text(json.dumps(index, indent=2))
+            _fsync(stage / index_name)
+        for old in plan.shard_names:             # shards first, the index last
+            os.replace(stage / old, directory / renamed[old])
+        if index_name:
+            os.replace(stage / index_name, directory / index_name)
+        fsync_dir(str(directory))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return finals
