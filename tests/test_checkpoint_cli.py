@@ -57,8 +57,8 @@ def test_ls_and_info(ckpt_dir):
     out = _cli("ls", str(ckpt_dir))
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert any(line.split()[:2] == ["5", "committed"] for line in lines)
-    assert any(line.split()[:2] == ["15", "UNCOMMITTED"] for line in lines)
+    assert any(line.split()[:3] == ["5", "persistent", "committed"] for line in lines)
+    assert any(line.split()[:3] == ["15", "persistent", "UNCOMMITTED"] for line in lines)
     rows = json.loads(_cli("ls", str(ckpt_dir), "--json").stdout)
     assert [(r["step"], r["committed"]) for r in rows] == [(5, True), (10, True), (15, False)]
     assert rows[0]["world_size"] == 1 and rows[0]["bytes"] > 400_000
@@ -82,3 +82,25 @@ def test_verify_good_then_broken(ckpt_dir):
     missing = _cli("verify", str(ckpt_dir), "5")
     assert missing.returncode == 1 and "missing" in missing.stdout
     assert _cli("verify", str(ckpt_dir / "nope")).returncode != 0
+
+
+def test_ls_shows_every_tier_and_gc_applies_retention(tmp_path):
+    with Checkpointer(tmp_path / "p", local_dir=tmp_path / "l", keep_local=None,
+                      chunk_bytes=16 << 10) as ck:
+        for step in (1, 2, 3, 4, 5):
+            ck.save(step, {"w": torch.full((64, 64), float(step))}).result(timeout=60)
+    rows = json.loads(_cli("ls", str(tmp_path / "p"), "--local-dir", str(tmp_path / "l"),
+                           "--json").stdout)
+    assert [(r["step"], r["tier"]) for r in rows][:2] == [(1, "local"), (1, "persistent")]
+    assert len(rows) == 10 and all(r["committed"] for r in rows)
+    (tmp_path / "p" / "step_0000000000").mkdir()          # leftovers of an interrupted save
+    dry = _cli("gc", str(tmp_path / "p"), "--keep", "2", "--keep-every", "3", "--dry-run")
+    assert dry.returncode == 0 and "would delete committed steps [1, 2]" in dry.stdout, dry.stdout
+    assert "leftovers [0]" in dry.stdout
+    assert sorted(p.name for p in (tmp_path / "p").iterdir())[0] == "step_0000000000"
+    done = json.loads(_cli("gc", str(tmp_path / "p"), "--keep", "2", "--keep-every", "3",
+                           "--json").stdout)
+    assert done == {"dry_run": False, "delete": [1, 2], "leftovers": [0], "kept": [3, 4, 5]}
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
+        "step_0000000003", "step_0000000004", "step_0000000005"]
+    assert _cli("gc", str(tmp_path / "p"), "--keep", "0").returncode == 2

@@ -83,7 +83,9 @@ def _kill_during_save(rank: int, world: int, path: str, victim: int) -> dict:
         while rank == 0 and store.add("survivors_done", 0) < world - 1:
             time.sleep(0.05)
     assert ck.latest() == 1 and ck.steps() == [1]
-    state = ck.load()                              # the previous checkpoint is intact
+    # the previous checkpoint is intact (read this rank's shard: load() without rank= is
+    # collective, and a peer is dead)
+    state = ck.load(1, rank=rank)
     assert torch.equal(state["w"], _rank_state(rank, 1)["w"])
     with pytest.raises(CommitError):               # and again from the next save()
         ck.save(3, _rank_state(rank, 3))

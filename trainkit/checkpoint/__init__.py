@@ -25,6 +25,7 @@ __all__ = [
     "ZarrReader",
     "committed_steps",
     "verify_step",
+    "PerRank",
 ]
 
 _WHERE = {
@@ -40,6 +41,7 @@ _WHERE = {
     "ZarrReader": "dcp",
     "committed_steps": "reader",
     "verify_step": "reader",
+    "PerRank": "restore",
 }
 
 

@@ -1,8 +1,11 @@
 """``trainkit ckpt``: look at and verify checkpoint directories.
 
-    trainkit ckpt ls DIR [--json]          steps, committed or not, ranks, sizes, commit times
-    trainkit ckpt info DIR STEP            the tensor table of a step
+    trainkit ckpt ls DIR [--local-dir D] [--memory-dir D] [--json]
+                                           steps, tiers, ranks, sizes, commit times
+    trainkit ckpt info DIR STEP            the tensor table: rank, or replicated
     trainkit ckpt verify DIR [STEP]        every checksum; exit 1 with a report on a mismatch
+    trainkit ckpt gc DIR --keep N [--keep-every K] [--dry-run]
+                                           apply a retention policy to one tier
     trainkit ckpt export DIR STEP --to out.safetensors   the model part as safetensors
     trainkit ckpt import-dcp SRC DST [--step N]          a DCP checkpoint into a step
 
@@ -34,10 +37,27 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="ckpt_command", metavar="ACTION")
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
 
-    ls = sub.add_parser("ls", help="list steps: committed or not, ranks, sizes, commit times")
-    ls.add_argument("dir", help="checkpoint directory")
+    ls = sub.add_parser("ls", help="list steps: tiers, committed or not, ranks, sizes, "
+                                   "commit times")
+    ls.add_argument("dir", help="checkpoint directory or URL (the persistent tier)")
+    ls.add_argument("--local-dir", help="also list this node-local tier")
+    ls.add_argument("--memory-dir", help="also list this memory tier (a /dev/shm directory)")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=_ls)
+
+    gc = sub.add_parser("gc", help="apply a retention policy to one tier; --dry-run",
+                        description="Delete committed steps beyond the newest --keep (never "
+                                    "those divisible by --keep-every), commit record first so an "
+                                    "interrupted gc leaves no committed-but-broken step, and "
+                                    "remove the leftovers of interrupted saves older than the "
+                                    "newest committed step.")
+    gc.add_argument("dir", help="checkpoint directory or URL (any one tier)")
+    gc.add_argument("--keep", type=int, required=True, help="newest committed steps to keep")
+    gc.add_argument("--keep-every", type=int, default=None,
+                    help="never delete steps divisible by this")
+    gc.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
+    gc.add_argument("--json", action="store_true", help="machine-readable output")
+    gc.set_defaults(func=_gc)
 
     info = sub.add_parser("info", help="the tensor table of a committed step")
     info.add_argument("dir")
@@ -170,38 +190,80 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _ls(args: argparse.Namespace) -> int:
+def _tier_rows(where: str, tier_name: str) -> list[dict]:
     from trainkit.checkpoint import reader
 
-    _require_dir(args.dir)
+    tier = reader.as_tier(where)
     rows = []
-    for step in reader.as_tier(args.dir).step_dirs():
+    for step in tier.step_dirs():
         try:
-            record = reader.read_commit_record(args.dir, step)
+            record = reader.read_commit_record(tier, step)
         except reader.CheckpointNotFoundError:
-            rows.append({"step": step, "committed": False})
+            rows.append({"step": step, "tier": tier_name, "committed": False})
             continue
         except reader.CorruptCheckpointError as exc:
-            rows.append({"step": step, "committed": False, "error": str(exc)})
+            rows.append({"step": step, "tier": tier_name, "committed": False, "error": str(exc)})
             continue
-        rows.append({"step": step, "committed": True, "world_size": record["world_size"],
+        rows.append({"step": step, "tier": tier_name, "committed": True,
+                     "world_size": record["world_size"],
                      "bytes": sum(size for size, _ in record["files"].values()),
                      "tensors": sum(r["ntensors"] for r in record["ranks"]),
+                     "replicated_blobs": len(record.get("replicated", [])),
                      "committed_at": record["committed_at"]})
+    return rows
+
+
+def _ls(args: argparse.Namespace) -> int:
+    _require_dir(args.dir)
+    rows = []
+    for where, name in ((args.memory_dir, "memory"), (args.local_dir, "local"),
+                        (args.dir, "persistent")):
+        if where is not None:
+            if name != "persistent":
+                _require_dir(where)
+            rows += _tier_rows(where, name)
+    rows.sort(key=lambda r: (r["step"], ("memory", "local", "persistent").index(r["tier"])))
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     if not rows:
         print(f"{args.dir}: no checkpoints")
         return 0
-    print(f"{'step':>10}  {'state':<11} {'ranks':>5} {'size':>10} {'tensors':>8}  committed at")
+    print(f"{'step':>10}  {'tier':<10} {'state':<11} {'ranks':>5} {'size':>10} {'tensors':>8}  "
+          f"committed at")
     for r in rows:
         if r["committed"]:
-            print(f"{r['step']:>10}  {'committed':<11} {r['world_size']:>5} "
+            print(f"{r['step']:>10}  {r['tier']:<10} {'committed':<11} {r['world_size']:>5} "
                   f"{_human(r['bytes']):>10} {r['tensors']:>8}  {r['committed_at']}")
         else:
-            print(f"{r['step']:>10}  {'UNCOMMITTED':<11} {'-':>5} {'-':>10} {'-':>8}  "
-                  f"{r.get('error', 'interrupted or failed save; ignored by load()')}")
+            print(f"{r['step']:>10}  {r['tier']:<10} {'UNCOMMITTED':<11} {'-':>5} {'-':>10} "
+                  f"{'-':>8}  {r.get('error', 'interrupted or failed save; ignored by load()')}")
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from trainkit.checkpoint import reader
+    from trainkit.checkpoint.retention import apply_gc, plan_gc, tier_state
+
+    _require_dir(args.dir)
+    tier = reader.as_tier(args.dir)
+    try:
+        committed, uncommitted = tier_state(tier)
+        plan = plan_gc(tier.name, committed, uncommitted, keep=args.keep,
+                       keep_every=args.keep_every)
+    except ValueError as exc:
+        print(f"trainkit ckpt gc: {exc}", file=sys.stderr)
+        return 2
+    if not args.dry_run:
+        apply_gc(tier, plan)
+    verb = "would delete" if args.dry_run else "deleted"
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "delete": list(plan.delete),
+                          "leftovers": list(plan.leftovers), "kept": list(plan.kept)}))
+        return 0
+    print(f"{args.dir}: {verb} committed steps {list(plan.delete) or 'none'}; "
+          f"{verb} uncommitted leftovers {list(plan.leftovers) or 'none'}; "
+          f"kept {list(plan.kept) or 'none'}")
     return 0
 
 
@@ -211,13 +273,22 @@ def _info(args: argparse.Namespace) -> int:
     _require_dir(args.dir)
     try:
         record = reader.read_commit_record(args.dir, args.step)
+        replicated = set(record.get("replicated", []))
+        sharded = record.get("sharded", {})
         table = []
         for rank in range(record["world_size"]):
             index = reader.read_rank_index(args.dir, args.step, rank, record)
             for t in index["tensors"]:
-                table.append({"rank": rank, "name": t["name"],
-                              "dtype": "pickled" if t.get("pickled") else t["dtype"],
-                              "shape": t["shape"], "bytes": t["nbytes"]})
+                shared = t["blob"] in replicated
+                if shared and rank:
+                    continue                  # listed once, as replicated
+                row = {"rank": "replicated" if shared else rank, "name": t["name"],
+                       "dtype": "pickled" if t.get("pickled") else t["dtype"], "shape": t["shape"], "bytes": t["nbytes"]}
+                split = sharded.get(t["name"].replace("/", "."))
+                if split is not None:
+                    row["global_shape"] = split["shape"]
+                    row["split_dim"] = split["dim"]
+                table.append(row)
     except reader.CheckpointError as exc:
         print(f"trainkit ckpt info: {exc}", file=sys.stderr)
         return 1
@@ -225,10 +296,12 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(table, indent=1))
         return 0
     width = max([len(t["name"]) for t in table] + [4])
-    print(f"{'rank':>4}  {'name':<{width}}  {'dtype':<14} {'shape':<20} {'bytes':>10}")
+    print(f"{'rank':>10}  {'name':<{width}}  {'dtype':<14} {'shape':<20} {'bytes':>10}")
     for t in table:
-        print(f"{t['rank']:>4}  {t['name']:<{width}}  {t['dtype']:<14} "
-              f"{str(tuple(t['shape'])):<20} {_human(t['bytes']):>10}")
+        note = (f"  piece of {tuple(t['global_shape'])} split on dim {t['split_dim']}"
+                if "global_shape" in t else "")
+        print(f"{t['rank']:>10}  {t['name']:<{width}}  {t['dtype']:<14} "
+              f"{str(tuple(t['shape'])):<20} {_human(t['bytes']):>10}{note}")
     return 0
 
 

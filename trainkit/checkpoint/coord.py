@@ -45,9 +45,12 @@ class Coordinator(Protocol):
 
     Called from the engine's commit thread, once per save and in save order on every
     rank: ``begin(seq)`` when the rank starts writing, then ``commit(seq, step, manifest,
-    error, finalize)``. ``finalize(manifests)`` runs on rank 0 only, with every rank's
-    manifest, and writes the commit record; ``commit`` raises :class:`CommitError` on
-    every rank when any rank fails, dies or times out.
+    error, finalize)``; and from the flusher, once per copy of a step to a lower tier,
+    with a ``seq`` tagged by the tier (``"local/3"``). ``finalize(manifests)`` runs on
+    rank 0 only, with every rank's manifest, writes the commit record and returns it;
+    ``commit`` returns that record on every rank (node-local tiers need a copy of it on
+    every node), and raises :class:`CommitError` on every rank when any rank fails, dies
+    or times out. ``allgather`` exchanges one string per rank (load's agreement).
     """
 
     rank: int
@@ -55,8 +58,10 @@ class Coordinator(Protocol):
 
     def begin(self, seq: int) -> None: ...
 
-    def commit(self, seq: int, step: int, manifest: dict | None, error: str | None,
-               finalize: Callable[[list[dict]], None]) -> None: ...
+    def commit(self, seq: int | str, step: int, manifest: dict | None, error: str | None,
+               finalize: Callable[[list[dict]], dict]) -> dict: ...
+
+    def allgather(self, key: str, value: str) -> list[str]: ...
 
     def close(self) -> None: ...
 
@@ -70,12 +75,15 @@ class LocalCoordinator:
     def begin(self, seq: int) -> None:
         pass
 
-    def commit(self, seq: int, step: int, manifest: dict | None, error: str | None,
-               finalize: Callable[[list[dict]], None]) -> None:
+    def commit(self, seq: int | str, step: int, manifest: dict | None, error: str | None,
+               finalize: Callable[[list[dict]], dict]) -> dict:
         if error is not None:
             raise CommitError(f"step {step} not committed: {error}")
         assert manifest is not None
-        finalize([manifest])
+        return finalize([manifest])
+
+    def allgather(self, key: str, value: str) -> list[str]:
+        return [value]
 
     def close(self) -> None:
         pass
@@ -130,16 +138,19 @@ class StoreCoordinator:
                 return
 
     # -- protocol ---------------------------------------------------------------------
-    def begin(self, seq: int) -> None:
+    def begin(self, seq: int | str) -> None:
         self._set(f"s{seq}/begin/{self.rank}", "1")
 
-    def _wait_for(self, seq: int, step: int, key: str, ranks: list[int], why: str) -> None:
-        """Wait until ``key`` exists, failing if any rank in ``ranks`` looks dead."""
+    def _wait_for(self, seq: int | str | None, step: int, key: str, ranks: list[int],
+                  why: str) -> None:
+        """Wait until ``key`` exists, failing if any rank in ``ranks`` looks dead (or, for
+        a save ``seq``, never started it)."""
+        what = f"step {step} not committed" if seq is not None else "ranks could not agree"
         start = time.monotonic()
         seen = {r: (self._beat_count(r), start) for r in ranks}
         while not self._has(key):
             if self._hb_error is not None:
-                raise CommitError(f"step {step}: heartbeat to the coordination store failed: "
+                raise CommitError(f"{what}: heartbeat to the coordination store failed: "
                                   f"{self._hb_error}")
             now = time.monotonic()
             for r in ranks:
@@ -148,18 +159,18 @@ class StoreCoordinator:
                     seen[r] = (count, now)
                 elif now - seen[r][1] > self.timeout:
                     raise CommitError(
-                        f"step {step} not committed: rank {r} stopped responding (no heartbeat "
+                        f"{what}: rank {r} stopped responding (no heartbeat "
                         f"for {self.timeout:.0f}s while {why}); did it die? The previous "
                         f"committed checkpoint is intact")
-                if (now - start > self.timeout and r != self.rank
+                if (seq is not None and now - start > self.timeout and r != self.rank
                         and not self._has(f"s{seq}/begin/{r}")):
                     raise CommitError(
                         f"step {step} not committed: rank {r} did not start saving it within "
                         f"{self.timeout:.0f}s (do all ranks call save() for every step?)")
             time.sleep(_POLL_S)
 
-    def commit(self, seq: int, step: int, manifest: dict | None, error: str | None,
-               finalize: Callable[[list[dict]], None]) -> None:
+    def commit(self, seq: int | str, step: int, manifest: dict | None, error: str | None,
+               finalize: Callable[[list[dict]], dict]) -> dict:
         mine = {"step": step, "rank": self.rank, "error": error, "manifest": manifest}
         self._set(f"s{seq}/m/{self.rank}", json.dumps(mine))
         if self.rank != 0:
@@ -168,7 +179,7 @@ class StoreCoordinator:
             result = self._get(f"s{seq}/result")
             if result != "ok":
                 raise CommitError(result)
-            return
+            return json.loads(self._get(f"s{seq}/record"))
         try:
             manifests = []
             for r in range(self.world_size):
@@ -182,7 +193,8 @@ class StoreCoordinator:
                     raise CommitError(f"step {step} not committed: rank {r} failed: "
                                       f"{doc['error']}")
                 manifests.append(doc["manifest"])
-            finalize(manifests)
+            record = finalize(manifests)
+            self._set(f"s{seq}/record", json.dumps(record, separators=(",", ":")))
         except BaseException as exc:
             reason = str(exc) if isinstance(exc, CommitError) else (
                 f"step {step} not committed: rank 0 could not write the commit record: {exc}")
@@ -194,6 +206,17 @@ class StoreCoordinator:
                 raise
             raise CommitError(reason) from exc
         self._set(f"s{seq}/result", "ok")
+        return record
+
+    def allgather(self, key: str, value: str) -> list[str]:
+        """Every rank's ``value`` for ``key`` (a key used once per Checkpointer)."""
+        self._set(f"ag/{key}/{self.rank}", value)
+        out = []
+        for r in range(self.world_size):
+            k = f"ag/{key}/{r}"
+            self._wait_for(None, -1, k, [r], f"exchanging {key}")
+            out.append(self._get(k))
+        return out
 
     def close(self) -> None:
         self._stop.set()

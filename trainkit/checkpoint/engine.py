@@ -30,10 +30,17 @@ import torch
 
 from trainkit.checkpoint import codec, reader
 from trainkit.checkpoint.coord import Coordinator, make_coordinator
-from trainkit.checkpoint.errors import CheckpointError, CheckpointWriteError, CommitError
+from trainkit.checkpoint.errors import (
+    CheckpointError,
+    CheckpointWriteError,
+    CommitError,
+    PickleRefusedError,
+)
 from trainkit.checkpoint.layout import DEFAULT_CHUNK_BYTES, TensorSpec, plan_shard, step_dirname
 from trainkit.checkpoint.snapshot import HostBufferPool, Snapshot, describe_tensor, storage_key
-from trainkit.checkpoint.tiers import COMMIT_FILE, is_url, open_tier
+from trainkit.checkpoint.restore import load_agreed
+from trainkit.checkpoint.tierflow import TierConfig, TierFlow
+from trainkit.checkpoint.tiers import COMMIT_FILE, is_url
 from trainkit.checkpoint.writer import ShardJob, commit_record, write_shard
 
 __all__ = ["Checkpointer", "SaveHandle"]
@@ -66,6 +73,24 @@ class SaveHandle:
         return f"SaveHandle(step={self.step}, {state})"
 
 
+def _sharded_indices(specs: list[TensorSpec], sharded: dict[str, int]) -> dict[int, int]:
+    """Tensor index -> split dimension, for ``save(..., sharded=...)``."""
+    if not sharded:
+        return {}
+    by_name = {s.name.replace("/", "."): i for i, s in enumerate(specs)}
+    out = {}
+    for name, dim in sharded.items():
+        i = by_name.get(name.replace("/", "."))
+        if i is None:
+            raise KeyError(f"sharded={{{name!r}: {dim}}}: no tensor with that key path in the "
+                           f"state; tensors: {sorted(by_name)[:8]}{' ...' if len(by_name) > 8 else ''}")
+        ndim = len(specs[i].shape)
+        if isinstance(dim, bool) or not isinstance(dim, int) or not -ndim <= dim < ndim:
+            raise ValueError(f"sharded={{{name!r}: {dim!r}}}: the tensor has {ndim} dimensions")
+        out[i] = dim % ndim
+    return out
+
+
 def _check_tensor(path: codec.KeyPath, t: torch.Tensor) -> None:
     if type(t) not in (torch.Tensor, torch.nn.Parameter):
         raise TypeError(f"cannot store a {type(t).__qualname__} at {codec.format_key_path(path)}: "
@@ -93,7 +118,20 @@ class Checkpointer:
     and every rank must call ``save()`` with the same steps, in the same order.
 
     Args:
-        path: the checkpoint directory (shared by all ranks).
+        path: the persistent tier: a directory shared by all ranks, or an fsspec URL
+            (``s3://bucket/run1``).
+        local_dir: the node-local tier (optional): a directory on this node's disk.
+        keep_in_memory: newest snapshots kept in host memory (``/dev/shm``, owned by the
+            ``trainkit run`` agent or a keeper process, so a restarted worker finds them);
+            0 disables the memory tier.
+        keep_local, keep_persistent: retention per tier (None: keep all).
+        persist_every: copy every n-th committed save to the persistent tier (and always
+            the last one, at ``close()``).
+        keep_every: never garbage-collect persistent steps divisible by this.
+        memory_dir: where the memory tier lives (default: chosen per checkpoint under
+            ``/dev/shm``, or under ``$TRAINKIT_MEMORY_DIR`` when a launcher owns it).
+        keeper_ttl: seconds the standalone keeper keeps the memory tier after the last
+            worker using it is gone.
         timeout: seconds a rank may stay silent (or not start a save) before the step
             fails on the survivors.
         chunk_bytes: target size of a data chunk file.
@@ -102,12 +140,19 @@ class Checkpointer:
             copy: the CPU stays with training); buffered writes otherwise.
     """
 
-    def __init__(self, path: str | os.PathLike, *, timeout: float = 300.0,
+    def __init__(self, path: str | os.PathLike, *, local_dir: str | os.PathLike | None = None,
+                 keep_in_memory: int = 0, keep_local: int | None = 2,
+                 keep_persistent: int | None = None, persist_every: int = 1,
+                 keep_every: int | None = None, memory_dir: str | os.PathLike | None = None,
+                 keeper_ttl: float = 300.0, timeout: float = 300.0,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, io_threads: int = 4,
-                 direct_io: bool = True) -> None:
+                 direct_io: bool = True, storage_options: dict | None = None) -> None:
         path = os.fspath(path)
         self.path = path if is_url(path) else os.path.abspath(path)
-        self._tier = open_tier(self.path)
+        config = TierConfig(local_dir=local_dir, keep_in_memory=keep_in_memory,
+                            keep_local=keep_local, keep_persistent=keep_persistent,
+                            persist_every=persist_every, keep_every=keep_every,
+                            memory_dir=memory_dir, keeper_ttl=keeper_ttl)
         self.timeout = float(timeout)
         self.chunk_bytes = int(chunk_bytes)
         self._io_threads = int(io_threads)
@@ -119,6 +164,11 @@ class Checkpointer:
         self._data = ThreadPoolExecutor(1, thread_name_prefix="trainkit-ckpt-data")
         self._commit = ThreadPoolExecutor(1, thread_name_prefix="trainkit-ckpt-commit")
         self._io = ThreadPoolExecutor(self._io_threads, thread_name_prefix="trainkit-ckpt-io")
+        self._flow = TierFlow(self.path, config, self._coord, self._io,
+                              storage_options=storage_options)
+        self._tier = self._flow.first
+        self._loads = 0
+        self.loaded_step: int | None = None
         self._optimizers: list[torch.optim.Optimizer] = []
         self._hooks: list[Any] = []
         self._lazy: Snapshot | None = None
@@ -162,9 +212,19 @@ class Checkpointer:
         return owned
 
     # -- saving -------------------------------------------------------------------------
-    def save(self, step: int, state: Any) -> SaveHandle:
+    def save(self, step: int, state: Any, *, replicated: bool | None = None,
+             sharded: dict[str, int] | None = None) -> SaveHandle:
         """Snapshot ``state`` as checkpoint ``step`` and write it in the background.
 
+        ``replicated`` (default True): the persistent copy stores data that is identical
+        on every rank once, spread over the ranks (found by checksum, so per-rank values
+        such as RNG states stay per rank); False stores every rank's full copy.
+        ``sharded={"model.emb.weight": 0}``: tensors split across ranks along a dimension
+        (key paths joined with ``.`` or ``/``); stored with their global shape, so they
+        load resharded onto any world size.
+
+        The handle resolves once the step is committed on the fastest tier; copies to the
+        slower tiers follow in the background (``wait()`` waits for them too).
         Raises ``TypeError`` (naming the key path) for a value that cannot be stored,
         and re-raises (once) the failure of an earlier save, with the same exception type.
         """
@@ -187,6 +247,7 @@ class Checkpointer:
             return len(tensors) - 1
 
         tree = codec.encode(state, on_tensor)
+        split = _sharded_indices(specs, sharded or {})
         plan = plan_shard(specs, chunk_bytes=self.chunk_bytes)
         owned = self._owned_storages() if self._optimizers else set()
         lazy = [i for i, b in enumerate(plan.blobs)
@@ -203,7 +264,8 @@ class Checkpointer:
             self._pool.release()
             raise
         job = ShardJob(self._tier, step, self._seq, self.rank, self.world_size, plan,
-                       tuple(specs), tree, snap, self._direct_io)
+                       tuple(specs), tree, snap, self._direct_io, tuple(split.items()),
+                       replicated is not False)
         self._seq += 1
         future: Future = Future()
         with self._lock:
@@ -216,10 +278,13 @@ class Checkpointer:
         return SaveHandle(step, future, self)
 
     def _is_committed(self, step: int) -> bool:
-        try:
-            return self._tier.size(f"{step_dirname(step)}/{COMMIT_FILE}") is not None
-        except OSError:          # unreadable: the write will fail with a clear error
-            return False
+        for tier in {id(t): t for t in (self._tier, self._flow.persistent)}.values():
+            try:
+                if tier.size(f"{step_dirname(step)}/{COMMIT_FILE}") is not None:
+                    return True
+            except OSError:          # unreadable: the write will fail with a clear error
+                continue
+        return False
 
     def _run_data(self, job: ShardJob, future: Future) -> None:
         manifest, error = None, None
@@ -235,13 +300,17 @@ class Checkpointer:
 
     def _run_commit(self, job: ShardJob, future: Future, manifest: dict | None,
                     error: BaseException | None) -> None:
-        def finalize(manifests: list[dict]) -> None:
-            self._tier.publish(job.step, commit_record(job.step, self.world_size, manifests,
-                                                       tier=self._tier.name))
+        def finalize(manifests: list[dict]) -> dict:
+            doc = commit_record(job.step, self.world_size, manifests, tier=self._tier.name)
+            self._flow.publish_first(job.step, doc, finalizer=True)
+            return doc
 
+        doc = None
         try:
-            self._coord.commit(job.seq, job.step, manifest,
-                               None if error is None else str(error), finalize)
+            doc = self._coord.commit(job.seq, job.step, manifest,
+                                     None if error is None else str(error), finalize)
+            if self.rank != 0:
+                self._flow.publish_first(job.step, doc, finalizer=False)
         except BaseException as exc:  # noqa: BLE001
             if error is None and self._committed_on_disk(job.step, manifest):
                 log.warning("step %d: %s; but its commit record is on disk and lists this "
@@ -254,6 +323,8 @@ class Checkpointer:
             wrapped.__cause__ = error
             error = wrapped
         if error is None:
+            if doc is not None:      # queued first, so wait() after result() sees it
+                self._flow.after_commit(job.step, job.seq, doc, dedupe=job.replicated)
             future.set_result(job.step)
             return
         log.error("checkpoint step %d failed: %s", job.step, error)
@@ -305,44 +376,79 @@ class Checkpointer:
             self._unseen.difference_update(futures)
         if first is not None:
             raise first
+        self._flow.wait()
 
     def steps(self) -> list[int]:
-        """Committed steps in this directory, oldest first."""
-        return reader.committed_steps(self._tier)
+        """Steps committed on any tier (as this rank sees them), oldest first."""
+        return self._flow.committed()
 
     def latest(self) -> int | None:
-        """The newest committed step, or None."""
+        """The newest step committed on any tier, or None."""
         steps = self.steps()
         return steps[-1] if steps else None
 
+    def tiers(self, step: int) -> list[str]:
+        """Where ``step`` lives: the tiers it is committed on, fastest first
+        (``"memory"``, ``"local"``, ``"persistent"``)."""
+        return self._flow.tiers_of(step)
+
     def load(self, step: int | None = None, *, rank: int | None = None,
              allow_pickle: bool = False) -> Any:
-        """Load a committed step (default: the newest) as CPU tensors, verifying checksums.
+        """Load a step as CPU tensors, verifying checksums: collective under
+        torch.distributed.
 
-        Each rank loads its own shard; ``rank=`` reads another rank's (e.g. rank 0's in a
-        single process). Call ``wait()`` first to include saves still in flight. Non-tensor
-        values that DCP pickled (steps written by ``ZarrWriter``) are refused with
-        ``PickleRefusedError`` unless ``allow_pickle=True``.
+        Default: the newest step that every rank can load completely from some tier,
+        agreed through the store, read from the fastest tier that holds it, falling back
+        tier by tier and then step by step on a missing or corrupt copy (each fallback
+        logged). A step saved by another number of ranks loads too: replicated values
+        as themselves, split tensors resharded, per-rank values as
+        :class:`~trainkit.checkpoint.restore.PerRank`. ``rank=`` instead reads one saved
+        rank's shard as it was written (not collective). ``loaded_step`` says which
+        step was loaded. Call ``wait()`` first to include saves still in flight.
+
+        Non-tensor values that DCP pickled (steps written through ``ZarrWriter``) are
+        refused with ``PickleRefusedError`` naming the key unless ``allow_pickle=True``
+        (unpickling runs code from the checkpoint); a refusal is not a reason to fall
+        back to another tier or step.
         """
-        if step is None:
-            step = self.latest()
+        if rank is not None:
             if step is None:
-                raise reader.CheckpointNotFoundError(
-                    f"no committed checkpoint in {self.path}; committed steps: none")
-        if rank is None:
-            record = reader.read_commit_record(self._tier, step)
-            if self.world_size > 1 and record["world_size"] != self.world_size:
-                raise CheckpointError(
-                    f"step {step} was saved by {record['world_size']} ranks but this job has "
-                    f"{self.world_size}; pass rank= to choose the shard to read")
-            rank = self.rank
-        return reader.load_shard(self._tier, step, rank, threads=self._io_threads,
-                                 allow_pickle=allow_pickle)
+                step = self.latest()
+                if step is None:
+                    raise reader.CheckpointNotFoundError(
+                        f"no committed checkpoint in {self.path}; committed steps: none")
+            value = self._load_rank(step, rank, allow_pickle)
+        else:
+            key = f"load{self._loads}"
+            self._loads += 1
+            step, value = load_agreed(self._flow.tiers, self._coord.allgather, key,
+                                      rank=self.rank, world=self.world_size, step=step,
+                                      threads=self._io_threads, allow_pickle=allow_pickle)
+        self.loaded_step = step
+        return value
+
+    def _load_rank(self, step: int, rank: int, allow_pickle: bool) -> Any:
+        problems = []
+        for tier in self._flow.tiers:
+            try:
+                record = reader.read_commit_record(tier, step)
+                return reader.load_shard(tier, step, rank, threads=self._io_threads,
+                                         record=record, allow_pickle=allow_pickle)
+            except PickleRefusedError:
+                raise
+            except (CheckpointError, OSError) as exc:
+                problems.append(f"{tier.name}: {exc}")
+                log.warning("restore: step %d, rank %d from the %s tier failed: %s", step, rank,
+                            tier.name, exc)
+        raise reader.CheckpointNotFoundError(f"step {step}, rank {rank} cannot be loaded from "
+                                             f"any tier: " + "; ".join(problems))
 
     # -- shutdown -----------------------------------------------------------------------
-    def close(self) -> None:
-        """Drain pending saves, stop the threads, detach the optimizers. Raises a failure
-        of a pending save that nobody has seen yet."""
+    def close(self, *, persist_last: bool = True) -> None:
+        """Drain pending saves and copies, make sure the newest committed step reaches the
+        persistent tier (``persist_last``; collective: every rank must close), stop the
+        threads, detach the optimizers. Raises a failure of a pending save or copy that
+        nobody has seen yet."""
         if self._closed:
             return
         try:
@@ -353,8 +459,11 @@ class Checkpointer:
             with self._lock:
                 unseen = [self._failed[f] for f in self._unseen if f in self._failed]
                 self._unseen.clear()
+            if persist_last:
+                self._flow.persist_last()
             if unseen:
                 raise CheckpointError(f"a checkpoint failed: {unseen[0]}") from unseen[0]
+            self._flow.wait()
         finally:
             self._closed = True
             for h in self._hooks:
@@ -363,6 +472,7 @@ class Checkpointer:
             self._optimizers.clear()
             self._data.shutdown(wait=True)
             self._commit.shutdown(wait=True)
+            self._flow.close()
             self._io.shutdown(wait=True)
             self._coord.close()
 
@@ -373,7 +483,7 @@ class Checkpointer:
         if exc_type is None:
             self.close()
             return
-        try:
-            self.close()
+        try:     # a failing rank must not wait for its peers to persist
+            self.close(persist_last=False)
         except CheckpointError as err:  # do not mask the exception already propagating
             log.error("checkpoint failure while closing after an error: %s", err)

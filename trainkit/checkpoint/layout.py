@@ -47,9 +47,6 @@ __all__ = [
     "DATA_ARRAY",
     "chunk_relpath",
     "rank_array",
-    "REPLICATED_ARRAY",
-    "REPLICATED_DIR",
-    "pack_blobs",
     "array_metadata",
     "group_metadata",
     "NUMPY_DTYPE",
@@ -96,41 +93,18 @@ def rank_dirname(rank: int) -> str:
     return f"rank_{rank:05d}"
 
 
-REPLICATED_DIR = "replicated"
-
-
 def rank_array(rank: int) -> str:
     """The packed array of one rank's own bytes, relative to the step directory."""
     return f"{rank_dirname(rank)}/{DATA_ARRAY}"
 
 
-REPLICATED_ARRAY = f"{REPLICATED_DIR}/{DATA_ARRAY}"
-
-
 def chunk_relpath(array: str | int, index: int) -> str:
     """Path of a data chunk relative to the step directory (zarr v3 default key encoding).
 
-    ``array`` is an array path (``rank_00000/data``, ``replicated/data``) or a rank."""
+    ``array`` is an array path (``rank_00000/data``) or a rank."""
     if isinstance(array, int):
         array = rank_array(array)
     return f"{array}/c/{index}"
-
-
-def pack_blobs(sizes: Sequence[int], *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-               ) -> tuple[list[int], int, int, int]:
-    """Offsets of blobs of ``sizes`` packed in order (64-byte aligned), the bytes used,
-    the adjusted chunk size and the chunk count: the packing rule of :func:`plan_shard`,
-    reused when the persistent tier repacks a rank's blobs into deduplicated arrays."""
-    offsets, offset = [], 0
-    for n in sizes:
-        offsets.append(offset)
-        if n:
-            offset = _align(offset + n, _BLOB_ALIGN)
-    nbytes = offset
-    nchunks = max(1, math.ceil(nbytes / chunk_bytes))
-    chunk = _align(max(1, math.ceil(nbytes / nchunks)), _CHUNK_ALIGN) if nbytes else _CHUNK_ALIGN
-    nchunks = math.ceil(nbytes / chunk) if nbytes else 0
-    return offsets, nbytes, chunk, nchunks
 
 
 @dataclass(frozen=True, slots=True)

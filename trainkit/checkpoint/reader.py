@@ -30,6 +30,7 @@ from trainkit.checkpoint.layout import (
     chunk_digest,
     chunk_relpath,
     chunk_segments,
+    rank_array,
     rank_dirname,
     step_dirname,
 )
@@ -37,8 +38,8 @@ from trainkit.checkpoint.storage import crc32
 from trainkit.checkpoint.tiers import COMMIT_FILE, Tier, open_tier
 
 __all__ = ["committed_steps", "read_commit_record", "read_rank_index", "load_shard",
-           "load_blobs", "rank_files_present", "verify_step", "as_tier", "COMMIT_FILE",
-           "PickledBytes"]
+           "load_blobs", "rank_files_present", "chunk_location", "rank_files", "verify_step",
+           "as_tier", "COMMIT_FILE", "PickledBytes"]
 
 
 def as_tier(where: Tier | str | os.PathLike) -> Tier:
@@ -118,12 +119,21 @@ def rank_arrays(index: dict) -> dict[str, dict]:
     return index["arrays"]
 
 
+def chunk_location(index: dict, array: str, c: int) -> str:
+    """Where chunk ``c`` of a rank's array lives, relative to the step directory. In a
+    deduplicated copy, a chunk identical on every rank is stored once, in the array of
+    the rank that wrote it (``arrays[..]["shared"]`` maps chunk to that rank)."""
+    info = index["arrays"][array]
+    owner = info.get("shared", {}).get(str(c))
+    return chunk_relpath(info["path"] if owner is None else rank_array(owner), c)
+
+
 def rank_files(index: dict) -> list[str]:
     """Every file a rank's load reads, relative to the step directory."""
     out = [f"{rank_dirname(index['rank'])}/zarr.json"]
-    for info in rank_arrays(index).values():
+    for array, info in rank_arrays(index).items():
         out.append(f"{info['path']}/zarr.json")
-        out += [chunk_relpath(info["path"], c) for c in range(info["nchunks"])]
+        out += [chunk_location(index, array, c) for c in range(info["nchunks"])]
     return out
 
 
@@ -161,11 +171,14 @@ def array_segments(index: dict, array: str) -> tuple[list[int], list[list]]:
 
 
 def load_blobs(tier: Tier, step: int, rank: int, record: dict, index: dict, *,
-               threads: int = 4) -> list[torch.Tensor]:
-    """Read and verify every blob of a rank: one uint8 tensor per blob."""
+               threads: int = 4, only: set[int] | None = None) -> list[torch.Tensor]:
+    """Read and verify the blobs of a rank (``only`` those, if given): one uint8 tensor
+    per blob (empty for blobs not asked for). Chunks holding none of them are not read."""
     files = record["files"]
     blobs = index["blobs"]
-    storages = [torch.empty(b["nbytes"], dtype=torch.uint8) for b in blobs]
+    wanted = set(range(len(blobs))) if only is None else only
+    storages = [torch.empty(b["nbytes"] if i in wanted else 0, dtype=torch.uint8)
+                for i, b in enumerate(blobs)]
     views = [memoryview(s.numpy()) if s.numel() else memoryview(b"") for s in storages]
     work: list[tuple[str, int, list, list[int]]] = []
     for array, info in rank_arrays(index).items():
@@ -174,7 +187,7 @@ def load_blobs(tier: Tier, step: int, rank: int, record: dict, index: dict, *,
         _, segments = array_segments(index, array)
         counters: dict[int, int] = {}
         for c in range(info["nchunks"]):
-            rel = chunk_relpath(info["path"], c)
+            rel = chunk_location(index, array, c)
             if rel not in files:
                 raise CorruptCheckpointError(f"step {step}, rank {rank}: chunk {rel} is not in "
                                              f"the commit record")
@@ -182,18 +195,21 @@ def load_blobs(tier: Tier, step: int, rank: int, record: dict, index: dict, *,
                         f"chunk {c}, holding tensors {_chunk_tensors(index, segments[c])}")
             which = []
             for b, _, _ in segments[c]:
-                if b is None:
+                if b is None or b not in wanted:
                     which.append(-1)
+                    if b is not None:
+                        counters[b] = counters.get(b, 0) + 1
                 else:
                     which.append(counters.get(b, 0))
                     counters[b] = counters.get(b, 0) + 1
-            work.append((rel, c, segments[c], which))
+            if any(k >= 0 for k in which):
+                work.append((rel, c, segments[c], which))
 
     def read_chunk(item: tuple[str, int, list, list[int]]) -> None:
         rel, _, segs, which = item
         bufs: list[memoryview] = []
-        for b, start, end in segs:
-            if b is None:
+        for (b, start, end), k in zip(segs, which):
+            if k < 0:
                 bufs.append(memoryview(bytearray(end - start)))
             else:
                 off = start - blobs[b]["offset"]
@@ -206,7 +222,7 @@ def load_blobs(tier: Tier, step: int, rank: int, record: dict, index: dict, *,
             raise CorruptCheckpointError(f"step {step}, rank {rank}: {tier.url}/{_rel(step, rel)}"
                                          f" vanished while it was read") from exc
         for (b, _, _), buf, k in zip(segs, bufs, which):
-            if b is not None and crc32(buf) != blobs[b]["crc32"][k]:
+            if k >= 0 and crc32(buf) != blobs[b]["crc32"][k]:
                 raise CorruptCheckpointError(
                     f"step {step}, rank {rank}: checksum mismatch in tensor "
                     f"{_blob_names(index, b)} stored in {tier.url}/{_rel(step, rel)}: the data "
@@ -301,7 +317,10 @@ def verify_step(where: Tier | str, step: int, *,
                                      "array metadata")
             _, segments = array_segments(index, array)
             for c in range(info["nchunks"]):
-                rel = chunk_relpath(info["path"], c)
+                rel = chunk_location(index, array, c)
+                if rel in checked:
+                    continue
+                checked.add(rel)
                 problems += _verify_file(
                     tier, step, rank, rel, record["files"].get(rel),
                     lambda data, c=c: chunk_digest(

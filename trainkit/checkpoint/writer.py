@@ -57,6 +57,7 @@ class ShardJob:
     snapshot: Snapshot
     direct_io: bool = True
     sharded: tuple[tuple[int, int], ...] = ()     # (tensor index, dim) of split tensors
+    replicated: bool = True                       # dedupe identical chunks when persisting
 
 
 def tensor_table(specs: tuple[TensorSpec, ...], plan: ShardPlan,

@@ -1,0 +1,176 @@
+"""The memory tier's owner: a small long-lived process per node.
+
+Why a separate owner: the memory tier exists to serve the restart after a worker
+crashes, so it cannot live in the worker's heap. It lives in ``/dev/shm`` (tmpfs: the
+pages are RAM, and they outlive the process that wrote them), and something must decide
+when it is no longer needed, or a crashed job leaves gigabytes of RAM pinned forever.
+
+- Under ``trainkit run`` the node agent owns it: the agent sets ``TRAINKIT_MEMORY_DIR``
+  for its workers and removes the directory when the job ends.
+- Used alone, ``Checkpointer(keep_in_memory=...)`` starts this keeper, detached (its own
+  session, so torchrun's teardown of the workers does not take it down). Each worker
+  holds a *lease* (a file named after its pid). The keeper removes the directory once no
+  lease has had a live process for ``ttl`` seconds: long enough for a restart to find
+  the copy, short enough that a dead job gives its memory back.
+
+Run as ``python -m trainkit.checkpoint.keeper DIR --ttl SECONDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from trainkit.checkpoint.storage import remove_tree
+
+__all__ = ["memory_dir_for", "ensure_keeper", "take_lease", "drop_lease", "keeper_pid",
+           "MEMORY_DIR_ENV"]
+
+MEMORY_DIR_ENV = "TRAINKIT_MEMORY_DIR"
+_LEASES = ".leases"
+_LOCK = ".keeper.lock"
+log = logging.getLogger(__name__)
+
+
+def memory_dir_for(persistent: str) -> tuple[str, bool]:
+    """The memory tier's directory for a checkpoint whose persistent tier is
+    ``persistent``, and whether a launcher owns it (``TRAINKIT_MEMORY_DIR`` set)."""
+    owned = os.environ.get(MEMORY_DIR_ENV)
+    digest = hashlib.sha1(persistent.encode()).hexdigest()[:16]
+    if owned:
+        return os.path.join(owned, digest), True
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else os.path.join(
+        os.environ.get("TMPDIR", "/tmp"))
+    return os.path.join(base, f"trainkit-{os.getuid()}", digest), False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def take_lease(directory: str) -> str:
+    """Mark this process as a user of the memory tier; returns the lease path."""
+    leases = os.path.join(directory, _LEASES)
+    os.makedirs(leases, exist_ok=True)
+    path = os.path.join(leases, str(os.getpid()))
+    with open(path, "w"):
+        pass
+    return path
+
+
+def drop_lease(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def live_leases(directory: str) -> list[int]:
+    try:
+        names = os.listdir(os.path.join(directory, _LEASES))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        if name.isdigit() and _alive(int(name)):
+            out.append(int(name))
+        elif name.isdigit():
+            drop_lease(os.path.join(directory, _LEASES, name))
+    return out
+
+
+def ensure_keeper(directory: str, *, ttl: float) -> None:
+    """Start the keeper for ``directory`` unless one is running (it holds a lock file)."""
+    os.makedirs(directory, exist_ok=True)
+    lock = os.path.join(directory, _LOCK)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return                              # a keeper holds it
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    subprocess.Popen([sys.executable, "-m", "trainkit.checkpoint.keeper", directory,
+                      "--ttl", str(ttl)],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:      # wait until it holds the lock
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        finally:
+            os.close(fd)
+        time.sleep(0.02)
+    log.warning("the memory-tier keeper for %s did not start; the copy will stay until "
+                "/dev/shm is cleared", directory)
+
+
+def keeper_pid(directory: str) -> int | None:
+    """The pid of the keeper holding ``directory``, if one does."""
+    lock = os.path.join(directory, _LOCK)
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raw = os.pread(fd, 32, 0)
+            return int(raw) if raw.strip().isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def keep(directory: str, ttl: float, poll: float = 1.0) -> int:
+    """The keeper's loop: hold the lock; remove ``directory`` after ``ttl`` seconds with no
+    live lease."""
+    lock = os.path.join(directory, _LOCK)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return 0                            # another keeper won the race
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)   # so tools (and tests) can find it
+    idle_since = time.monotonic()
+    while True:
+        if not os.path.isdir(directory):
+            return 0
+        if live_leases(directory):
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > ttl:
+            remove_tree(directory)
+            return 0
+        time.sleep(poll)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Own a trainkit memory tier in /dev/shm.")
+    p.add_argument("directory")
+    p.add_argument("--ttl", type=float, default=300.0,
+                   help="remove the directory after this many seconds without a live worker")
+    args = p.parse_args(argv)
+    return keep(args.directory, args.ttl)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Retention and garbage collection, per tier, crash-safe.
+
+The rules (issue #3):
+
+- a tier keeps its newest ``keep`` committed steps (``None``: all of them), so a step is
+  deleted from a tier only once a newer step is committed *on that tier*;
+- steps divisible by ``keep_every`` are never deleted from the persistent tier (the
+  faster tiers are caches with bounded room);
+- steps still being copied down (``protect``) are not deleted from any tier;
+- deletion removes the commit record first (durably), then the data. A GC killed at
+  any moment therefore leaves either a committed, complete step or an uncommitted
+  directory, never a committed-but-broken one. Uncommitted directories older than the
+  newest committed step are leftovers of interrupted saves or GCs and are removed too.
+
+``plan_gc`` is pure (what to delete, and why); ``apply_gc`` does it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from trainkit.checkpoint.layout import step_dirname
+from trainkit.checkpoint.tiers import COMMIT_FILE, Tier
+
+__all__ = ["GcPlan", "plan_gc", "apply_gc", "tier_state"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GcPlan:
+    """What a GC pass deletes from one tier."""
+
+    tier: str
+    delete: tuple[int, ...]          # committed steps beyond retention
+    leftovers: tuple[int, ...]       # uncommitted step directories older than the newest commit
+    kept: tuple[int, ...]            # committed steps that stay
+
+
+def plan_gc(tier: str, committed: list[int], uncommitted: list[int], *, keep: int | None,
+            keep_every: int | None = None, protect: frozenset[int] = frozenset()) -> GcPlan:
+    """Decide what to delete from a tier (pure)."""
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be >= 1 or None, got {keep}")
+    committed = sorted(committed)
+    newest = committed[-1] if committed else None
+    keep_set = set(committed if keep is None else committed[-keep:])
+    keep_set |= set(protect)
+    if keep_every:
+        keep_set |= {s for s in committed if s % keep_every == 0}
+    delete = tuple(s for s in committed if s not in keep_set)
+    leftovers = tuple(s for s in sorted(uncommitted)
+                      if newest is not None and s < newest and s not in protect)
+    return GcPlan(tier, delete, leftovers, tuple(s for s in committed if s in keep_set))
+
+
+def tier_state(tier: Tier) -> tuple[list[int], list[int]]:
+    """(committed, uncommitted) step directories on a tier."""
+    committed, uncommitted = [], []
+    for s in tier.step_dirs():
+        (committed if tier.size(f"{step_dirname(s)}/{COMMIT_FILE}") is not None
+         else uncommitted).append(s)
+    return committed, uncommitted
+
+
+def apply_gc(tier: Tier, plan: GcPlan) -> None:
+    """Delete what ``plan`` says: the record first (the step stops being committed), then
+    the data."""
+    for step in plan.delete:
+        tier.unpublish(step)
+        tier.remove(step)
+        log.info("gc: step %d deleted from the %s tier (%s)", step, tier.name, tier.url)
+    for step in plan.leftovers:
+        tier.remove(step)
+        log.info("gc: removed the uncommitted leftovers of step %d from the %s tier",
+                 step, tier.name)
