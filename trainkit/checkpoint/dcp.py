@@ -34,6 +34,9 @@ import io
 import json
 import os
 import uuid
+from collections import deque
+from concurrent.futures import Future as ConcurrentFuture
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -318,14 +321,16 @@ class ZarrReader(StorageReader):
         step: the step to read; None: the newest committed step when the load starts.
         allow_pickle: hand pickled non-tensor items to DCP's planner (which unpickles
             them, as DCP does for its own format). False refuses them, naming the key.
+        read_threads: threads reading and checking blobs ahead of the copies.
     """
 
     def __init__(self, path: str | os.PathLike, step: int | None = None, *,
-                 allow_pickle: bool = True) -> None:
+                 allow_pickle: bool = True, read_threads: int = 4) -> None:
         super().__init__()
         self.path = os.fspath(path)
         self.step = step
         self.allow_pickle = allow_pickle
+        self.read_threads = max(1, int(read_threads))
         self._load_id = uuid.uuid4().hex
         self._read_step: int | None = None
         self._record: dict | None = None
@@ -395,38 +400,60 @@ class ZarrReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        """Read the planned items, blob by blob, verified, into the planner's tensors."""
+        """Read the planned items, verified, into the planner's tensors. Blobs are read in
+        storage order by ``read_threads`` threads (positioned reads and CRCs release the
+        GIL), at most ``2 * read_threads`` ahead of the copies, so memory stays bounded."""
         if self._record is None or self._read_step is None:
             raise CheckpointError("ZarrReader.read_data before read_metadata")
         tier = open_tier(self.path)
-        readers: dict[int, ShardBlobReader] = {}
-        cached: tuple[Location, torch.Tensor] | None = None
         order = sorted(plan.items, key=lambda r: self._locations[r.storage_index])
-        for req in order:
-            loc = self._locations[req.storage_index]
-            rank, entry = loc
-            if rank not in readers:
-                readers[rank] = ShardBlobReader(tier, self._read_step, rank, self._record)
-            if req.type == LoadItemType.BYTE_IO:
-                if not self.allow_pickle:
+        if not self.allow_pickle:
+            for req in order:
+                if req.type == LoadItemType.BYTE_IO:
                     raise PickleRefusedError(
                         f"{req.dest_index.fqn!r} is a pickled value (torch.save by DCP); "
                         f"loading it runs code from the checkpoint; use "
                         f"ZarrReader(..., allow_pickle=True) if you trust {tier.url}")
-                planner.load_bytes(req, io.BytesIO(readers[rank].raw(entry)))
-                continue
-            if cached is None or cached[0] != loc:
-                cached = (loc, readers[rank].tensor(entry))
-            src = cached[1]
-            for dim, (off, length) in enumerate(zip(req.storage_offsets, req.lengths)):
-                src = src.narrow(dim, off, length)
-            target = planner.resolve_tensor(req).detach()
-            if target.size() != src.size():
-                raise CheckpointError(f"{req.dest_index.fqn}: the checkpoint holds "
-                                      f"{list(src.size())} for this read, the target is "
-                                      f"{list(target.size())}")
-            target.copy_(src)
-            planner.commit_tensor(req, target)
+        locs = list(dict.fromkeys(self._locations[r.storage_index] for r in order))
+        readers = {rank: ShardBlobReader(tier, self._read_step, rank, self._record)
+                   for rank in sorted({rank for rank, _ in locs})}
+        ahead: deque[tuple[Location, ConcurrentFuture]] = deque()
+        with ThreadPoolExecutor(self.read_threads,
+                                thread_name_prefix="trainkit-dcp-read") as pool:
+            todo = iter(locs)
+
+            def refill() -> None:
+                while len(ahead) < 2 * self.read_threads:
+                    loc = next(todo, None)
+                    if loc is None:
+                        return
+                    ahead.append((loc, pool.submit(readers[loc[0]].tensor, loc[1])))
+
+            current: tuple[Location, torch.Tensor] | None = None
+            try:
+                for req in order:
+                    loc = self._locations[req.storage_index]
+                    if current is None or current[0] != loc:
+                        refill()
+                        got, fut = ahead.popleft()
+                        assert got == loc
+                        current = (loc, fut.result())
+                    if req.type == LoadItemType.BYTE_IO:
+                        planner.load_bytes(req, io.BytesIO(current[1].numpy().tobytes()))
+                        continue
+                    src = current[1]
+                    for dim, (off, length) in enumerate(zip(req.storage_offsets, req.lengths)):
+                        src = src.narrow(dim, off, length)
+                    target = planner.resolve_tensor(req).detach()
+                    if target.size() != src.size():
+                        raise CheckpointError(f"{req.dest_index.fqn}: the checkpoint holds "
+                                              f"{list(src.size())} for this read, the target "
+                                              f"is {list(target.size())}")
+                    target.copy_(src)
+                    planner.commit_tensor(req, target)
+            finally:
+                for _, fut in ahead:
+                    fut.cancel()
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
