@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
 
 from distributed import run_ranks
 from trainkit.checkpoint import (
@@ -23,6 +24,7 @@ from trainkit.checkpoint import (
     verify_step,
 )
 from trainkit.checkpoint.dcp_metadata import decode_metadata, encode_metadata
+from trainkit.checkpoint.export import export_safetensors
 from trainkit.checkpoint.reader import PickledBytes, load_shard, read_commit_record
 from trainkit.cli import main
 
@@ -215,6 +217,9 @@ def test_two_ranks_gloo(tmp_path):
         with pytest.raises(PickleRefusedError, match="'step' is a pickled value"):
             ck.load(0)
         assert ck.load(0, allow_pickle=True) is not None
+    # export merges the ranks' trees: DCP put each tensor on one rank only
+    files = export_safetensors(tmp_path, 0, tmp_path / "out" / "model.safetensors")
+    assert set(load_file(files[0])) == {"w", "b"}
     # step 50: one replicated item, so one rank had nothing to write: an empty group
     sizes = [sum(1 for _ in load_shard(tmp_path, 50, r)) for r in (0, 1)]
     assert sorted(sizes) == [0, 1]

@@ -239,3 +239,26 @@ def test_verify_progress_flag(ckpt, capsys):
     assert rc == 0 and "step 10: ok" in out and err == ""
     rc, out, err = _cli(capsys, "verify", str(ckpt), "--progress")
     assert rc == 0 and "verify step 10" in err and "100%" in err
+
+
+def test_urls_are_accepted_or_refused_clearly(tmp_path, capsys):
+    """Every ckpt command goes through the tier layer: a URL either works (fsspec tier
+    present) or fails with one clear line, never a traceback."""
+    try:
+        import trainkit.checkpoint.tiers_fsspec  # noqa: F401
+        have_fsspec_tier = True
+    except ImportError:
+        have_fsspec_tier = False
+    url = "memory://trainkit-test/run"
+    src = tmp_path / "dcp"
+    dcp.save({"model": {"w": torch.ones(3)}}, storage_writer=FileSystemWriter(src))
+    for args in (["ls", url], ["verify", url], ["import-dcp", str(src), url, "--step", "1"]):
+        rc, out, err = _cli(capsys, *args)
+        if have_fsspec_tier:
+            assert rc == 0, (args, out, err)
+        else:
+            assert rc != 0 and "URL support is not available" in err, (args, err)
+            assert "Traceback" not in err
+    if have_fsspec_tier:
+        rc, out, _ = _cli(capsys, "export", url, "1", "--to", str(tmp_path / "o.safetensors"))
+        assert rc == 0 and torch.equal(load_file(tmp_path / "o.safetensors")["w"], torch.ones(3))

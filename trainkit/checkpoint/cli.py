@@ -367,7 +367,9 @@ def _import_dcp(args: argparse.Namespace) -> int:
     from trainkit.checkpoint.progress import Progress
     from trainkit.checkpoint.tiers import is_url
 
-    if not is_url(args.dst) and os.path.exists(args.dst) and not os.path.isdir(args.dst):
+    if is_url(args.dst):
+        _require_dir(args.dst)
+    elif os.path.exists(args.dst) and not os.path.isdir(args.dst):
         print(f"trainkit ckpt import-dcp: {args.dst} exists and is not a directory",
               file=sys.stderr)
         return 1

@@ -42,8 +42,38 @@ INDEX_SUFFIX = ".safetensors.index.json"
 def step_state(tier: Tier, step: int) -> Any:
     """The state whose model part is exported. For now rank 0's shard (the whole model
     under plain data parallelism); the one call to switch to a world-size-agnostic
-    global view. Pickled values come back as opaque bytes and are ignored."""
-    return reader.load_shard(tier, step, 0, pickled_as_bytes=True)
+    global view. A step written through DCP by several ranks has each tensor on one
+    rank only (DCP dedups), so its ranks' trees are merged. Pickled values come back as
+    opaque bytes and are ignored."""
+    record = reader.read_commit_record(tier, step)
+    if record.get("dcp") and record["world_size"] > 1:
+        merged: Any = {}
+        for rank in range(record["world_size"]):
+            shard = reader.load_shard(tier, step, rank, record=record, pickled_as_bytes=True)
+            merged = _merge_disjoint(merged, shard, "state")
+        return merged
+    return reader.load_shard(tier, step, 0, record=record, pickled_as_bytes=True)
+
+
+def _merge_disjoint(a: Any, b: Any, path: str) -> Any:
+    """Union of two rank trees whose leaves sit at different key paths (``None`` list
+    slots are another rank's items)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = _merge_disjoint(out.get(k), v, f"{path}[{k!r}]")
+        return out
+    if isinstance(a, list) and isinstance(b, list):
+        n = max(len(a), len(b))
+        a, b = a + [None] * (n - len(a)), b + [None] * (n - len(b))
+        return [_merge_disjoint(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b))]
+    raise CheckpointError(f"{path} is stored by more than one rank (a tensor split across "
+                          f"ranks, e.g. a DTensor), which export cannot join yet; "
+                          f"dcp.load it through ZarrReader into whole tensors and save those")
 
 
 def select_tensors(state: Any, prefix: str) -> dict[str, torch.Tensor]:
