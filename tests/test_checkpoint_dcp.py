@@ -140,6 +140,12 @@ def test_reader_refusals_and_corruption(tmp_path):
     with pytest.raises(dcp.CheckpointException, match="checksum mismatch"):
         dcp.load(_zeros_like(state), storage_reader=ZarrReader(tmp_path))
     assert any("fails its checksum" in p for p in verify_step(tmp_path, 0))
+    meta = tmp_path / "step_0000000000" / "dcp_metadata.json"
+    meta.write_text(meta.read_text().replace('"step"', '"stop"'))
+    assert any("dcp_metadata.json fails its checksum (step metadata)" in p
+               for p in verify_step(tmp_path, 0))
+    with pytest.raises(dcp.CheckpointException, match="fails its checksum"):
+        dcp.load(_zeros_like(state), storage_reader=ZarrReader(tmp_path))
 
 
 def test_metadata_json_round_trip(tmp_path):
@@ -232,3 +238,13 @@ def test_writer_rejects_plan_without_step(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert ZarrWriter.validate_checkpoint_id(str(tmp_path))
+
+
+def test_async_save(tmp_path):
+    """dcp.async_save stages the state, then runs the same writer in the background."""
+    state = {"model": {"w": torch.randn(100, 100)}, "step": 3}
+    dcp.async_save(state, storage_writer=ZarrWriter(tmp_path, step=4)).result(timeout=60)
+    assert verify_step(tmp_path, 4) == []
+    target = {"model": {"w": torch.zeros(100, 100)}, "step": None}
+    dcp.load(target, storage_reader=ZarrReader(tmp_path, step=4))
+    assert torch.equal(target["model"]["w"], state["model"]["w"]) and target["step"] == 3

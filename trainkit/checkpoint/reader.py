@@ -302,6 +302,10 @@ def verify_step(where: Tier | str, step: int, *,
     except (CheckpointNotFoundError, CorruptCheckpointError) as exc:
         return [str(exc)]
     checked: set[str] = set()
+    for rel, expected in record["files"].items():
+        if "/" not in rel:         # step-level files, e.g. the DCP metadata of ZarrWriter
+            problems += [p.replace(", rank 0:", ":", 1) for p in _verify_file(
+                tier, step, 0, rel, expected, crc32, "step metadata")]
     for rank in range(record["world_size"]):
         try:
             index = read_rank_index(tier, step, rank, record)
