@@ -1,7 +1,12 @@
 """Checkpoint benchmark: trainkit against torch.save and DCP, side by side in one run.
 
-    .venv/bin/python benchmarks/checkpoint_bench.py            # 2 x ~1 GiB states
+    .venv/bin/python benchmarks/checkpoint_bench.py            # 2 x ~1 GiB states + tiers
     .venv/bin/python benchmarks/checkpoint_bench.py --quick    # 2 x 64 MiB, ~1 minute
+    .venv/bin/python benchmarks/checkpoint_bench.py --parts tiers   # only the issue-3 part
+
+``--parts loop`` is the training-loop comparison below; ``--parts tiers`` is
+``benchmarks/checkpoint_tiers.py``: persistence of a replicated state from 1, 2 and 4
+ranks (dedupe), and restore from memory, local and persistent against ``dcp.load``.
 
 Two states held by a real optimizer (SGD with momentum: half the tensors are
 parameters, half momentum buffers): 64 x 16 MiB tensors ("big") and 2000 x 512 KiB
@@ -371,16 +376,25 @@ def main() -> int:
     p.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
     p.add_argument("--only", default=None, help="run only competitors whose name contains this")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--parts", default="loop,tiers", help="loop, tiers, or both (comma-separated)")
     args = p.parse_args()
+    parts = set(args.parts.split(","))
+    if parts - {"loop", "tiers"}:
+        p.error(f"unknown part(s) {sorted(parts - {'loop', 'tiers'})}; use loop and/or tiers")
     torch.set_num_threads(1)    # training uses one core; the other is left for checkpointing
     scale = 16 if args.quick else 1
     reps = args.reps or (2 if args.quick else 3)
     root = Path(args.dir or tempfile.mkdtemp(prefix="trainkit-bench-"))
     comps = [c for c in competitors(args.quick) if not args.only or args.only in c.name]
-    rows = []
+    rows: list[dict] = []
+    tiers_result = None
     try:
-        for name, n, size in (("big: 64 x 16 MiB", 64, 16 * MiB),
-                              ("small: 2000 x 512 KiB", 2000, 512 * 1024)):
+        if "tiers" in parts:
+            import checkpoint_tiers
+
+            tiers_result = checkpoint_tiers.run(args.quick, root / "tiers")
+        for name, n, size in ([] if "loop" not in parts else (("big: 64 x 16 MiB", 64, 16 * MiB),
+                              ("small: 2000 x 512 KiB", 2000, 512 * 1024))):
             n_eff = n // scale if args.quick else n
             label = name if not args.quick else f"{name.split(':')[0]}: {n_eff} x {size // 1024} KiB"
             torch.manual_seed(0)
@@ -393,9 +407,14 @@ def main() -> int:
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
-    print(table(rows))
+    if rows:
+        print(table(rows))
+    if tiers_result is not None:
+        import checkpoint_tiers
+
+        print(checkpoint_tiers.report(tiers_result))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps({"loop": rows, "tiers": tiers_result}, indent=1))
     return 0
 
 

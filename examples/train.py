@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from trainkit.checkpoint import CheckpointError, Checkpointer
+from trainkit.checkpoint import Checkpointer, CheckpointNotFoundError, PerRank
 
 SAMPLES, FEATURES, CLASSES = 4096, 32, 8
 
@@ -40,7 +40,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=200, help="total optimizer steps")
     p.add_argument("--ckpt-every", type=int, default=20, help="save every N steps")
-    p.add_argument("--ckpt-dir", default="runs/train/ckpt", help="checkpoint directory")
+    p.add_argument("--ckpt-dir", default="runs/train/ckpt",
+                   help="checkpoint directory (the persistent tier)")
+    p.add_argument("--local-dir", default=None,
+                   help="node-local checkpoint tier; '{node}' is replaced by the node index "
+                        "under trainkit run")
+    p.add_argument("--keep-in-memory", type=int, default=0,
+                   help="newest checkpoints kept in /dev/shm (the memory tier), for restarts")
+    p.add_argument("--persist-every", type=int, default=1,
+                   help="copy every n-th checkpoint to the persistent tier")
     p.add_argument("--loss-log", default=None, help="rank 0 appends 'step loss' lines here")
     p.add_argument("--stop-after", type=int, default=None,
                    help="simulated crash: every rank exits abruptly (os._exit) after this step, "
@@ -126,17 +134,32 @@ def agreed_latest(ckpt: Checkpointer) -> int | None:
     return None if t.item() < 0 else int(t.item())
 
 
-def load_for_this_rank(ckpt: Checkpointer, step: int, rank: int) -> dict:
-    """This rank's shard; after a shrink (a node excluded by `trainkit run`) rank r takes
-    shard r of the larger job: model and optimizer state are replicated under DDP, so any
-    shard restores them, and each rank keeps its own RNG stream and data position."""
-    try:
-        return ckpt.load(step)
-    except CheckpointError as exc:
-        if "ranks but this job has" not in str(exc):
-            raise
-        print(f"[train] rank {rank}: {exc}; restoring shard {rank}", flush=True)
-        return ckpt.load(step, rank=rank)
+def this_ranks_view(state: object, rank: int) -> object:
+    """After a shrink (a node excluded by `trainkit run`), ``load()`` returns per-rank
+    entries (RNG streams, data positions) as ``PerRank``; rank r takes saved rank r's.
+    Model and optimizer state are replicated under DDP and load as themselves."""
+    if isinstance(state, PerRank):
+        return state[rank] if rank in state else state[min(state)]
+    if isinstance(state, dict):
+        return {k: this_ranks_view(v, rank) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(this_ranks_view(v, rank) for v in state)
+    return state
+
+
+def restore(ckpt: object, rank: int) -> tuple[int | None, dict | None]:
+    """The newest checkpoint every rank can load (collective), or (None, None)."""
+    if isinstance(ckpt, Checkpointer):
+        try:
+            state = ckpt.load()
+        except CheckpointNotFoundError:
+            return None, None
+        if rank == 0:
+            print(f"[train] restored step {ckpt.loaded_step} from the {ckpt.loaded_from} tier",
+                  flush=True)
+        return ckpt.loaded_step, this_ranks_view(state, rank)
+    resumed = agreed_latest(ckpt)
+    return (None, None) if resumed is None else (resumed, ckpt.load(resumed))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,13 +193,15 @@ def main(argv: list[str] | None = None) -> int:
 
         ckpt = TorchSaveCheckpointer(args.ckpt_dir)
     else:
-        ckpt = Checkpointer(args.ckpt_dir, timeout=60)
+        local = (None if args.local_dir is None else
+                 args.local_dir.replace("{node}", os.environ.get("TRAINKIT_NODE_INDEX", "0")))
+        ckpt = Checkpointer(args.ckpt_dir, local_dir=local, keep_in_memory=args.keep_in_memory,
+                            persist_every=args.persist_every, timeout=60)
     if not args.no_attach:
         ckpt.attach(opt)
     start = 1
-    resumed = agreed_latest(ckpt)
+    resumed, state = restore(ckpt, rank)
     if resumed is not None:
-        state = load_for_this_rank(ckpt, resumed, rank)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])

@@ -147,6 +147,8 @@ def test_ranks_that_see_different_newest_steps_agree(tmp_path):
 
 
 def _bad_shard(rank: int, world: int, root: str) -> str:
+    import torch.distributed as dist
+
     from trainkit.checkpoint import Checkpointer
 
     with Checkpointer(os.path.join(root, "p"), timeout=30) as ck:
@@ -158,6 +160,7 @@ def _bad_shard(rank: int, world: int, root: str) -> str:
         handle = ck.save(1, {"w": torch.zeros(2, 3 + rank)}, sharded={"w": 0})
         with pytest.raises(Exception, match="does not fit"):
             handle.result(timeout=60)
+        dist.barrier()           # rank 0 hosts the store: stay until rank 1 has its answer
         return "ok"
 
 

@@ -65,6 +65,7 @@ def test_load_takes_the_fastest_tier_and_falls_back(tmp_path, caplog):
     with _tiers(tmp_path, keep_in_memory=1) as ck:
         assert ck.tiers(2) == ["memory", "local", "persistent"]
         assert torch.equal(ck.load()["w"], _state(2)["w"]) and ck.loaded_step == 2
+        assert ck.loaded_from == "memory"
         # corrupt the memory copy, delete the local one: persistent serves, with a log
         chunk = tmp_path / "m" / "step_0000000002" / "rank_00000" / "data" / "c" / "1"
         data = bytearray(chunk.read_bytes())
@@ -74,6 +75,7 @@ def test_load_takes_the_fastest_tier_and_falls_back(tmp_path, caplog):
         with caplog.at_level(logging.WARNING, logger="trainkit.checkpoint"):
             state = ck.load()
         assert ck.loaded_step == 2 and torch.equal(state["w"], _state(2)["w"])
+        assert ck.loaded_from == "persistent"
         text = caplog.text
         assert "checksum mismatch" in text and "falling back" in text and "memory" in text
         # every copy of step 2 broken: step by step fallback to step 1
@@ -134,7 +136,7 @@ _RESTARTED_WORKER = textwrap.dedent("""
     state = ck.load()
     g = torch.Generator().manual_seed(ck.loaded_step)
     assert torch.equal(state["w"], torch.randn(256, 64, generator=g))
-    print("LOADED", ck.loaded_step, flush=True)
+    print("LOADED", ck.loaded_step, ck.loaded_from, flush=True)
     ck.close()
 """)
 
@@ -157,7 +159,7 @@ def test_memory_tier_survives_a_crashed_worker(tmp_path):
                                env=subprocess_env(), capture_output=True, text=True, timeout=120)
         assert again.returncode == 0, again.stderr
         assert "TIERS 2 ['memory']" in again.stdout, again.stdout
-        assert "LOADED 2" in again.stdout
+        assert "LOADED 2 memory" in again.stdout
         assert committed_steps(path) == [1] and committed_steps(mem) == [2]
     finally:
         pid = keeper_pid(mem)

@@ -5,6 +5,7 @@ Every test has a timeout and kills the whole process tree it started.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -133,13 +134,18 @@ def _train_job(tmp_path: Path, trainkit_args: list[str], train_args: list[str], 
 
 
 def test_crash_restarts_and_resumes_with_identical_losses(tmp_path):
+    """Checkpoints in the memory tier (the agent's /dev/shm), the node-local tier, and
+    only the first one in persistent: the restart restores from memory."""
     proc, events, steps = _train_job(
         tmp_path, ["--local-nodes", "2", "--hang-timeout", "5"],
-        ["--steps", "16", "--ckpt-every", "3"],
+        ["--steps", "16", "--ckpt-every", "3", "--keep-in-memory", "1",
+         "--local-dir", str(tmp_path / "local{node}"), "--persist-every", "100"],
         env={"TRAINKIT_FAULT": "node=1,step=10,kind=crash"})
     assert proc.returncode == 0, proc.stdout[-5000:]
     decision = next(e for e in events if e["event"] == "decision")
     assert decision["action"] == "restart" and decision["culprits"] == ["node1"]
+    gen1 = next(e for e in events if e["event"] == "generation_start" and e["gen"] == 1)
+    assert gen1["warm"] is True         # same nodes: the pre-started generation takes over
     by_gen: dict[str, dict[int, float]] = {}
     for s in steps:
         by_gen.setdefault(s["generation"], {})[s["step"]] = s["loss"]
@@ -147,6 +153,10 @@ def test_crash_restarts_and_resumes_with_identical_losses(tmp_path):
     resumed = min(second)
     assert resumed <= 10 and max(second) == 16
     assert resumed - 1 in (3, 6, 9), "resumes right after a committed checkpoint"
+    assert f"restored step {resumed - 1} from the memory tier" in proc.stdout, proc.stdout[-3000:]
+    for node in ("node0", "node1"):     # each agent freed its node's memory tier
+        digest = hashlib.sha1(f"{(tmp_path / 'run').resolve()}|{node}".encode()).hexdigest()
+        assert not Path(f"/dev/shm/trainkit-{os.getuid()}/run-{digest[:16]}").exists()
     overlap = sorted(set(first) & set(second))
     assert overlap, "some steps were recomputed after the crash"
     for step in overlap:  # the same world size: the recomputed steps are bit-identical
@@ -191,6 +201,7 @@ def test_drill_hang_isolates_node2_and_finishes_on_two_nodes(tmp_path):
     assert decision["exclude"] == ["node2"]
     gen1 = next(e for e in events if e["event"] == "generation_start" and e["gen"] == 1)
     assert gen1["members"] == ["node0", "node1"]
+    assert gen1["warm"] is False        # membership changed: the warm generation is discarded
     progress = [json.loads(x) for x in (run_dir / "progress.jsonl").read_text().splitlines()]
     assert progress[-1]["step"] == 40 and progress[-1]["world"] == 4
     assert "recovery timeline" in proc.stdout and "job finished: yes" in proc.stdout

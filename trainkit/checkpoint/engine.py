@@ -169,6 +169,7 @@ class Checkpointer:
         self._tier = self._flow.first
         self._loads = 0
         self.loaded_step: int | None = None
+        self.loaded_from: str | None = None     # the tier the last load() read
         self._optimizers: list[torch.optim.Optimizer] = []
         self._hooks: list[Any] = []
         self._lazy: Snapshot | None = None
@@ -403,8 +404,9 @@ class Checkpointer:
         logged). A step saved by another number of ranks loads too: replicated values
         as themselves, split tensors resharded, per-rank values as
         :class:`~trainkit.checkpoint.restore.PerRank`. ``rank=`` instead reads one saved
-        rank's shard as it was written (not collective). ``loaded_step`` says which
-        step was loaded. Call ``wait()`` first to include saves still in flight.
+        rank's shard as it was written (not collective). ``loaded_step`` and
+        ``loaded_from`` say which step was loaded, from which tier. Call ``wait()``
+        first to include saves still in flight.
 
         Non-tensor values that DCP pickled (steps written through ``ZarrWriter``) are
         refused with ``PickleRefusedError`` naming the key unless ``allow_pickle=True``
@@ -417,23 +419,24 @@ class Checkpointer:
                 if step is None:
                     raise reader.CheckpointNotFoundError(
                         f"no committed checkpoint in {self.path}; committed steps: none")
-            value = self._load_rank(step, rank, allow_pickle)
+            value, tier = self._load_rank(step, rank, allow_pickle)
         else:
             key = f"load{self._loads}"
             self._loads += 1
-            step, value = load_agreed(self._flow.tiers, self._coord.allgather, key,
+            step, value, tier = load_agreed(self._flow.tiers, self._coord.allgather, key,
                                       rank=self.rank, world=self.world_size, step=step,
                                       threads=self._io_threads, allow_pickle=allow_pickle)
         self.loaded_step = step
+        self.loaded_from = tier
         return value
 
-    def _load_rank(self, step: int, rank: int, allow_pickle: bool) -> Any:
+    def _load_rank(self, step: int, rank: int, allow_pickle: bool) -> tuple[Any, str]:
         problems = []
         for tier in self._flow.tiers:
             try:
                 record = reader.read_commit_record(tier, step)
                 return reader.load_shard(tier, step, rank, threads=self._io_threads,
-                                         record=record, allow_pickle=allow_pickle)
+                                         record=record, allow_pickle=allow_pickle), tier.name
             except PickleRefusedError:
                 raise
             except (CheckpointError, OSError) as exc:

@@ -128,9 +128,11 @@ def _raise_if_refused(flags: list[str], problem: BaseException | None) -> None:
 
 
 def _try_step(cands: list[Candidate], step: int, rank: int, world: int,
-              threads: int, allow_pickle: bool = False) -> tuple[Any, BaseException | None]:
-    """Load ``step`` from the fastest tier that works: (value, None), or (None, the last
-    failure) with every failure logged. A pickle refusal ends the search at once."""
+              threads: int, allow_pickle: bool = False
+              ) -> tuple[Any, BaseException | None, str | None]:
+    """Load ``step`` from the fastest tier that works: (value, None, tier), or (None, the
+    last failure, None) with every failure logged. A pickle refusal ends the search at
+    once."""
     last: BaseException | None = None
     for i, cand in enumerate(cands):
         try:
@@ -138,16 +140,16 @@ def _try_step(cands: list[Candidate], step: int, rank: int, world: int,
             if i:
                 log.warning("restore: step %d loaded from the %s tier after falling back",
                             step, cand.tier.name)
-            return value, None
+            return value, None, cand.tier.name
         except PickleRefusedError as exc:
-            return None, exc
+            return None, exc, None
         except (CheckpointError, OSError) as exc:
             nxt = cands[i + 1].tier.name if i + 1 < len(cands) else None
             log.warning("restore: step %d on the %s tier failed: %s; %s", step,
                         cand.tier.name, exc,
                         f"falling back to the {nxt} tier" if nxt else "no other tier has it")
             last = exc
-    return None, last or CheckpointNotFoundError(f"step {step}: no tier holds it")
+    return None, last or CheckpointNotFoundError(f"step {step}: no tier holds it"), None
 
 
 def _committed_anywhere(tiers: Sequence[Tier], step: int) -> list[Candidate]:
@@ -162,8 +164,8 @@ def _committed_anywhere(tiers: Sequence[Tier], step: int) -> list[Candidate]:
 
 def load_agreed(tiers: Sequence[Tier], allgather: Callable[[str, str], list[str]], key: str, *,
                 rank: int, world: int, step: int | None, threads: int,
-                allow_pickle: bool = False) -> tuple[int, Any]:
-    """The collective load (module docstring): returns (step, state) on every rank.
+                allow_pickle: bool = False) -> tuple[int, Any, str]:
+    """The collective load (module docstring): (step, state, tier loaded from), every rank.
 
     With an explicit ``step`` there is nothing to agree on: every rank loads it from its
     fastest working tier, and a rank that cannot raises its own precise error (the
@@ -172,7 +174,7 @@ def load_agreed(tiers: Sequence[Tier], allgather: Callable[[str, str], list[str]
         cands = _committed_anywhere(tiers, step)
         if not cands:
             read_commit_record(tiers[-1], step)       # raises the detailed "not committed"
-        value, problem = _try_step(cands, step, rank, world, threads, allow_pickle)
+        value, problem, tier = _try_step(cands, step, rank, world, threads, allow_pickle)
         flags = allgather(f"{key}/explicit", _flag(problem))
         _raise_if_refused(flags, problem)
         if problem is not None:
@@ -181,7 +183,8 @@ def load_agreed(tiers: Sequence[Tier], allgather: Callable[[str, str], list[str]
         if failed:
             raise CheckpointError(f"step {step} could not be loaded by ranks {sorted(failed)}: "
                                   + "; ".join(f"rank {r}: {f}" for r, f in failed.items()))
-        return step, value
+        assert tier is not None
+        return step, value, tier
     mine = loadable_steps(tiers, rank, world)
     lists = [json.loads(v) for v in allgather(f"{key}/steps", json.dumps(sorted(mine)))]
     order = sorted(set(lists[0]).intersection(*map(set, lists[1:])), reverse=True)
@@ -196,12 +199,13 @@ def load_agreed(tiers: Sequence[Tier], allgather: Callable[[str, str], list[str]
             f"can load: {every}")
     last: BaseException | None = None
     for attempt, s in enumerate(order):
-        value, problem = _try_step(mine[s], s, rank, world, threads, allow_pickle)
+        value, problem, tier = _try_step(mine[s], s, rank, world, threads, allow_pickle)
         flags = allgather(f"{key}/try{attempt}", _flag(problem))
         _raise_if_refused(flags, problem)
         failed = {r: f for r, f in enumerate(flags) if f}
         if not failed:
-            return s, value
+            assert tier is not None
+            return s, value, tier
         last = problem or last
         nxt = order[attempt + 1] if attempt + 1 < len(order) else None
         log.warning("restore: step %d failed on ranks %s (%s); %s", s, sorted(failed),

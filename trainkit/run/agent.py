@@ -11,18 +11,23 @@ known only to the parent: the detector sees a crash only as a lost connection).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from trainkit.run.control import Control
-from trainkit.run.torchrun_args import TorchrunArgs, generation_command
+from trainkit.run.torchrun_args import TorchrunArgs, generation_command, warm_start_supported
+from trainkit.run.warm import GO_ENV
 
 _EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
 HEARTBEAT_S = 1.0
@@ -75,6 +80,22 @@ def terminate_tree(proc: subprocess.Popen, grace: float) -> None:
     proc.wait()
 
 
+# A warm generation starts this long after the current one, so its imports do not
+# compete for the CPU with the current generation's own start-up.
+WARM_DELAY_S = 3.0
+
+
+@dataclass
+class _Launch:
+    """One torchrun generation started by this agent."""
+
+    gen: int
+    proc: subprocess.Popen
+    reader: threading.Thread
+    codes: list[int]
+    go: Path | None          # a warm generation's go file
+
+
 class NodeAgent:
     """One node's agent. ``run()`` returns the process exit code for this node."""
 
@@ -88,6 +109,13 @@ class NodeAgent:
         self.stop_grace = stop_grace
         self.prefix = "" if quiet else f"[{node_id}] "
         self._stop_heartbeat = threading.Event()
+        # The node's memory tier: checkpoints in /dev/shm that outlive a crashed worker,
+        # owned by this agent across generations and freed when it leaves.
+        digest = hashlib.sha1(f"{run_dir.resolve()}|{node_id}".encode()).hexdigest()[:16]
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        self.memory_dir = Path(base) / f"trainkit-{os.getuid()}" / f"run-{digest}"
+        self._warm: _Launch | None = None
+        self._warm_reported = False
 
     def _heartbeat(self) -> None:
         while not self._stop_heartbeat.wait(HEARTBEAT_S):
@@ -121,8 +149,10 @@ class NodeAgent:
             return 1
         finally:
             self._stop_heartbeat.set()
+            self._drop_warm()
+            shutil.rmtree(self.memory_dir, ignore_errors=True)
 
-    def _run_generation(self, gen: int, plan: dict) -> None:
+    def _env(self, gen: int, plan: dict) -> dict[str, str]:
         env = dict(os.environ)
         env.update({
             "TRAINKIT_RUN_DIR": str(self.run_dir),
@@ -130,12 +160,19 @@ class NodeAgent:
             "TRAINKIT_HOSTNAME": self.node_id,
             "TRAINKIT_NODE_INDEX": str(plan["index"][self.node_id]),
             "TRAINKIT_GENERATION": str(gen),
+            "TRAINKIT_MEMORY_DIR": str(self.memory_dir),
         })
         if plan.get("aggregator"):
             env["TRAINKIT_AGGREGATOR"] = plan["aggregator"]
+        return env
+
+    def _launch(self, gen: int, plan: dict, rdzv_id: str, *, warm_go: Path | None) -> _Launch:
+        env = self._env(gen, plan)
+        if warm_go is not None:
+            env[GO_ENV] = str(warm_go)
         cmd = generation_command(sys.executable, self.args, nnodes=len(plan["members"]),
-                                 endpoint=self.endpoint, rdzv_id=plan["rdzv_id"],
-                                 rdzv_conf=plan.get("rdzv_conf", ""))
+                                 endpoint=self.endpoint, rdzv_id=rdzv_id,
+                                 rdzv_conf=plan.get("rdzv_conf", ""), warm=warm_go is not None)
         log_dir = self.run_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -145,15 +182,67 @@ class NodeAgent:
                                   args=(proc, self.prefix, log_dir / f"{self.node_id}.gen{gen}.log",
                                         codes))
         reader.start()
+        return _Launch(gen, proc, reader, codes, warm_go)
+
+    def _start_warm(self, gen: int, plan: dict) -> None:
+        """Pre-start generation ``gen`` with this generation's members (module docstring
+        of :mod:`trainkit.run.warm`)."""
+        warm = plan.get("warm")
+        if not warm or not warm_start_supported(self.args):
+            return
+        go_dir = Path(tempfile.mkdtemp(prefix=f"trainkit-warm-{self.node_id}-"))
+        self._warm = self._launch(gen, {**plan, "rdzv_conf": plan.get("rdzv_conf", "")},
+                                  warm["rdzv_id"], warm_go=go_dir / "go")
+        self._warm_reported = False
+
+    def _check_warm(self) -> None:
+        """Tell the coordinator once every local worker of the warm generation waits."""
+        w = self._warm
+        if w is None or self._warm_reported or w.proc.poll() is not None:
+            return
+        assert w.go is not None
+        ready = len(list(w.go.parent.glob("go.ready.*")))
+        if ready >= self.args.nproc_per_node:
+            self.control.put(f"tk/gen/{w.gen}/warm_ready/{self.node_id}", time.time())
+            self._warm_reported = True
+
+    def _drop_warm(self) -> None:
+        w, self._warm = self._warm, None
+        if w is not None:
+            terminate_tree(w.proc, 1.0)
+            w.reader.join(timeout=2)
+            if w.go is not None:
+                shutil.rmtree(w.go.parent, ignore_errors=True)
+
+    def _run_generation(self, gen: int, plan: dict) -> None:
+        w = self._warm
+        if (plan.get("use_warm") and w is not None and w.gen == gen
+                and w.proc.poll() is None and w.go is not None):
+            self._warm = None
+            w.go.touch()                     # the warm workers run the script now
+            launch = w
+            print(f"{self.prefix}[trainkit agent] generation {gen}: warm start", file=sys.stderr,
+                  flush=True)
+        else:
+            self._drop_warm()
+            launch = self._launch(gen, plan, plan["rdzv_id"], warm_go=None)
+        proc = launch.proc
         stopped = False
+        warm_at = time.monotonic() + WARM_DELAY_S
         while proc.poll() is None:
             if (self.control.get(f"tk/gen/{gen}/stop") is not None
                     or self.control.get("tk/final") is not None):
                 stopped = True
                 terminate_tree(proc, self.stop_grace)
                 break
+            if self._warm is None and time.monotonic() > warm_at:
+                warm_at = float("inf")
+                self._start_warm(gen + 1, plan)
+            self._check_warm()
             time.sleep(0.1)
-        reader.join(timeout=5)
+        launch.reader.join(timeout=5)
+        if launch.go is not None:
+            shutil.rmtree(launch.go.parent, ignore_errors=True)
         self.control.put(f"tk/gen/{gen}/exit/{self.node_id}",
-                         {"rc": proc.returncode, "stopped": stopped, "exitcodes": codes,
+                         {"rc": proc.returncode, "stopped": stopped, "exitcodes": launch.codes,
                           "time": time.time()})

@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds to wait for node agents to register (default: %(default)s)")
     p.add_argument("--stop-timeout", type=float, default=30.0,
                    help="seconds to wait for workers to stop after a decision")
+    p.add_argument("--no-warm-start", dest="warm_start", action="store_false",
+                   help="do not pre-start the next generation's workers (a restart with the "
+                        "same nodes then pays torchrun's and Python's start-up again)")
     p.add_argument("--drill", action="store_true",
                    help="run the fault drill: 3 local nodes x 2 processes, a hang injected on "
                         "node 2, detection, isolation, restart, resume (no torchrun args)")
@@ -68,7 +71,8 @@ def _main(args: argparse.Namespace) -> int:
                       local_nodes=args.local_nodes, max_restarts=args.max_restarts,
                       exclude_after=args.exclude_after, spare=args.spare,
                       hang_timeout=args.hang_timeout, detect=args.detect,
-                      join_timeout=args.join_timeout, stop_timeout=args.stop_timeout)
+                      join_timeout=args.join_timeout, stop_timeout=args.stop_timeout,
+                      warm_start=args.warm_start)
     try:
         return run_job(opts, rest)
     except RunArgumentError as exc:

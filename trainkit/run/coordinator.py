@@ -4,6 +4,11 @@ Generation loop: publish a plan (members, rendezvous id), watch the generation, 
 when a finding or a failed node arrives ask the policy (``trainkit.run.policy``) what to
 do; stop the workers if the answer is a restart, and publish the next plan. Every
 decision goes to ``events.jsonl`` with its reason.
+
+Warm start: each plan also names a rendezvous id for the *next* generation, which the
+agents pre-start with the same members (:mod:`trainkit.run.warm`). A restart with
+unchanged members whose warm generation is ready on every node uses it; otherwise the
+agents discard it and start cold.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class CoordinatorConfig:
     agent_timeout: float = 10.0
     exit_grace: float = 3.0
     aggregator: AggregatorHandle | None = None
+    warm_start: bool = True
 
 
 def _natural_key(name: str) -> list[int | str]:
@@ -89,15 +95,25 @@ class Coordinator:
         self.events.log("start", nodes=nodes, members=list(state.members),
                         standby=list(state.standby), reason=f"{len(nodes)} node(s) registered")
         gen = 0
+        use_warm, previous = False, state.members
         while True:
             started = time.time()
+            if gen and self.cfg.warm_start:
+                use_warm = state.members == previous and all(
+                    self.control.get(f"tk/gen/{gen}/warm_ready/{m}") is not None
+                    for m in state.members)
+            previous = state.members
             self.control.put(f"tk/gen/{gen}/plan", {
                 "members": list(state.members), "index": index, "time": started,
-                "rdzv_id": f"{self.cfg.rdzv_id}-g{gen}",
+                "rdzv_id": self._rdzv_id(gen, use_warm), "use_warm": use_warm,
+                "warm": {"rdzv_id": self._rdzv_id(gen + 1, True)} if self.cfg.warm_start
+                else None,
                 "aggregator": self.cfg.aggregator.address if self.cfg.aggregator else None,
                 "rdzv_conf": FAST_RDZV_CONF})
             self.events.log("generation_start", gen=gen, members=list(state.members),
-                            reason=f"launching torchrun on {len(state.members)} node(s)")
+                            warm=use_warm,
+                            reason=f"launching torchrun on {len(state.members)} node(s)"
+                                   + (": the pre-started (warm) generation" if use_warm else ""))
             outcome = self._watch(gen, state, started)
             if outcome.status == "done":
                 self.events.log("done", gen=gen, restarts=state.restarts,
@@ -129,6 +145,11 @@ class Coordinator:
                     self._summary(decision)
                     return 1
             gen += 1
+
+    def _rdzv_id(self, gen: int, warm: bool) -> str:
+        """Warm generations rendezvous ahead of time under their own id, so a cold
+        start of the same generation never joins a half-formed warm rendezvous."""
+        return f"{self.cfg.rdzv_id}-g{gen}{'w' if warm else ''}"
 
     # -- watching one generation ------------------------------------------------------
     def _watch(self, gen: int, state: PolicyState, started: float) -> _Outcome:

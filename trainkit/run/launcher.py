@@ -44,6 +44,7 @@ class RunOptions:
     detect: bool = True
     join_timeout: float = 120.0
     stop_timeout: float = 30.0
+    warm_start: bool = True
 
 
 def _free_port(host: str) -> int:
@@ -121,7 +122,7 @@ def _coordinate(opts: RunOptions, args: TorchrunArgs, run_dir: Path, node_id: st
         policy=PolicyConfig(max_restarts=opts.max_restarts, exclude_after=opts.exclude_after,
                             min_nodes=args.min_nodes),
         join_timeout=opts.join_timeout, stop_timeout=opts.stop_timeout,
-        aggregator=aggregator)
+        aggregator=aggregator, warm_start=opts.warm_start)
     agent_rc: list[int] = []
     agent = NodeAgent(Control(connect_store(host, port)), node_id, args, run_dir=run_dir,
                       endpoint=endpoint)

@@ -111,8 +111,15 @@ def _parse_nnodes(value: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
+def warm_start_supported(args: TorchrunArgs) -> bool:
+    """A warm generation wraps the script in ``-m trainkit.run.warm``: only for a plain
+    Python script (not ``--module`` or ``--no-python`` launches)."""
+    flags = {_canonical(o) for o in args.passthrough if o.startswith("-")}
+    return args.script.endswith(".py") and not flags & {"-m", "--module", "--no-python"}
+
+
 def generation_command(python: str, args: TorchrunArgs, *, nnodes: int, endpoint: str,
-                       rdzv_id: str, rdzv_conf: str) -> list[str]:
+                       rdzv_id: str, rdzv_conf: str, warm: bool = False) -> list[str]:
     """The torchrun command line for one generation of ``nnodes`` members.
 
     The rendezvous store is hosted by the trainkit coordinator, so every agent joins as a
@@ -120,7 +127,8 @@ def generation_command(python: str, args: TorchrunArgs, *, nnodes: int, endpoint
     rendezvous closes as soon as everybody joined instead of waiting for ``last_call``.
     """
     conf = ",".join(filter(None, [args.rdzv_conf, rdzv_conf, "is_host=false"]))
+    entry = ["-m", "trainkit.run.warm", args.script] if warm else [args.script]
     return [python, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
             "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}",
             f"--rdzv-conf={conf}", "--max-restarts=0", *args.passthrough,
-            args.script, *args.script_args]
+            *entry, *args.script_args]

@@ -1,0 +1,75 @@
+"""The worker entry of a pre-started ("warm") generation.
+
+Why: after a crash, both trainkit and a plain torchrun job spend seconds before the
+first step of the restart, on starting torchrun, the rendezvous, and every worker's
+Python importing torch, at the very moment the job is idle. The node agent therefore
+starts the *next* generation's torchrun ahead of time, with the same members, while the
+current one trains. Its workers run this module: they import what a training script
+needs, say they are ready, and wait. When the coordinator restarts with unchanged
+membership, the agent says go and the restart costs about one ``init_process_group``.
+When membership changes (a node excluded), the warm generation is discarded and a cold
+one is started as before.
+
+    torchrun ... -m trainkit.run.warm train.py [args]
+
+Environment (set by the agent): ``TRAINKIT_WARM_GO``, a file path; the worker writes
+``<path>.ready.<LOCAL_RANK>`` once warm and runs the script when ``<path>`` exists.
+A worker whose torchrun parent disappears exits instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+import time
+
+__all__ = ["main", "GO_ENV"]
+
+GO_ENV = "TRAINKIT_WARM_GO"
+_POLL_S = 0.005
+
+
+def _warm_imports() -> None:
+    """What nearly every torch training script imports at the top, done ahead of time."""
+    import numpy  # noqa: F401  # pyflakes: ignore
+    import torch  # noqa: F401
+    import torch.distributed  # noqa: F401
+    import torch.nn.functional  # noqa: F401
+    import torch.nn.parallel  # noqa: F401
+    import torch.optim  # noqa: F401
+
+    import trainkit.checkpoint.engine  # noqa: F401
+    import trainkit.detect  # noqa: F401
+
+
+def wait_for_go(go: str, local_rank: str) -> bool:
+    """Announce readiness and wait for the go file; False if the parent went away."""
+    parent = os.getppid()
+    with open(f"{go}.ready.{local_rank}", "w"):
+        pass
+    while not os.path.exists(go):
+        if os.getppid() != parent:
+            return False
+        time.sleep(_POLL_S)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print("usage: python -m trainkit.run.warm SCRIPT [ARGS]", file=sys.stderr)
+        return 2
+    script = argv[0]
+    _warm_imports()
+    go = os.environ.get(GO_ENV)
+    if go and not wait_for_go(go, os.environ.get("LOCAL_RANK", "0")):
+        return 1
+    sys.argv = [script, *argv[1:]]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
