@@ -219,6 +219,10 @@ def test_import_and_reshard_dtensor_checkpoints(tmp_path):
     assert torch.equal(target["model"]["w"], full)
     assert torch.equal(target["model"]["b"], torch.ones(10))
     assert verify_step(zarr_path, 0) == []
+    # export joins the DTensor's chunks from both ranks into one safetensors tensor
+    files = export_safetensors(zarr_path, 0, tmp_path / "dt.safetensors")
+    got = load_file(files[0])
+    assert set(got) == {"w", "b"} and torch.equal(got["w"], full)
 
 
 def test_progress_bar_quiet_unless_forced():

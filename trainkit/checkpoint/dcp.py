@@ -35,6 +35,7 @@ import json
 import os
 import uuid
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future as ConcurrentFuture
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -69,7 +70,8 @@ from trainkit.checkpoint.tiers import COMMIT_FILE, Tier, open_tier
 from trainkit.checkpoint.writer import commit_record, write_json_file
 
 __all__ = ["ZarrWriter", "ZarrReader", "DCP_METADATA_FILE", "next_free_step",
-           "commit_dcp_step", "state_tree", "dcp_key_path"]
+           "commit_dcp_step", "state_tree", "dcp_key_path", "read_step_metadata",
+           "assemble_tensor"]
 
 DCP_METADATA_FILE = "dcp_metadata.json"
 
@@ -171,6 +173,46 @@ def _dcp_version() -> str | None:
     except ImportError:  # pragma: no cover - older torch
         return None
     return CURRENT_DCP_VERSION
+
+
+def read_step_metadata(tier: Tier, step: int, record: dict, *, allow_pickle: bool = False,
+                       planner_data: bool = True) -> Metadata:
+    """The DCP ``Metadata`` of a committed step written through DCP, checksum-verified
+    (``planner_data=False`` skips the planner's data, which only DCP's planner needs)."""
+    info = record.get("dcp")
+    if not info:
+        raise CheckpointError(f"step {step} in {tier.url} was saved by trainkit's "
+                              f"Checkpointer, not through DCP; load it with "
+                              f"Checkpointer(path).load({step})")
+    rel = info["metadata"]
+    raw = tier.read(f"{step_dirname(step)}/{rel}")
+    size, crc = record["files"][rel]
+    if len(raw) != size or crc32(raw) != crc:
+        raise CorruptCheckpointError(f"step {step}: {tier.url}/{step_dirname(step)}/{rel} "
+                                     f"fails its checksum (DCP metadata)")
+    doc = json.loads(raw)
+    if not planner_data:
+        doc["planner_data"] = None
+    return decode_metadata(doc, allow_pickle=allow_pickle)
+
+
+def assemble_tensor(shape: tuple[int, ...], dtype: torch.dtype,
+                    pieces: list[tuple[Sequence[int], Callable[[], torch.Tensor]]]
+                    ) -> torch.Tensor:
+    """A global tensor from its saved chunks (``(offsets, fetch)``), one chunk in memory
+    at a time besides the result; a single whole chunk is returned as it is."""
+    if len(pieces) == 1 and not any(pieces[0][0]):
+        whole = pieces[0][1]()
+        if tuple(whole.shape) == tuple(shape):
+            return whole
+    out = torch.empty(shape, dtype=dtype)
+    for offsets, fetch in pieces:
+        part = fetch()
+        view = out
+        for dim, (off, n) in enumerate(zip(offsets, part.shape)):
+            view = view.narrow(dim, off, n)
+        view.copy_(part)
+    return out
 
 
 class ZarrWriter(StorageWriter):
@@ -363,18 +405,7 @@ class ZarrReader(StorageReader):
                 raise CheckpointNotFoundError(f"no committed checkpoint in {tier.url}")
             step = steps[-1]
         record = read_commit_record(tier, step)
-        info = record.get("dcp")
-        if not info:
-            raise CheckpointError(f"step {step} in {tier.url} was saved by trainkit's "
-                                  f"Checkpointer, not through DCP; load it with "
-                                  f"Checkpointer(path).load({step})")
-        rel = info["metadata"]
-        raw = tier.read(f"{step_dirname(step)}/{rel}")
-        size, crc = record["files"][rel]
-        if len(raw) != size or crc32(raw) != crc:
-            raise CorruptCheckpointError(f"step {step}: {tier.url}/{step_dirname(step)}/{rel} "
-                                         f"fails its checksum (DCP metadata)")
-        md = decode_metadata(json.loads(raw), allow_pickle=self.allow_pickle)
+        md = read_step_metadata(tier, step, record, allow_pickle=self.allow_pickle)
         if md.storage_meta is None:
             md.storage_meta = StorageMeta()
         md.storage_meta.load_id = self._load_id

@@ -32,7 +32,13 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from trainkit.checkpoint.dcp import commit_dcp_step, dcp_key_path, next_free_step, state_tree
+from trainkit.checkpoint.dcp import (
+    assemble_tensor,
+    commit_dcp_step,
+    dcp_key_path,
+    next_free_step,
+    state_tree,
+)
 from trainkit.checkpoint.dcp_metadata import encode_metadata
 from trainkit.checkpoint.errors import CheckpointError
 from trainkit.checkpoint.layout import DEFAULT_CHUNK_BYTES, step_dirname
@@ -109,19 +115,13 @@ class _SliceReader:
 def _whole_tensor(reader: _SliceReader, md: Metadata, fqn: str,
                   sm: TensorStorageMetadata) -> torch.Tensor:
     """The global tensor of ``fqn``, assembled from its saved chunks."""
-    chunks = sm.chunks
-    if len(chunks) == 1 and list(chunks[0].sizes) == list(sm.size):
-        idx = MetadataIndex(fqn, chunks[0].offsets)
-        return reader.tensor(idx, md.storage_data[idx])
-    out = torch.empty(tuple(sm.size), dtype=sm.properties.dtype)
-    for chunk in chunks:
+    pieces = []
+    for chunk in sm.chunks:
         idx = MetadataIndex(fqn, chunk.offsets)
-        part = reader.tensor(idx, md.storage_data[idx])
-        view = out
-        for dim, (off, n) in enumerate(zip(chunk.offsets, chunk.sizes)):
-            view = view.narrow(dim, off, n)
-        view.copy_(part.reshape(view.shape))
-    return out
+        pieces.append((list(chunk.offsets),
+                       lambda idx=idx, chunk=chunk: reader.tensor(
+                           idx, md.storage_data[idx]).reshape(tuple(chunk.sizes))))
+    return assemble_tensor(tuple(sm.size), sm.properties.dtype, pieces)
 
 
 def import_dcp(src: str | os.PathLike, dst: str | os.PathLike | Tier, *, step: int | None = None,

@@ -11,6 +11,11 @@ saves its ``model.state_dict()`` under) are written with the prefix stripped, th
 * ``--to NAME.safetensors``: one file, or ``NAME-0000i-of-0000N.safetensors`` plus
   ``NAME.safetensors.index.json`` when it does not fit one shard.
 
+What is read: a step written through DCP (ZarrWriter, import-dcp) through its DCP
+metadata, one whole tensor at a time (however DCP spread it over ranks and chunks), so
+memory stays about the largest tensor; a step saved by the Checkpointer through rank
+0's shard, loaded whole for now (:func:`step_state`).
+
 Atomic: everything is written and fsynced in a hidden staging directory beside the
 target, then renamed into place, the index last, so a reader never sees a partial
 export. Existing files are not replaced unless ``overwrite=True``.
@@ -26,69 +31,82 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
 from trainkit.checkpoint import reader
+from trainkit.checkpoint.dcp import assemble_tensor, read_step_metadata
 from trainkit.checkpoint.errors import CheckpointError
+from trainkit.checkpoint.shard_stream import ShardBlobReader
 from trainkit.checkpoint.storage import fsync_dir
 from trainkit.checkpoint.tiers import Tier
 from trainkit.io import DEFAULT_SHARD_BYTES, ShardedWriter, TensorMeta, flatten_state, plan_shards
 from trainkit.io.safetensors_format import TORCH_TO_DTYPE
 
-__all__ = ["export_safetensors", "select_tensors", "output_names", "step_state"]
+__all__ = ["export_safetensors", "select_tensors", "output_names", "step_state",
+           "step_tensors"]
 
 INDEX_SUFFIX = ".safetensors.index.json"
 
 
+# name -> (shape and dtype, a call that produces the tensor): metas plan the shards
+# before any tensor is read, and tensors are produced one at a time.
+Source = dict[str, tuple[TensorMeta, Callable[[], torch.Tensor]]]
+
+
 def step_state(tier: Tier, step: int) -> Any:
-    """The state whose model part is exported. For now rank 0's shard (the whole model
-    under plain data parallelism); the one call to switch to a world-size-agnostic
-    global view. A step written through DCP by several ranks has each tensor on one
-    rank only (DCP dedups), so its ranks' trees are merged. Pickled values come back as
-    opaque bytes and are ignored."""
+    """The state whose model part is exported, for steps saved by trainkit's
+    Checkpointer: for now rank 0's shard (the whole model under plain data
+    parallelism); the one call to switch to a world-size-agnostic global view. Pickled
+    values come back as opaque bytes and are ignored."""
+    return reader.load_shard(tier, step, 0, pickled_as_bytes=True)
+
+
+def step_tensors(tier: Tier, step: int) -> Source:
+    """Every tensor of ``step`` by dotted key path. A step written through DCP is read
+    through its DCP metadata: each tensor whole (DCP dedups tensors across ranks and
+    splits DTensors into chunks on several ranks), one tensor in memory at a time."""
     record = reader.read_commit_record(tier, step)
-    if record.get("dcp") and record["world_size"] > 1:
-        merged: Any = {}
-        for rank in range(record["world_size"]):
-            shard = reader.load_shard(tier, step, rank, record=record, pickled_as_bytes=True)
-            merged = _merge_disjoint(merged, shard, "state")
-        return merged
-    return reader.load_shard(tier, step, 0, record=record, pickled_as_bytes=True)
-
-
-def _merge_disjoint(a: Any, b: Any, path: str) -> Any:
-    """Union of two rank trees whose leaves sit at different key paths (``None`` list
-    slots are another rank's items)."""
-    if a is None:
-        return b
-    if b is None:
-        return a
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = dict(a)
-        for k, v in b.items():
-            out[k] = _merge_disjoint(out.get(k), v, f"{path}[{k!r}]")
-        return out
-    if isinstance(a, list) and isinstance(b, list):
-        n = max(len(a), len(b))
-        a, b = a + [None] * (n - len(a)), b + [None] * (n - len(b))
-        return [_merge_disjoint(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b))]
-    raise CheckpointError(f"{path} is stored by more than one rank (a tensor split across "
-                          f"ranks, e.g. a DTensor), which export cannot join yet; "
-                          f"dcp.load it through ZarrReader into whole tensors and save those")
-
-
-def select_tensors(state: Any, prefix: str) -> dict[str, torch.Tensor]:
-    """Tensors whose dotted name starts with ``prefix``, renamed without it."""
+    if record.get("dcp"):
+        return _dcp_tensors(tier, step, record)
+    state = step_state(tier, step)
     flat = dict(flatten_state(state)) if isinstance(state, dict) else {}
-    chosen = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    return {k: (TensorMeta(tuple(t.shape), t.dtype), lambda t=t: t) for k, t in flat.items()}
+
+
+def _dcp_tensors(tier: Tier, step: int, record: dict) -> Source:
+    md = read_step_metadata(tier, step, record, planner_data=False)
+    readers: dict[int, ShardBlobReader] = {}
+
+    def fetch(rank: int, entry: int) -> torch.Tensor:
+        if rank not in readers:
+            readers[rank] = ShardBlobReader(tier, step, rank, record)
+        return readers[rank].tensor(entry)
+
+    out: Source = {}
+    for fqn, sm in md.state_dict_metadata.items():
+        if not isinstance(sm, TensorStorageMetadata):
+            continue
+        pieces = [(list(c.offsets),
+                   lambda loc=md.storage_data[MetadataIndex(fqn, c.offsets)]: fetch(*loc))
+                  for c in sm.chunks]
+        out[fqn] = (TensorMeta(tuple(sm.size), sm.properties.dtype),
+                    lambda sm=sm, pieces=pieces: assemble_tensor(
+                        tuple(sm.size), sm.properties.dtype, pieces))
+    return out
+
+
+def select_tensors(source: Source, prefix: str) -> Source:
+    """Tensors whose dotted name starts with ``prefix``, renamed without it."""
+    chosen = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
     if not chosen or "" in chosen:
-        tops = sorted({k.split(".")[0] for k in flat})
+        tops = sorted({k.split(".")[0] for k in source})
         raise CheckpointError(f"no tensors under the prefix {prefix!r} (tensor names are "
                               f"dotted key paths; top-level keys with tensors: "
                               f"{tops[:20] or 'none'}); pass --prefix")
-    bad = sorted(k for k, v in chosen.items() if v.dtype not in TORCH_TO_DTYPE)
+    bad = sorted(k for k, (meta, _) in chosen.items() if meta.dtype not in TORCH_TO_DTYPE)
     if bad:
         raise CheckpointError(f"safetensors cannot hold the dtype of {bad[:5]} "
-                              f"({chosen[bad[0]].dtype})")
+                              f"({chosen[bad[0]][0].dtype})")
     return chosen
 
 
@@ -130,10 +148,8 @@ def export_safetensors(where: Tier | str, step: int, to: str | os.PathLike, *,
     if max_shard_bytes <= 0:
         raise CheckpointError(f"the maximum shard size must be positive, got {max_shard_bytes}")
     tier = reader.as_tier(where)
-    reader.read_commit_record(tier, step)          # a clear error for a missing step
-    tensors = select_tensors(step_state(tier, step), prefix)
-    plan = plan_shards({k: TensorMeta(tuple(v.shape), v.dtype) for k, v in tensors.items()},
-                       max_shard_bytes)
+    tensors = select_tensors(step_tensors(tier, step), prefix)
+    plan = plan_shards({k: meta for k, (meta, _) in tensors.items()}, max_shard_bytes)
     if on_total is not None:
         on_total(plan.total_size)
     directory, names, index_name = output_names(to, len(plan.shard_names))
@@ -148,10 +164,10 @@ def export_safetensors(where: Tier | str, step: int, to: str | os.PathLike, *,
     shutil.rmtree(stage, ignore_errors=True)
     try:
         with ShardedWriter(stage, plan) as writer:
-            for name, t in tensors.items():
-                writer.write(name, t)
+            for name, (meta, produce) in tensors.items():
+                writer.write(name, produce())
                 if on_bytes is not None:
-                    on_bytes(t.numel() * t.element_size())
+                    on_bytes(meta.nbytes)
         renamed = dict(zip(plan.shard_names, names))
         for old in plan.shard_names:
             _fsync(stage / old)
