@@ -248,3 +248,25 @@ def test_async_save(tmp_path):
     target = {"model": {"w": torch.zeros(100, 100)}, "step": None}
     dcp.load(target, storage_reader=ZarrReader(tmp_path, step=4))
     assert torch.equal(target["model"]["w"], state["model"]["w"]) and target["step"] == 3
+
+
+def test_custom_planner_data_is_pickled_only_with_consent():
+    from decimal import Decimal
+
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    md = Metadata(state_dict_metadata={}, planner_data={"scale": Decimal("1.5")})
+    doc = encode_metadata(md, {})
+    assert set(doc["planner_data"]) == {"$pickle"}
+    with pytest.raises(PickleRefusedError, match="planner data"):
+        decode_metadata(doc)
+    assert decode_metadata(doc, allow_pickle=True).planner_data == {"scale": Decimal("1.5")}
+
+
+def test_reader_refuses_ranks_on_different_steps(tmp_path):
+    from torch.distributed.checkpoint.planner import LoadPlan
+
+    plans = [LoadPlan([], storage_data=3), LoadPlan([], storage_data=4)]
+    with pytest.raises(CheckpointError, match=r"different steps to load: \[3, 4\]"):
+        ZarrReader(tmp_path).prepare_global_plan(plans)
+    assert ZarrReader(tmp_path).prepare_global_plan(plans[:1]) == plans[:1]
