@@ -6,6 +6,10 @@
     trainkit ckpt verify DIR [STEP]        every checksum; exit 1 with a report on a mismatch
     trainkit ckpt gc DIR --keep N [--keep-every K] [--dry-run]
                                            apply a retention policy to one tier
+    trainkit ckpt export DIR STEP --to out.safetensors   the model part as safetensors
+    trainkit ckpt import-dcp SRC DST [--step N]          a DCP checkpoint into a step
+
+DIR may be a local path or a URL (``s3://...``, via fsspec).
 
 Handlers import the engine lazily, so ``trainkit --help`` stays fast.
 """
@@ -19,6 +23,12 @@ import sys
 from typing import Any
 
 __all__ = ["register"]
+
+
+def _add_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", action="store_true",
+                        help="show a progress bar even when stderr is not a terminal (it is "
+                             "shown on a terminal anyway)")
 
 
 def register(subparsers: Any) -> None:
@@ -58,7 +68,42 @@ def register(subparsers: Any) -> None:
     verify = sub.add_parser("verify", help="check every checksum; exit 1 on any mismatch")
     verify.add_argument("dir")
     verify.add_argument("step", type=int, nargs="?", help="one step (default: every committed)")
+    _add_progress(verify)
     verify.set_defaults(func=_verify)
+
+    export = sub.add_parser(
+        "export", help="export the model part of a step as safetensors (HF layout)",
+        description="Export the tensors under a key prefix of a committed step as "
+                    "safetensors: one file, or shards plus an index json, so Hugging Face "
+                    "tooling and `trainkit merge` can read it. Written atomically.")
+    export.add_argument("dir", help="checkpoint directory or URL")
+    export.add_argument("step", type=int)
+    export.add_argument("--to", required=True,
+                        help="output: NAME.safetensors, or a directory for the HF layout "
+                             "(model.safetensors / model-0000i-of-0000N.safetensors + index)")
+    export.add_argument("--prefix", default="model.",
+                        help="export tensors whose dotted key path starts with this, with it "
+                             "stripped (default: %(default)s; '' exports every tensor)")
+    export.add_argument("--max-shard-size", default="2GiB",
+                        help="largest shard before splitting (e.g. 500MB, 2GiB; default "
+                             "%(default)s)")
+    export.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    _add_progress(export)
+    export.set_defaults(func=_export)
+
+    imp = sub.add_parser(
+        "import-dcp", help="convert a torch.distributed.checkpoint directory into a step",
+        description="Convert a DCP checkpoint written by FileSystemWriter into one committed "
+                    "step of a trainkit checkpoint directory, tensor by tensor (bounded "
+                    "memory). The result loads with Checkpointer.load and with dcp.load "
+                    "through ZarrReader. DCP's .metadata is a pickle: import only "
+                    "checkpoints you trust.")
+    imp.add_argument("src", help="DCP checkpoint directory (holds .metadata and *.distcp)")
+    imp.add_argument("dst", help="trainkit checkpoint directory or URL")
+    imp.add_argument("--step", type=int, default=None,
+                     help="step number to write (default: after the newest step in DST)")
+    _add_progress(imp)
+    imp.set_defaults(func=_import_dcp)
 
     advise = sub.add_parser(
         "advise", help="the checkpoint interval that maximises goodput (Young/Daly)",
@@ -111,11 +156,33 @@ def _require_dir(path: str) -> None:
 
         try:
             reader.as_tier(path).step_dirs()
+        except ImportError as exc:
+            raise SystemExit(f"trainkit ckpt: cannot open {path}: URL support is not "
+                             f"available ({exc})") from None
         except (OSError, ValueError) as exc:
             raise SystemExit(f"trainkit ckpt: cannot read {path}: {exc}") from None
         return
     if not os.path.isdir(path):
         raise SystemExit(f"trainkit ckpt: {path} is not a directory")
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+               "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def _parse_size(text: str) -> int:
+    """``500MB`` -> 500_000_000; ``2GiB`` -> 2 * 1024**3; ``123`` -> 123 bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _SIZE_UNITS:
+        raise SystemExit(f"trainkit ckpt: bad size {text!r} (use e.g. 500MB, 2GiB or a byte "
+                         f"count)")
+    size = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise SystemExit(f"trainkit ckpt: size must be positive, got {text!r}")
+    return size
 
 
 def _human(n: float) -> str:
@@ -219,7 +286,7 @@ def _info(args: argparse.Namespace) -> int:
                 if shared and rank:
                     continue                  # listed once, as replicated
                 row = {"rank": "replicated" if shared else rank, "name": t["name"],
-                       "dtype": t["dtype"], "shape": t["shape"], "bytes": t["nbytes"]}
+                       "dtype": "pickled" if t.get("pickled") else t["dtype"], "shape": t["shape"], "bytes": t["nbytes"]}
                 split = sharded.get(t["name"].replace("/", "."))
                 if split is not None:
                     row["global_shape"] = split["shape"]
@@ -243,6 +310,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from trainkit.checkpoint import reader
+    from trainkit.checkpoint.progress import Progress
 
     _require_dir(args.dir)
     steps = [args.step] if args.step is not None else reader.committed_steps(args.dir)
@@ -251,7 +319,13 @@ def _verify(args: argparse.Namespace) -> int:
         return 0
     bad = 0
     for step in steps:
-        problems = reader.verify_step(args.dir, step)
+        try:
+            record = reader.read_commit_record(args.dir, step)
+            total = sum(size for rel, (size, _) in record["files"].items() if "/c/" in rel)
+        except reader.CheckpointError:
+            total = 0                          # verify_step reports why
+        with Progress(total, f"verify step {step}", force=args.progress) as bar:
+            problems = reader.verify_step(args.dir, step, on_bytes=bar.update)
         if problems:
             bad += 1
             print(f"step {step}: CORRUPT")
@@ -262,4 +336,60 @@ def _verify(args: argparse.Namespace) -> int:
     if bad:
         print(f"{bad} of {len(steps)} step(s) failed verification")
         return 1
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from trainkit.checkpoint.errors import CheckpointError
+    from trainkit.checkpoint.export import export_safetensors
+    from trainkit.checkpoint.progress import Progress
+
+    _require_dir(args.dir)
+    max_shard = _parse_size(args.max_shard_size)
+    try:
+        with Progress(0, f"export step {args.step}", force=args.progress) as bar:
+            files = export_safetensors(args.dir, args.step, args.to, prefix=args.prefix,
+                                       max_shard_bytes=max_shard, overwrite=args.overwrite,
+                                       on_bytes=bar.update,
+                                       on_total=lambda n: setattr(bar, "total", n))
+    except CheckpointError as exc:
+        print(f"trainkit ckpt export: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"trainkit ckpt export: cannot write {exc.filename or args.to}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    for f in files:
+        print(f)
+    return 0
+
+
+def _import_dcp(args: argparse.Namespace) -> int:
+    from trainkit.checkpoint.dcp_import import dcp_total_bytes, import_dcp, read_dcp_metadata
+    from trainkit.checkpoint.errors import CheckpointError
+    from trainkit.checkpoint.progress import Progress
+    from trainkit.checkpoint.tiers import is_url
+
+    if is_url(args.dst):
+        _require_dir(args.dst)
+    elif os.path.exists(args.dst) and not os.path.isdir(args.dst):
+        print(f"trainkit ckpt import-dcp: {args.dst} exists and is not a directory",
+              file=sys.stderr)
+        return 1
+    if args.step is not None and args.step < 0:
+        print(f"trainkit ckpt import-dcp: --step must be >= 0, got {args.step}", file=sys.stderr)
+        return 2
+    try:
+        md = read_dcp_metadata(args.src)
+        with Progress(dcp_total_bytes(md), f"import {args.src}", force=args.progress) as bar:
+            step = import_dcp(args.src, args.dst, step=args.step, on_bytes=bar.update,
+                              metadata=md)
+    except CheckpointError as exc:
+        print(f"trainkit ckpt import-dcp: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"trainkit ckpt import-dcp: {exc.filename or args.dst}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    print(f"imported {args.src} as step {step} of {args.dst}")
     return 0

@@ -26,6 +26,9 @@ numpy scalar        ``{"$npscalar": {"dtype": ..., "data": ...}}``
 torch.dtype         ``{"$dtype": "bfloat16"}``
 torch.Size          ``{"$size": [...]}``
 torch.device        ``{"$device": "cpu"}``
+pickled bytes       ``{"$pickled": <index into the rank's tensor table>}``: an opaque
+                    ``torch.save`` blob written through DCP (never by ``encode``);
+                    decoding it needs the caller's explicit consent (``pickled=``)
 ==================  =====================================================
 
 Anything else raises ``TypeError`` naming its key path, at ``save()`` time.
@@ -127,24 +130,35 @@ def _encode_np_scalar(value: np.generic) -> dict:
                           "data": base64.b64encode(arr.tobytes()).decode("ascii")}}
 
 
-def decode(data: Any, tensors: Callable[[int], torch.Tensor]) -> Any:
-    """Invert :func:`encode`; ``tensors(i)`` returns the tensor stored at index ``i``."""
+def decode(data: Any, tensors: Callable[[int], torch.Tensor],
+           pickled: Callable[[int], Any] | None = None) -> Any:
+    """Invert :func:`encode`; ``tensors(i)`` returns the tensor stored at index ``i``.
+
+    ``pickled(i)`` turns the opaque pickled blob at index ``i`` into a value (or refuses
+    it); without it a pickled value raises, so no decoder unpickles by accident.
+    """
     if data is None or isinstance(data, (bool, int, float, str)):
         return data
     if isinstance(data, list):
-        return [decode(v, tensors) for v in data]
+        return [decode(v, tensors, pickled) for v in data]
     if not isinstance(data, dict):
         raise ValueError(f"malformed checkpoint value: {data!r:.80}")
     if len(data) == 1:
         ((tag, payload),) = data.items()
         if tag.startswith("$"):
-            return _decode_tagged(tag, payload, tensors)
-    return {k: decode(v, tensors) for k, v in data.items()}
+            return _decode_tagged(tag, payload, tensors, pickled)
+    return {k: decode(v, tensors, pickled) for k, v in data.items()}
 
 
-def _decode_tagged(tag: str, payload: Any, tensors: Callable[[int], torch.Tensor]) -> Any:
+def _decode_tagged(tag: str, payload: Any, tensors: Callable[[int], torch.Tensor],
+                   pickled: Callable[[int], Any] | None) -> Any:
     if tag == "$tensor":
         return tensors(int(payload))
+    if tag == "$pickled":
+        if pickled is None:
+            raise ValueError(f"pickled value (tensor table entry {payload}) in the checkpoint "
+                             f"and no consent to unpickle it")
+        return pickled(int(payload))
     if tag == "$int":
         return int(payload)
     if tag == "$float":
@@ -152,13 +166,13 @@ def _decode_tagged(tag: str, payload: Any, tensors: Callable[[int], torch.Tensor
     if tag == "$bytes":
         return base64.b64decode(payload)
     if tag == "$tuple":
-        return tuple(decode(v, tensors) for v in payload)
+        return tuple(decode(v, tensors, pickled) for v in payload)
     if tag == "$set":
-        return {decode(v, tensors) for v in payload}
+        return {decode(v, tensors, pickled) for v in payload}
     if tag == "$frozenset":
-        return frozenset(decode(v, tensors) for v in payload)
+        return frozenset(decode(v, tensors, pickled) for v in payload)
     if tag == "$dict":
-        return {decode(k, tensors): decode(v, tensors) for k, v in payload}
+        return {decode(k, tensors, pickled): decode(v, tensors, pickled) for k, v in payload}
     if tag == "$ndarray":
         raw = base64.b64decode(payload["data"])
         return np.frombuffer(raw, dtype=np.dtype(payload["dtype"])).reshape(payload["shape"]).copy()

@@ -30,7 +30,12 @@ import torch
 
 from trainkit.checkpoint import codec, reader
 from trainkit.checkpoint.coord import Coordinator, make_coordinator
-from trainkit.checkpoint.errors import CheckpointError, CheckpointWriteError, CommitError
+from trainkit.checkpoint.errors import (
+    CheckpointError,
+    CheckpointWriteError,
+    CommitError,
+    PickleRefusedError,
+)
 from trainkit.checkpoint.layout import DEFAULT_CHUNK_BYTES, TensorSpec, plan_shard, step_dirname
 from trainkit.checkpoint.snapshot import HostBufferPool, Snapshot, describe_tensor, storage_key
 from trainkit.checkpoint.restore import load_agreed
@@ -392,7 +397,8 @@ class Checkpointer:
         (``"memory"``, ``"local"``, ``"persistent"``)."""
         return self._flow.tiers_of(step)
 
-    def load(self, step: int | None = None, *, rank: int | None = None) -> Any:
+    def load(self, step: int | None = None, *, rank: int | None = None,
+             allow_pickle: bool = False) -> Any:
         """Load a step as CPU tensors, verifying checksums: collective under
         torch.distributed.
 
@@ -405,7 +411,13 @@ class Checkpointer:
         as themselves, split tensors resharded, per-rank values as
         :class:`~trainkit.checkpoint.restore.PerRank`. ``rank=`` instead reads one saved
         rank's shard as it was written (not collective). ``loaded_step`` and
-        ``loaded_from`` say which step was loaded, from which tier. Call ``wait()`` first to include saves still in flight.
+        ``loaded_from`` say which step was loaded, from which tier. Call ``wait()``
+        first to include saves still in flight.
+
+        Non-tensor values that DCP pickled (steps written through ``ZarrWriter``) are
+        refused with ``PickleRefusedError`` naming the key unless ``allow_pickle=True``
+        (unpickling runs code from the checkpoint); a refusal is not a reason to fall
+        back to another tier or step.
         """
         if rank is not None:
             if step is None:
@@ -413,7 +425,7 @@ class Checkpointer:
                 if step is None:
                     raise reader.CheckpointNotFoundError(
                         f"no committed checkpoint in {self.path}; committed steps: none")
-            value, tier = self._load_rank(step, rank)
+            value, tier = self._load_rank(step, rank, allow_pickle)
         else:
             key = f"load{self._loads}"
             self._loads += 1
@@ -421,7 +433,8 @@ class Checkpointer:
             try:
                 step, value, tier = load_agreed(self._flow.tiers, self._coord.allgather, key,
                                                 rank=self.rank, world=self.world_size,
-                                                step=step, threads=self._io_threads)
+                                                step=step, threads=self._io_threads,
+                                                allow_pickle=allow_pickle)
             except reader.CheckpointNotFoundError:
                 if resume:  # nothing every rank can load: a fresh start, consistently
                     self._flow.abandon_newer(-1)
@@ -434,13 +447,15 @@ class Checkpointer:
         self.loaded_from = tier
         return value
 
-    def _load_rank(self, step: int, rank: int) -> tuple[Any, str]:
+    def _load_rank(self, step: int, rank: int, allow_pickle: bool) -> tuple[Any, str]:
         problems = []
         for tier in self._flow.tiers:
             try:
                 record = reader.read_commit_record(tier, step)
                 return reader.load_shard(tier, step, rank, threads=self._io_threads,
-                                         record=record), tier.name
+                                         record=record, allow_pickle=allow_pickle), tier.name
+            except PickleRefusedError:
+                raise
             except (CheckpointError, OSError) as exc:
                 problems.append(f"{tier.name}: {exc}")
                 log.warning("restore: step %d, rank %d from the %s tier failed: %s", step, rank,

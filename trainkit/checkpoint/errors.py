@@ -13,6 +13,7 @@ __all__ = [
     "CommitError",
     "CorruptCheckpointError",
     "CheckpointWriteError",
+    "PickleRefusedError",
 ]
 
 
@@ -34,3 +35,8 @@ class CommitError(CheckpointError):
 
 class CorruptCheckpointError(CheckpointError):
     """A committed step failed verification: a file is missing, truncated or altered."""
+
+
+class PickleRefusedError(CheckpointError):
+    """A step holds a pickled value (a non-tensor item written through DCP) and the
+    caller did not pass ``allow_pickle=True``: unpickling runs code from the file."""

@@ -11,15 +11,21 @@ disk's speed and the returned tensors do not pin one giant buffer.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from trainkit.checkpoint import codec
-from trainkit.checkpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
+from trainkit.checkpoint.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    PickleRefusedError,
+)
 from trainkit.checkpoint.layout import (
     chunk_digest,
     chunk_relpath,
@@ -32,7 +38,8 @@ from trainkit.checkpoint.storage import crc32
 from trainkit.checkpoint.tiers import COMMIT_FILE, Tier, open_tier
 
 __all__ = ["committed_steps", "read_commit_record", "read_rank_index", "load_shard",
-           "load_blobs", "rank_files_present", "chunk_location", "rank_files", "verify_step", "as_tier", "COMMIT_FILE"]
+           "load_blobs", "rank_files_present", "chunk_location", "rank_files", "verify_step",
+           "as_tier", "COMMIT_FILE", "PickledBytes"]
 
 
 def as_tier(where: Tier | str | os.PathLike) -> Tier:
@@ -234,17 +241,45 @@ def tensor_from_blob(entry: dict, storage: torch.Tensor) -> torch.Tensor:
                                             entry["shape"], entry["stride"])
 
 
+class PickledBytes(bytes):
+    """The raw ``torch.save`` bytes of a pickled value, returned unpickled by
+    ``load_shard(..., pickled_as_bytes=True)``: tools that only move or skip values
+    (export, copies) never need to run the pickle."""
+
+
 def load_shard(where: Tier | str, step: int, rank: int, *, threads: int = 4,
-               record: dict | None = None) -> Any:
-    """Verify and load one rank's shard of a committed step as CPU tensors."""
+               record: dict | None = None, allow_pickle: bool = False,
+               pickled_as_bytes: bool = False) -> Any:
+    """Verify and load one rank's shard of a committed step as CPU tensors.
+
+    Steps written through DCP (:class:`~trainkit.checkpoint.dcp.ZarrWriter`) may hold
+    non-tensor values that DCP serialised with ``torch.save`` (pickle). They are refused
+    with :class:`PickleRefusedError` naming the key unless ``allow_pickle=True``
+    (unpickle them: only for checkpoints you trust) or ``pickled_as_bytes=True`` (return
+    them as :class:`PickledBytes`, never unpickled).
+    """
     tier = as_tier(where)
     if record is None:
         record = read_commit_record(tier, step)
     index = read_rank_index(tier, step, rank, record)
     storages = load_blobs(tier, step, rank, record, index, threads=threads)
     tensors = index["tensors"]
+
+    def pickled(i: int) -> Any:
+        raw = tensor_from_blob(tensors[i], storages[tensors[i]["blob"]]).numpy().tobytes()
+        if pickled_as_bytes:
+            return PickledBytes(raw)
+        if not allow_pickle:
+            raise PickleRefusedError(
+                f"step {step}, rank {rank}: {tensors[i]['name']!r} is a pickled value (a "
+                f"non-tensor item saved through torch.distributed.checkpoint); loading it "
+                f"runs code from the checkpoint, so pass allow_pickle=True if you trust "
+                f"{tier.url}")
+        return torch.load(io.BytesIO(raw), weights_only=False)
+
     return codec.decode(index["tree"],
-                        lambda i: tensor_from_blob(tensors[i], storages[tensors[i]["blob"]]))
+                        lambda i: tensor_from_blob(tensors[i], storages[tensors[i]["blob"]]),
+                        pickled)
 
 
 def _chunk_tensors(index: dict, segments: list) -> str:
@@ -253,9 +288,13 @@ def _chunk_tensors(index: dict, segments: list) -> str:
     return ", ".join(names) + (f" and {len(hit) - 3} more blobs" if len(hit) > 3 else "")
 
 
-def verify_step(where: Tier | str, step: int) -> list[str]:
+def verify_step(where: Tier | str, step: int, *,
+                on_bytes: Callable[[int], None] | None = None) -> list[str]:
     """Check every file of ``step`` on every rank against the commit record and every blob
-    against its checksum. Returns the problems found (empty: the step is intact)."""
+    against its checksum. Returns the problems found (empty: the step is intact).
+
+    ``on_bytes(n)`` is called as each chunk file is checked, with its size in the commit
+    record (a progress bar's total: the sizes of the record's ``.../c/N`` files)."""
     tier = as_tier(where)
     problems: list[str] = []
     try:
@@ -263,6 +302,10 @@ def verify_step(where: Tier | str, step: int) -> list[str]:
     except (CheckpointNotFoundError, CorruptCheckpointError) as exc:
         return [str(exc)]
     checked: set[str] = set()
+    for rel, expected in record["files"].items():
+        if "/" not in rel:         # step-level files, e.g. the DCP metadata of ZarrWriter
+            problems += [p.replace(", rank 0:", ":", 1) for p in _verify_file(
+                tier, step, 0, rel, expected, crc32, "step metadata")]
     for rank in range(record["world_size"]):
         try:
             index = read_rank_index(tier, step, rank, record)
@@ -288,6 +331,8 @@ def verify_step(where: Tier | str, step: int) -> list[str]:
                         [crc32(data[a - c * info["chunk_bytes"]:e - c * info["chunk_bytes"]])
                          for _, a, e in segments[c]]),
                     f"tensors {_chunk_tensors(index, segments[c])}")
+                if on_bytes is not None:
+                    on_bytes(record["files"].get(rel, [0])[0])
     return problems
 
 

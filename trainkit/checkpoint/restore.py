@@ -26,6 +26,7 @@ all N shards:
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from trainkit.checkpoint import codec
-from trainkit.checkpoint.errors import CheckpointError, CheckpointNotFoundError
+from trainkit.checkpoint.errors import CheckpointError, CheckpointNotFoundError, PickleRefusedError
 from trainkit.checkpoint.reader import (
     committed_steps,
     load_blobs,
@@ -98,24 +99,50 @@ def loadable_steps(tiers: Sequence[Tier], rank: int, world: int) -> dict[int, li
     return out
 
 
-def _load_from(cand: Candidate, step: int, rank: int, world: int, threads: int) -> Any:
+def _load_from(cand: Candidate, step: int, rank: int, world: int, threads: int,
+               allow_pickle: bool) -> Any:
     if cand.record["world_size"] == world:
-        return load_shard(cand.tier, step, rank, threads=threads, record=cand.record)
-    return load_global(cand.tier, step, cand.record, rank=rank, world=world, threads=threads)
+        return load_shard(cand.tier, step, rank, threads=threads, record=cand.record,
+                          allow_pickle=allow_pickle)
+    return load_global(cand.tier, step, cand.record, rank=rank, world=world, threads=threads,
+                       allow_pickle=allow_pickle)
+
+
+# A rank's failure flag that means "pickled values refused": every rank then raises
+# PickleRefusedError instead of falling back (an older step is no answer to consent).
+_REFUSED = "pickle refused: "
+
+
+def _flag(problem: BaseException | None) -> str:
+    if problem is None:
+        return ""
+    return f"{_REFUSED}{problem}" if isinstance(problem, PickleRefusedError) else str(problem)
+
+
+def _raise_if_refused(flags: list[str], problem: BaseException | None) -> None:
+    if isinstance(problem, PickleRefusedError):
+        raise problem
+    refused = [f for f in flags if f.startswith(_REFUSED)]
+    if refused:
+        raise PickleRefusedError(refused[0][len(_REFUSED):])
 
 
 def _try_step(cands: list[Candidate], step: int, rank: int, world: int,
-              threads: int) -> tuple[Any, BaseException | None, str | None]:
+              threads: int, allow_pickle: bool = False
+              ) -> tuple[Any, BaseException | None, str | None]:
     """Load ``step`` from the fastest tier that works: (value, None, tier), or (None, the
-    last failure, None) with every failure logged."""
+    last failure, None) with every failure logged. A pickle refusal ends the search at
+    once."""
     last: BaseException | None = None
     for i, cand in enumerate(cands):
         try:
-            value = _load_from(cand, step, rank, world, threads)
+            value = _load_from(cand, step, rank, world, threads, allow_pickle)
             if i:
                 log.warning("restore: step %d loaded from the %s tier after falling back",
                             step, cand.tier.name)
             return value, None, cand.tier.name
+        except PickleRefusedError as exc:
+            return None, exc, None
         except (CheckpointError, OSError) as exc:
             nxt = cands[i + 1].tier.name if i + 1 < len(cands) else None
             log.warning("restore: step %d on the %s tier failed: %s; %s", step,
@@ -136,8 +163,8 @@ def _committed_anywhere(tiers: Sequence[Tier], step: int) -> list[Candidate]:
 
 
 def load_agreed(tiers: Sequence[Tier], allgather: Callable[[str, str], list[str]], key: str, *,
-                rank: int, world: int, step: int | None,
-                threads: int) -> tuple[int, Any, str]:
+                rank: int, world: int, step: int | None, threads: int,
+                allow_pickle: bool = False) -> tuple[int, Any, str]:
     """The collective load (module docstring): (step, state, tier loaded from), every rank.
 
     With an explicit ``step`` there is nothing to agree on: every rank loads it from its
@@ -147,8 +174,9 @@ def load_agreed(tiers: Sequence[Tier], allgather: Callable[[str, str], list[str]
         cands = _committed_anywhere(tiers, step)
         if not cands:
             read_commit_record(tiers[-1], step)       # raises the detailed "not committed"
-        value, problem, tier = _try_step(cands, step, rank, world, threads)
-        flags = allgather(f"{key}/explicit", "" if problem is None else str(problem))
+        value, problem, tier = _try_step(cands, step, rank, world, threads, allow_pickle)
+        flags = allgather(f"{key}/explicit", _flag(problem))
+        _raise_if_refused(flags, problem)
         if problem is not None:
             raise problem
         failed = {r: f for r, f in enumerate(flags) if f}
@@ -171,8 +199,9 @@ def load_agreed(tiers: Sequence[Tier], allgather: Callable[[str, str], list[str]
             f"can load: {every}")
     last: BaseException | None = None
     for attempt, s in enumerate(order):
-        value, problem, tier = _try_step(mine[s], s, rank, world, threads)
-        flags = allgather(f"{key}/try{attempt}", "" if problem is None else str(problem))
+        value, problem, tier = _try_step(mine[s], s, rank, world, threads, allow_pickle)
+        flags = allgather(f"{key}/try{attempt}", _flag(problem))
+        _raise_if_refused(flags, problem)
         failed = {r: f for r, f in enumerate(flags) if f}
         if not failed:
             assert tier is not None
@@ -211,13 +240,28 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 def load_global(tier: Tier, step: int, record: dict, *, rank: int, world: int,
-                threads: int = 4) -> Any:
+                threads: int = 4, allow_pickle: bool = False) -> Any:
     """The state of ``step`` (saved by N ranks) as seen by ``rank`` of ``world`` ranks."""
     nsaved = record["world_size"]
     indexes = [read_rank_index(tier, step, r, record) for r in range(nsaved)]
     replicated = set(record.get("replicated", []))
     sharded = record.get("sharded", {})
-    trees = [codec.decode(ix["tree"], lambda i, r=r: _Ref(r, i))
+
+    def pickled(r: int, i: int) -> Any:
+        """A DCP-pickled value of saved rank ``r``: refused, or read and unpickled now."""
+        entry = indexes[r]["tensors"][i]
+        if not allow_pickle:
+            raise PickleRefusedError(
+                f"step {step}, rank {r}: {entry['name']!r} is a pickled value (a non-tensor "
+                f"item saved through torch.distributed.checkpoint); loading it runs code "
+                f"from the checkpoint, so pass allow_pickle=True if you trust {tier.url}")
+        blob = load_blobs(tier, step, r, record, indexes[r], threads=1,
+                          only={entry["blob"]})[entry["blob"]]
+        raw = tensor_from_blob(entry, blob).numpy().tobytes()
+        return torch.load(io.BytesIO(raw), weights_only=False)
+
+    trees = [codec.decode(ix["tree"], lambda i, r=r: _Ref(r, i),
+                          lambda i, r=r: pickled(r, i))
              for r, ix in enumerate(indexes)]
 
     need: list[set[int]] = [set() for _ in range(nsaved)]     # blobs to read, per rank
