@@ -55,10 +55,15 @@ Source = dict[str, tuple[TensorMeta, Callable[[], torch.Tensor]]]
 
 def step_state(tier: Tier, step: int) -> Any:
     """The state whose model part is exported, for steps saved by trainkit's
-    Checkpointer: for now rank 0's shard (the whole model under plain data
-    parallelism); the one call to switch to a world-size-agnostic global view. Pickled
-    values come back as opaque bytes and are ignored."""
-    return reader.load_shard(tier, step, 0, pickled_as_bytes=True)
+    Checkpointer: the world-size-agnostic view of one process (replicated tensors once,
+    split tensors reassembled whole, per-rank values as ``PerRank``). A one-rank step
+    is that rank's shard; pickled values come back as opaque bytes and are ignored."""
+    record = reader.read_commit_record(tier, step)
+    if record["world_size"] == 1:
+        return reader.load_shard(tier, step, 0, record=record, pickled_as_bytes=True)
+    from trainkit.checkpoint.restore import load_global
+
+    return load_global(tier, step, record, rank=0, world=1)
 
 
 def step_tensors(tier: Tier, step: int) -> Source:

@@ -222,16 +222,19 @@ def load_checkpoint_state(path: str | Path, step: int | None) -> Mapping[str, An
     engine's API can change without touching the merge code.
     """
     try:
-        from trainkit.checkpoint import Checkpointer
+        from trainkit.checkpoint import reader
+        from trainkit.checkpoint.export import step_tensors
     except ImportError as exc:  # the checkpoint engine is optional at import time
         raise RuntimeError(f"reading a trainkit checkpoint needs trainkit.checkpoint ({exc})") from exc
-    ckpt = Checkpointer(str(path))
-    try:
-        return ckpt.load(step=step) if step is not None else ckpt.load()
-    finally:
-        close = getattr(ckpt, "close", None)
-        if close is not None:
-            close()
+
+    tier = reader.as_tier(str(path))
+    if step is None:
+        steps = reader.committed_steps(tier)
+        if not steps:
+            raise FileNotFoundError(f"{path}: no committed checkpoint")
+        step = steps[-1]
+    # every tensor by dotted name: one process's view of any world size, DCP steps too
+    return {name: fetch() for name, (_, fetch) in step_tensors(tier, step).items()}
 
 
 class CheckpointReader(DictReader):
