@@ -190,10 +190,13 @@ def worker(argv: list[str]) -> int:
                                                        bucket_cap_mb=a.bucket_mb)
         off = torch.nn.parallel.DistributedDataParallel(model(), process_group=raw,
                                                         bucket_cap_mb=a.bucket_mb)
-        times = {"on": [], "off": []}
+        times: dict = {"on": [], "off": []}
+        cpu = {"on": 0.0, "off": 0.0}           # this process's CPU (all its threads)
+        agg_cpu = {"on": 0.0, "off": 0.0}       # the aggregator's CPU, read by rank 0
         step = 0
         for block in range(2 * a.blocks):
             name, ddp = (("on", on), ("off", off))[(block + block // 2) % 2]   # ABBA order
+            c0, g0 = time.process_time(), _proc_cpu(mon.aggregator_pid)
             for _ in range(a.block_steps):
                 mon.step(step)
                 step += 1
@@ -201,8 +204,15 @@ def worker(argv: list[str]) -> int:
                 t0 = time.perf_counter()
                 ddp(x).sum().backward()
                 times[name].append(time.perf_counter() - t0)
+            cpu[name] += time.process_time() - c0
+            agg_cpu[name] += _proc_cpu(mon.aggregator_pid) - g0
         mon.close()
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, cpu, group=raw)
         if rank == 0:
+            steps = a.blocks * a.block_steps
+            times["cpu_per_step_s"] = {k: sum(c[k] for c in per_rank) / steps for k in cpu}
+            times["aggregator_cpu_per_step_s"] = {k: v / steps for k, v in agg_cpu.items()}
             print("RESULT " + json.dumps(times), flush=True)
     elif a.mode == "steps":
         step_fn = _manual_ddp(model())
@@ -229,6 +239,18 @@ def worker(argv: list[str]) -> int:
             os._exit(1)
     dist.destroy_process_group()
     return 0
+
+
+def _proc_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) used so far by process ``pid``; 0 when unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _manual_ddp(model):
@@ -285,8 +307,14 @@ def run_overhead(blocks: int, workdir: Path, log) -> dict:
     times = _result(outs)
     on, off = statistics.median(times["on"]), statistics.median(times["off"])
     res = {"steps_each": len(times["on"]), "median_on_s": on, "median_off_s": off,
-           "overhead": on / off - 1, "params_m": 2.0, "bucket_mb": 2.0}
+           "overhead": on / off - 1, "params_m": 2.0, "bucket_mb": 2.0,
+           "ranks_cpu_per_step_s": times.get("cpu_per_step_s"),
+           "aggregator_cpu_per_step_s": times.get("aggregator_cpu_per_step_s")}
     log(f"overhead: on {on * 1e3:.2f} ms, off {off * 1e3:.2f} ms, {res['overhead'] * 100:+.2f}%")
+    if res["ranks_cpu_per_step_s"]:
+        rc, ac = res["ranks_cpu_per_step_s"], res["aggregator_cpu_per_step_s"]
+        log(f"CPU per step, all ranks: on {rc['on'] * 1e3:.2f} ms, off {rc['off'] * 1e3:.2f} ms; "
+            f"aggregator: on {ac['on'] * 1e3:.2f} ms, off {ac['off'] * 1e3:.2f} ms")
     return res
 
 

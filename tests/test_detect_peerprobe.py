@@ -1,0 +1,128 @@
+"""Per-peer probes that localise a communication hang: the echo server, the
+parallel prober, the pure localisation rule, and the hang classifier using them."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from trainkit.detect.classifiers import HangClassifier
+from trainkit.detect.knobs import ClassifierConfig
+from trainkit.detect.peerprobe import PeerProbeServer, localise, probe_peers
+from trainkit.detect.timeline import RankInfo, Timeline
+
+CFG = ClassifierConfig(hang_timeout=2.0, heartbeat_timeout=3.0, stack_wait_s=0.5)
+OK = {"ok": True, "rtt_s": 0.001, "error": None}
+FAIL = {"ok": False, "rtt_s": None, "error": "TimeoutError: timed out"}
+
+
+def _all_pairs(members, bad=frozenset(), silent=frozenset()):
+    """results[prober][peer], failing every probe that touches a bad pair or a silent rank."""
+    out = {}
+    for a in members:
+        if a in silent:
+            continue
+        out[a] = {b: (FAIL if frozenset((a, b)) in bad or b in silent else OK)
+                  for b in members if b != a}
+    return out
+
+
+@pytest.mark.timeout(30)
+def test_server_echoes_and_a_closed_port_fails_fast():
+    server = PeerProbeServer("127.0.0.1")
+    with socket.socket() as s:                 # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    try:
+        t0 = time.monotonic()
+        res = probe_peers({1: ("127.0.0.1", server.port), 2: ("127.0.0.1", dead_port)},
+                          timeout=1.0)
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        server.close()
+    assert res[1]["ok"] and res[1]["rtt_s"] > 0
+    assert not res[2]["ok"] and "Connection" in res[2]["error"]
+
+
+@pytest.mark.timeout(30)
+def test_a_listener_that_never_echoes_times_out():
+    """A frozen process: the kernel accepts the connection but nobody answers."""
+    with socket.create_server(("127.0.0.1", 0)) as frozen:
+        t0 = time.monotonic()
+        res = probe_peers({3: ("127.0.0.1", frozen.getsockname()[1])}, timeout=0.5)
+        assert time.monotonic() - t0 < 1.5
+    assert not res[3]["ok"] and "timed out" in res[3]["error"]
+
+
+def test_localise_one_failed_link():
+    out = localise(_all_pairs(range(4), bad={frozenset((1, 2))}), range(4))
+    assert out["localised"] and out["link"] == (1, 2) and out["ranks"] == [1, 2]
+    assert out["failed_pairs"] == [[1, 2]] and out["pairs_tested"] == 6
+    assert "1->2" in out["errors"] and "2->1" in out["errors"]
+
+
+def test_localise_a_rank_whose_every_link_fails():
+    bad = {frozenset((2, r)) for r in (0, 1, 3)}
+    out = localise(_all_pairs(range(4), bad=bad), range(4))
+    assert out["localised"] and out["ranks"] == [2] and out["link"] is None
+
+
+def test_localise_a_silent_rank():
+    """Rank 3 neither answers the request nor echoes: it is named, even in a pair of two."""
+    out = localise(_all_pairs(range(4), silent={3}), range(4))
+    assert out["ranks"] == [3] and out["unanswered"] == [3]
+    out = localise(_all_pairs(range(2), silent={1}), range(2))
+    assert out["ranks"] == [1] and out["link"] is None
+
+
+def test_localise_healthy_network_says_so():
+    out = localise(_all_pairs(range(3)), range(3))
+    assert not out["localised"] and out["ranks"] == [] and out["failed_pairs"] == []
+    assert "does not localise" in out["summary"]
+    assert not localise({}, range(3))["localised"]
+
+
+def test_localise_unrelated_failures_name_every_rank_involved():
+    out = localise(_all_pairs(range(4), bad={frozenset((0, 1)), frozenset((2, 3))}), range(4))
+    assert out["ranks"] == [0, 1, 2, 3] and out["link"] is None
+
+
+def _hung_timeline(world):
+    tl = Timeline(0, "h")
+    tl.world = world
+    for r in range(world):
+        tl.ranks[r] = RankInfo(rank=r, host=f"h{r}", last_seen=0.0,
+                               peer_probe=(f"10.0.0.{r + 1}", 4000 + r))
+    tl.groups["0"] = list(range(world))
+    for r in range(world):
+        tl.on_issue(r, "0", 3, "allreduce", 8, "float32", 50.0, 1)
+    return tl
+
+
+def test_hang_comm_names_the_link_the_peer_probes_implicate():
+    tl = _hung_timeline(3)
+    clf = HangClassifier(CFG)
+    assert clf.check(tl, 52.5) == []
+    (request,) = tl.peer_probe_requests
+    assert request["ranks"] == [0, 1, 2] and request["peers"][2] == ("10.0.0.3", 4002)
+    tl.peer_probe_results[request["id"]] = _all_pairs(range(3), bad={frozenset((1, 2))})
+    for r in range(3):
+        tl.ranks[r].stack, tl.ranks[r].stack_time = "stack", 52.6
+    (f,) = clf.check(tl, 52.7)                 # every answer in: no need to wait longer
+    assert f.cls == "hang_comm" and f.ranks == (1, 2) and f.link == (1, 2)
+    assert f.hosts == ("h1", "h2") and f.group == "0"
+    assert f.evidence["localised"] and f.evidence["peer_probe"]["failed_pairs"] == [[1, 2]]
+    assert "link 1-2" in f.evidence["note"]
+
+
+def test_hang_comm_with_a_healthy_network_names_the_group_and_says_why():
+    tl = _hung_timeline(3)
+    clf = HangClassifier(CFG)
+    clf.check(tl, 52.5)
+    (request,) = tl.peer_probe_requests
+    tl.peer_probe_results[request["id"]] = _all_pairs(range(3))
+    (f,) = clf.check(tl, 53.1)
+    assert f.ranks == (0, 1, 2) and f.link is None and not f.evidence["localised"]
+    assert "does not localise" in f.evidence["note"]
