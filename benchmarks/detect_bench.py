@@ -167,6 +167,7 @@ def worker(argv: list[str]) -> int:
     ap.add_argument("--timeout", type=float, default=10.0)
     ap.add_argument("--hang-rank", type=int, default=2)
     ap.add_argument("--hang-step", type=int, default=5)
+    ap.add_argument("--aa", action="store_true", help="overhead control: both arms unmonitored")
     a = ap.parse_args(argv)
     import torch
     import torch.distributed as dist
@@ -186,8 +187,8 @@ def worker(argv: list[str]) -> int:
 
         mon = CollectiveMonitor(run_dir=a.run_dir, hang_timeout=60.0, wrap_default=False).start()
         raw = dist.distributed_c10d._get_default_group()
-        on = torch.nn.parallel.DistributedDataParallel(model(), process_group=mon.wrap(raw),
-                                                       bucket_cap_mb=a.bucket_mb)
+        on = torch.nn.parallel.DistributedDataParallel(model(), process_group=raw if a.aa else
+                                                       mon.wrap(raw), bucket_cap_mb=a.bucket_mb)
         off = torch.nn.parallel.DistributedDataParallel(model(), process_group=raw,
                                                         bucket_cap_mb=a.bucket_mb)
         times: dict = {"on": [], "off": [], "blocks": []}
@@ -304,17 +305,21 @@ def _result(outs: list[str]) -> object:
     raise RuntimeError("worker printed no result:\n" + outs[0][-3000:])
 
 
-def run_overhead(blocks: int, workdir: Path, log, block_steps: int = 10) -> dict:
+def run_overhead(blocks: int, workdir: Path, log, block_steps: int = 10,
+                 aa: bool = False) -> dict:
+    """Monitor on vs off in one job; with ``aa`` both arms are off (the method's own bias)."""
     outs, _, _ = launch(["--mode", "overhead", "--run-dir", str(workdir / "overhead"),
-                         "--blocks", str(blocks), "--block-steps", str(block_steps)], {}, 600)
+                         "--blocks", str(blocks), "--block-steps", str(block_steps),
+                         *(["--aa"] if aa else [])], {}, 600)
     times = _result(outs)
     on, off = statistics.median(times["on"]), statistics.median(times["off"])
     paired = paired_ratios(times["blocks"])
     lo, hi = bootstrap_median_ci(paired)
-    res = {"steps_each": len(times["on"]), "block_steps": block_steps,
+    res = {"steps_each": len(times["on"]), "block_steps": block_steps, "aa_control": aa,
            "median_on_s": on, "median_off_s": off, "overhead": on / off - 1, "params_m": 2.0, "bucket_mb": 2.0,
            "paired_overhead_median": statistics.median(paired) - 1,
            "paired_overhead_ci95": [lo - 1, hi - 1], "pairs": len(paired),
+           "blocks": times["blocks"],
            "ranks_cpu_per_step_s": times.get("cpu_per_step_s"),
            "aggregator_cpu_per_step_s": times.get("aggregator_cpu_per_step_s")}
     log(f"overhead: on {on * 1e3:.2f} ms, off {off * 1e3:.2f} ms, {res['overhead'] * 100:+.2f}%; "
@@ -451,6 +456,8 @@ def main() -> int:
                     help="comma-separated subset of the matrix classes")
     ap.add_argument("--overhead-blocks", type=int, default=10, help="ABBA block pairs per arm")
     ap.add_argument("--overhead-block-steps", type=int, default=10, help="steps per block")
+    ap.add_argument("--overhead-aa", action="store_true",
+                    help="A/A control: the 'on' arm runs unmonitored too")
     ap.add_argument("--contrast-timeout", type=float, default=10.0)
     ap.add_argument("--contrast-reps", type=int, default=3)
     ap.add_argument("--out", default=None, help="write all results as JSON here")
@@ -478,7 +485,7 @@ def main() -> int:
         print(json.dumps(report["summary"], indent=1))
     if "overhead" in parts:
         report["overhead"] = run_overhead(args.overhead_blocks, workdir, log,
-                                          args.overhead_block_steps)
+                                          args.overhead_block_steps, args.overhead_aa)
     if "contrast" in parts:
         report["contrast"] = run_contrast(args.contrast_timeout, args.contrast_reps, workdir, log)
     report["elapsed_s"] = time.time() - started

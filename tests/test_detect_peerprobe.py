@@ -126,3 +126,12 @@ def test_hang_comm_with_a_healthy_network_names_the_group_and_says_why():
     (f,) = clf.check(tl, 53.1)
     assert f.ranks == (0, 1, 2) and f.link is None and not f.evidence["localised"]
     assert "does not localise" in f.evidence["note"]
+
+
+def test_peers_to_probe_all_pairs_in_small_groups_ring_neighbours_in_large_ones():
+    from trainkit.detect.peerprobe import peers_to_probe
+
+    assert peers_to_probe(1, [0, 1, 2, 3]) == [0, 2, 3]
+    assert peers_to_probe(5, [0, 1]) == []
+    big = list(range(100))
+    assert peers_to_probe(0, big) == [1, 2, 3, 4, 5, 6, 7, 8, 92, 93, 94, 95, 96, 97, 98, 99]

@@ -37,7 +37,8 @@ import torch.distributed.distributed_c10d as c10d
 from trainkit.detect import knobs
 from trainkit.detect.channel import Channel
 from trainkit.detect.linkprobe import LinkProbe
-from trainkit.detect.peerprobe import PeerProbeServer, advertised_host, probe_peers
+from trainkit.detect.peerprobe import (PeerProbeServer, advertised_host, peers_to_probe,
+                                       probe_peers)
 from trainkit.detect.probe import (MonitoredProcessGroup, Recorder, StackDumper, register_group,
                                    unregister_group)
 from trainkit.faults import FaultInjector, local_identity
@@ -183,8 +184,9 @@ class CollectiveMonitor:
                  "attempt": attempt, "node": node, "pid": os.getpid(),
                  "hang_timeout": self.hang_timeout}
         try:
-            self._peer_probe = PeerProbeServer()
-            hello["peer_probe"] = [advertised_host(), self._peer_probe.port]
+            probe_host = advertised_host()
+            self._peer_probe = PeerProbeServer(probe_host or "0.0.0.0")
+            hello["peer_probe"] = [probe_host, self._peer_probe.port]
         except OSError as exc:
             warnings.warn(f"trainkit.detect: no peer-probe server ({exc}); communication hangs "
                           "will not be localised", RuntimeWarning, stacklevel=3)
@@ -297,9 +299,10 @@ class CollectiveMonitor:
         elif message.get("t") == "probe" and self._link_probe is not None:
             self._link_probe.handle(message)
         elif message.get("t") == "peer_probe" and self.channel is not None and self.recorder:
-            me = self.recorder.rank
-            peers = {int(r): addr for r, addr in message["peers"].items() if int(r) != me}
-            results = probe_peers(peers, timeout=float(message.get("timeout", 1.0)))
+            addresses = {int(r): addr for r, addr in message["peers"].items()}
+            targets = peers_to_probe(self.recorder.rank, list(addresses))
+            results = probe_peers({r: addresses[r] for r in targets},
+                                  timeout=float(message.get("timeout", 1.0)))
             self.channel.send({"t": "peer_probe_result", "id": message["id"],
                                "results": {str(r): v for r, v in results.items()}})
 

@@ -33,9 +33,11 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["PeerProbeServer", "advertised_host", "localise", "probe_peers"]
+__all__ = ["PeerProbeServer", "advertised_host", "localise", "peers_to_probe", "probe_peers"]
 
 _TOKEN = b"trainkit-peer-probe\n"
+_MAX_ALL_PAIRS = 64
+_RING_REACH = 8
 
 
 def advertised_host() -> str | None:
@@ -73,18 +75,24 @@ class PeerProbeServer:
                 continue
             except OSError:
                 return
-            with conn:
-                try:
-                    conn.settimeout(self.io_timeout)
-                    data = b""
-                    while not data.endswith(b"\n") and len(data) < 256:
-                        chunk = conn.recv(256)
-                        if not chunk:
-                            break
-                        data += chunk
-                    conn.sendall(data)
-                except OSError:
-                    continue
+            # One short-lived thread per connection: a prober whose data stalls after
+            # the handshake must not hold up the other peers' probes of this rank.
+            threading.Thread(target=self._echo, args=(conn,), daemon=True,
+                             name="trainkit-detect-peerprobe-echo").start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(self.io_timeout)
+                data = b""
+                while not data.endswith(b"\n") and len(data) < 256:
+                    chunk = conn.recv(256)
+                    if not chunk:
+                        break
+                    data += chunk
+                conn.sendall(data)
+            except OSError:
+                pass
 
     def close(self) -> None:
         self._stop.set()
@@ -114,10 +122,23 @@ def _probe_one(host: str, port: int, timeout: float) -> dict[str, Any]:
         return {"ok": False, "rtt_s": None, "error": f"{type(exc).__name__}: {exc}"[:200]}
 
 
+def peers_to_probe(me: int, members: Sequence[int]) -> list[int]:
+    """Whom ``me`` probes: everyone in groups up to 64 ranks, else its 8 ring neighbours
+    on each side (every link a ring collective uses is still covered)."""
+    ranks = sorted(set(members))
+    if me not in ranks:
+        return []
+    if len(ranks) <= _MAX_ALL_PAIRS:
+        return [r for r in ranks if r != me]
+    i, n = ranks.index(me), len(ranks)
+    return sorted({ranks[(i + d) % n] for d in range(-_RING_REACH, _RING_REACH + 1)} - {me})
+
+
 def probe_peers(peers: Mapping[int, Sequence[Any]], *, timeout: float = 1.0) -> dict[int, dict]:
     """Probe every ``rank -> (host, port)`` in parallel; returns each peer's result.
 
-    Bounded by ``timeout`` (plus thread start-up), whatever the peers do.
+    Bounded by about ``timeout``, whatever the peers do: each probe has its own
+    thread (at most ``len(peers)``, which :func:`peers_to_probe` keeps small).
     """
     results: dict[int, dict] = {}
     threads = []
