@@ -135,3 +135,10 @@ def test_peers_to_probe_all_pairs_in_small_groups_ring_neighbours_in_large_ones(
     assert peers_to_probe(5, [0, 1]) == []
     big = list(range(100))
     assert peers_to_probe(0, big) == [1, 2, 3, 4, 5, 6, 7, 8, 92, 93, 94, 95, 96, 97, 98, 99]
+
+
+def test_localise_every_pair_failing_is_not_blamed_on_anyone():
+    """All probes failing looks like a firewall between hosts, not a culprit."""
+    bad = {frozenset((a, b)) for a in range(3) for b in range(3) if a != b}
+    out = localise(_all_pairs(range(3), bad=bad), range(3))
+    assert not out["localised"] and out["ranks"] == [] and "blocked" in out["summary"]

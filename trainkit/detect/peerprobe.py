@@ -167,6 +167,8 @@ def localise(results: Mapping[int, Mapping[int, Mapping[str, Any]]],
     - one failed pair: that link;
     - several failed pairs that all share one rank: that rank;
     - failed pairs with no common rank: every rank in them, no link;
+    - every tested pair failed (more than one): not localised, since a firewall
+      between hosts blocking the probe port looks the same;
     - no failure: not localised (the network between every pair works, so the
       hang is inside the ranks or the collective itself).
     """
@@ -197,6 +199,10 @@ def localise(results: Mapping[int, Mapping[int, Mapping[str, Any]]],
         out["summary"] = (f"all {len(pair_ok)} tested pairs answered over trainkit's side "
                           "channel; the network does not localise the hang"
                           if pair_ok else "no probe answers; nothing localises the hang")
+        return out
+    if len(failed) == len(pair_ok) > 1:
+        out["summary"] = (f"every one of the {len(pair_ok)} tested pairs failed: the probe "
+                          "ports may be blocked between hosts; nothing localised")
         return out
     involved = sorted({r for p in failed for r in p})
     common = set(failed[0]).intersection(*failed[1:]) if len(failed) > 1 else set(failed[0])
