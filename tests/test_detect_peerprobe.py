@@ -142,3 +142,53 @@ def test_localise_every_pair_failing_is_not_blamed_on_anyone():
     bad = {frozenset((a, b)) for a in range(3) for b in range(3) if a != b}
     out = localise(_all_pairs(range(3), bad=bad), range(3))
     assert not out["localised"] and out["ranks"] == [] and "blocked" in out["summary"]
+
+
+_FREEZE_JOB = '''
+import argparse, datetime, os, signal, time
+import torch, torch.distributed as dist
+from trainkit.detect import CollectiveMonitor
+
+p = argparse.ArgumentParser()
+p.add_argument("--run-dir")
+p.add_argument("--freeze-rank", type=int)
+p.add_argument("--freeze-step", type=int)
+a = p.parse_args()
+torch.set_num_threads(1)
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+rank = dist.get_rank()
+mon = CollectiveMonitor(run_dir=a.run_dir, hang_timeout=2.0).start()
+t = torch.ones(4096)
+for step in range(100000):
+    mon.step(step)
+    if step == a.freeze_step and rank != a.freeze_rank:
+        time.sleep(1.0)                  # arrive only once the frozen rank is frozen
+    work = dist.all_reduce(t, async_op=True)
+    if step == a.freeze_step and rank == a.freeze_rank:
+        time.sleep(0.3)                  # its channel has sent the arrival (100 ms batches)
+        os.kill(os.getpid(), signal.SIGSTOP)     # then the whole process freezes
+    work.wait()
+    time.sleep(0.01)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_a_frozen_rank_inside_allreduce_is_named_by_peer_probes(tmp_path):
+    """Rank 2 issues allreduce #k and, waiting in it, its whole process stops
+    (SIGSTOP): every rank arrived, none completes, so timings only name the group.
+    Its peers' probes get no echo and it answers nothing itself, so the finding
+    names rank 2. (Frozen before its arrival was sent, it is ``hang_noncomm``.)"""
+    from trainkit.detect.drill import run_drill
+
+    script = tmp_path / "freeze_job.py"
+    script.write_text(_FREEZE_JOB)
+    res = run_drill(script, world=3, run_dir=tmp_path / "run", timeout=60,
+                    script_args=["--freeze-rank", "2", "--freeze-step", "8"])
+    assert [f["class"] for f in res.findings] == ["hang_comm"], res.findings
+    f = res.findings[0]
+    assert f["ranks"] == [2] and f["link"] is None and f["step"] == 8
+    probe = f["evidence"]["peer_probe"]
+    assert probe["unanswered"] == [2] and probe["failed_pairs"] == [[0, 2], [1, 2]]
+    assert "0->1" in probe["rtt_s"] and "1->0" in probe["rtt_s"]
+    assert sorted(f["evidence"]["arrived"]) == [0, 1, 2] and f["evidence"]["completed"] == []
