@@ -167,6 +167,7 @@ def worker(argv: list[str]) -> int:
     ap.add_argument("--timeout", type=float, default=10.0)
     ap.add_argument("--hang-rank", type=int, default=2)
     ap.add_argument("--hang-step", type=int, default=5)
+    ap.add_argument("--aa", action="store_true", help="overhead control: both arms unmonitored")
     a = ap.parse_args(argv)
     import torch
     import torch.distributed as dist
@@ -186,23 +187,36 @@ def worker(argv: list[str]) -> int:
 
         mon = CollectiveMonitor(run_dir=a.run_dir, hang_timeout=60.0, wrap_default=False).start()
         raw = dist.distributed_c10d._get_default_group()
-        on = torch.nn.parallel.DistributedDataParallel(model(), process_group=mon.wrap(raw),
-                                                       bucket_cap_mb=a.bucket_mb)
+        on = torch.nn.parallel.DistributedDataParallel(model(), process_group=raw if a.aa else
+                                                       mon.wrap(raw), bucket_cap_mb=a.bucket_mb)
         off = torch.nn.parallel.DistributedDataParallel(model(), process_group=raw,
                                                         bucket_cap_mb=a.bucket_mb)
-        times = {"on": [], "off": []}
+        times: dict = {"on": [], "off": [], "blocks": []}
+        cpu = {"on": 0.0, "off": 0.0}           # this process's CPU (all its threads)
+        agg_cpu = {"on": 0.0, "off": 0.0}       # the aggregator's CPU, read by rank 0
         step = 0
         for block in range(2 * a.blocks):
             name, ddp = (("on", on), ("off", off))[(block + block // 2) % 2]   # ABBA order
+            c0, g0 = time.process_time(), _proc_cpu(mon.aggregator_pid)
+            block = []
             for _ in range(a.block_steps):
                 mon.step(step)
                 step += 1
                 dist.barrier(group=raw)
                 t0 = time.perf_counter()
                 ddp(x).sum().backward()
-                times[name].append(time.perf_counter() - t0)
+                block.append(time.perf_counter() - t0)
+            times[name] += block
+            times["blocks"].append([name, statistics.median(block)])
+            cpu[name] += time.process_time() - c0
+            agg_cpu[name] += _proc_cpu(mon.aggregator_pid) - g0
         mon.close()
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, cpu, group=raw)
         if rank == 0:
+            steps = a.blocks * a.block_steps
+            times["cpu_per_step_s"] = {k: sum(c[k] for c in per_rank) / steps for k in cpu}
+            times["aggregator_cpu_per_step_s"] = {k: v / steps for k, v in agg_cpu.items()}
             print("RESULT " + json.dumps(times), flush=True)
     elif a.mode == "steps":
         step_fn = _manual_ddp(model())
@@ -229,6 +243,18 @@ def worker(argv: list[str]) -> int:
             os._exit(1)
     dist.destroy_process_group()
     return 0
+
+
+def _proc_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) used so far by process ``pid``; 0 when unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _manual_ddp(model):
@@ -279,15 +305,56 @@ def _result(outs: list[str]) -> object:
     raise RuntimeError("worker printed no result:\n" + outs[0][-3000:])
 
 
-def run_overhead(blocks: int, workdir: Path, log) -> dict:
+def run_overhead(blocks: int, workdir: Path, log, block_steps: int = 10,
+                 aa: bool = False) -> dict:
+    """Monitor on vs off in one job; with ``aa`` both arms are off (the method's own bias)."""
     outs, _, _ = launch(["--mode", "overhead", "--run-dir", str(workdir / "overhead"),
-                         "--blocks", str(blocks)], {}, 600)
+                         "--blocks", str(blocks), "--block-steps", str(block_steps),
+                         *(["--aa"] if aa else [])], {}, 600)
     times = _result(outs)
     on, off = statistics.median(times["on"]), statistics.median(times["off"])
-    res = {"steps_each": len(times["on"]), "median_on_s": on, "median_off_s": off,
-           "overhead": on / off - 1, "params_m": 2.0, "bucket_mb": 2.0}
-    log(f"overhead: on {on * 1e3:.2f} ms, off {off * 1e3:.2f} ms, {res['overhead'] * 100:+.2f}%")
+    paired = paired_ratios(times["blocks"])
+    lo, hi = bootstrap_median_ci(paired)
+    res = {"steps_each": len(times["on"]), "block_steps": block_steps, "aa_control": aa,
+           "median_on_s": on, "median_off_s": off, "overhead": on / off - 1, "params_m": 2.0, "bucket_mb": 2.0,
+           "paired_overhead_median": statistics.median(paired) - 1,
+           "paired_overhead_ci95": [lo - 1, hi - 1], "pairs": len(paired),
+           "blocks": times["blocks"],
+           "ranks_cpu_per_step_s": times.get("cpu_per_step_s"),
+           "aggregator_cpu_per_step_s": times.get("aggregator_cpu_per_step_s")}
+    log(f"overhead: on {on * 1e3:.2f} ms, off {off * 1e3:.2f} ms, {res['overhead'] * 100:+.2f}%; "
+        f"paired blocks: median {res['paired_overhead_median'] * 100:+.2f}% "
+        f"[95% CI {lo * 100 - 100:+.2f}%, {hi * 100 - 100:+.2f}%] over {len(paired)} pairs")
+    if res["ranks_cpu_per_step_s"]:
+        rc, ac = res["ranks_cpu_per_step_s"], res["aggregator_cpu_per_step_s"]
+        log(f"CPU per step, all ranks: on {rc['on'] * 1e3:.2f} ms, off {rc['off'] * 1e3:.2f} ms; "
+            f"aggregator: on {ac['on'] * 1e3:.2f} ms, off {ac['off'] * 1e3:.2f} ms")
     return res
+
+
+def paired_ratios(blocks: list) -> list[float]:
+    """on/off ratio of each adjacent block pair (ABBA: every pair holds one of each).
+
+    Pairing neighbours cancels the slow drift of a shared machine's load, which
+    a ratio of the two arms' overall medians does not.
+    """
+    out = []
+    for i in range(0, len(blocks) - 1, 2):
+        pair = dict(blocks[i:i + 2])
+        if set(pair) == {"on", "off"}:
+            out.append(pair["on"] / pair["off"])
+    return out
+
+
+def bootstrap_median_ci(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the median (fixed seed: reproducible from the JSON)."""
+    import random
+
+    if not values:
+        return float("nan"), float("nan")
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(reps))
+    return meds[int(0.025 * reps)], meds[int(0.975 * reps) - 1]
 
 
 def run_contrast(timeout_s: float, reps: int, workdir: Path, log) -> dict:
@@ -353,6 +420,11 @@ def markdown(report: dict) -> str:
                       f"buckets, {o['steps_each']} steps per arm, ABBA blocks in one job): "
                       f"on {o['median_on_s'] * 1e3:.2f} ms vs off {o['median_off_s'] * 1e3:.2f} ms "
                       f"median step, **{o['overhead'] * 100:+.2f}%**."]
+        if "paired_overhead_median" in o:
+            lo, hi = o["paired_overhead_ci95"]
+            lines.append(f"Paired adjacent blocks ({o['pairs']} pairs): median "
+                         f"**{o['paired_overhead_median'] * 100:+.2f}%** "
+                         f"[95% bootstrap CI {lo * 100:+.2f}%, {hi * 100:+.2f}%].")
     if "contrast" in report:
         c = report["contrast"]
         lines += ["", "| plain torch, same hang | time to error | error names the culprit |",
@@ -382,7 +454,10 @@ def main() -> int:
     ap.add_argument("--parts", default="matrix,overhead,contrast")
     ap.add_argument("--classes", default=",".join((*CLASSES, "clean")),
                     help="comma-separated subset of the matrix classes")
-    ap.add_argument("--overhead-blocks", type=int, default=10)
+    ap.add_argument("--overhead-blocks", type=int, default=10, help="ABBA block pairs per arm")
+    ap.add_argument("--overhead-block-steps", type=int, default=10, help="steps per block")
+    ap.add_argument("--overhead-aa", action="store_true",
+                    help="A/A control: the 'on' arm runs unmonitored too")
     ap.add_argument("--contrast-timeout", type=float, default=10.0)
     ap.add_argument("--contrast-reps", type=int, default=3)
     ap.add_argument("--out", default=None, help="write all results as JSON here")
@@ -409,7 +484,8 @@ def main() -> int:
         report["summary"] = summarise(results)
         print(json.dumps(report["summary"], indent=1))
     if "overhead" in parts:
-        report["overhead"] = run_overhead(args.overhead_blocks, workdir, log)
+        report["overhead"] = run_overhead(args.overhead_blocks, workdir, log,
+                                          args.overhead_block_steps, args.overhead_aa)
     if "contrast" in parts:
         report["contrast"] = run_contrast(args.contrast_timeout, args.contrast_reps, workdir, log)
     report["elapsed_s"] = time.time() - started

@@ -162,6 +162,13 @@ class Aggregator:
             for conn in list(self.conns.values()):
                 if conn.rank in probe["ranks"] and conn.attempt == tl.attempt:
                     self._send(conn, message)
+        peer_probes, tl.peer_probe_requests = tl.peer_probe_requests, []
+        for probe in peer_probes:
+            message = {"t": "peer_probe", "id": probe["id"], "timeout": self.cfg.peer_probe_timeout_s,
+                       "peers": {str(r): list(addr) for r, addr in probe["peers"].items()}}
+            for conn in list(self.conns.values()):
+                if conn.rank in probe["ranks"] and conn.attempt == tl.attempt:
+                    self._send(conn, message)
         requests, tl.stack_requests = tl.stack_requests, []
         for rank in requests:
             conn = next((c for c in self.conns.values() if c.rank == rank
@@ -269,6 +276,9 @@ class Aggregator:
         elif kind == "probe_result":
             self.timeline.probe_results.setdefault(int(msg["id"]), {}).update(
                 {str(k): float(v) for k, v in msg["rtt"].items()})
+        elif kind == "peer_probe_result":
+            self.timeline.peer_probe_results.setdefault(int(msg["id"]), {})[info.rank] = {
+                int(k): dict(v) for k, v in msg["results"].items()}
         elif kind == "bye":
             info.bye = True
 
@@ -292,7 +302,8 @@ class Aggregator:
             tl.world = int(msg.get("world") or tl.world or 0) or None
             tl.ranks[conn.rank] = RankInfo(rank=conn.rank, host=str(msg.get("host", "?")),
                                            local_rank=msg.get("local_rank"), attempt=attempt,
-                                           node=msg.get("node"), pid=msg.get("pid"))
+                                           node=msg.get("node"), pid=msg.get("pid"),
+                                           peer_probe=_probe_address(conn, msg.get("peer_probe")))
         self._send(conn, {"t": "welcome", "time": time.time()})
 
     def _batch(self, conn: _Conn, info: RankInfo, events: list) -> None:
@@ -311,6 +322,21 @@ class Aggregator:
             elif tag == "s":
                 info.step = int(ev[1])
                 info.steps.append((int(ev[1]), ev[2] + off))
+
+
+def _probe_address(conn: _Conn, advertised: Any) -> tuple[str, int] | None:
+    """The rank's peer-probe server; an unknown host is the address its connection came from."""
+    try:
+        host, port = advertised
+        port = int(port)
+    except (TypeError, ValueError):
+        return None
+    if not host or host in ("0.0.0.0", "::"):
+        try:
+            host = conn.sock.getpeername()[0]
+        except OSError:
+            return None
+    return str(host), port
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,16 +15,26 @@ Wire format: newline-delimited JSON. Rank to aggregator::
 with compact events ``["i", group, seq, op, nbytes, dtype, t_issue, step, peer]``
 (arrival), ``["d", group, seq, t_done, ok]`` (completion), ``["w", group, seq, t]``
 (a point-to-point wait began) and ``["s", step, t]`` (step marker). Aggregator to rank: ``{"t": "welcome", "time": T}`` (clock
-offset), ``{"t": "stack_req"}``.
+offset), ``{"t": "stack_req"}``, ``{"t": "probe", ...}`` (:mod:`linkprobe`) and
+``{"t": "peer_probe", "id", "peers", "timeout"}`` (:mod:`peerprobe`), answered by
+``{"t": "peer_probe_result", "id", "results"}``. The hello may carry
+``"peer_probe": [host or null, port]``.
 
 Thread safety: :meth:`Channel.put` and :meth:`Channel.send` may be called from
 any thread (training thread, gloo callback threads); they never block and never
 raise. When the aggregator is unreachable the channel warns once and drops
 everything, so training is never blocked or crashed by monitoring.
+
+Cost: ``put`` is the hot path (twice per collective), so it is a bound
+``collections.deque.append``: no Python frame, no lock (deque appends and pops
+are atomic). The thread drains the deque and sends one batch every
+``flush_s`` (default 0.1 s); the deque is bounded, so a stalled connection
+can never grow memory without limit.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import queue
 import select
@@ -37,7 +47,8 @@ from typing import Any
 
 __all__ = ["Channel"]
 
-_FLUSH_S = 0.02
+_FLUSH_S = 0.1
+_MAX_BACKLOG = 200_000
 
 
 class Channel:
@@ -45,14 +56,21 @@ class Channel:
 
     def __init__(self, address: tuple[str, int], hello: dict[str, Any], *,
                  on_request: Callable[[dict[str, Any]], None] | None = None,
-                 heartbeat_s: float = 0.5, connect_timeout: float = 5.0):
+                 heartbeat_s: float = 0.5, connect_timeout: float = 5.0,
+                 flush_s: float = _FLUSH_S):
         self.address = address
         self.hello = hello
         self.on_request = on_request
+        self.on_lost: Callable[[], None] | None = None
+        """Called once from the channel thread when the connection is lost."""
         self.heartbeat_s = heartbeat_s
         self.connect_timeout = connect_timeout
         self.clock_offset = 0.0
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.flush_s = flush_s
+        self._events: collections.deque = collections.deque(maxlen=_MAX_BACKLOG)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()     # control messages
+        self.put: Callable[[Any], None] = _discard
+        """Queue a compact event; cheap, thread-safe, never blocks or raises."""
         self._alive = False
         self._warned = False
         self._stop = threading.Event()
@@ -86,15 +104,11 @@ class Channel:
             return False
         self._sock = sock
         self._alive = True
+        self.put = self._events.append
         self._queue.put({"t": "clock", "offset": self.clock_offset})
         self._thread = threading.Thread(target=self._run, name="trainkit-detect-channel", daemon=True)
         self._thread.start()
         return True
-
-    def put(self, event: list) -> None:
-        """Queue a compact event; cheap, thread-safe, never blocks or raises."""
-        if self._alive:
-            self._queue.put(event)
 
     def send(self, message: dict[str, Any]) -> None:
         """Queue a control message (sent with the next flush)."""
@@ -111,6 +125,8 @@ class Channel:
         self._thread.join(timeout=timeout)
         self._thread = None
         self._alive = False
+        self.put = _discard
+        self._events.clear()
         if self._sock is not None:
             try:
                 self._sock.close()
@@ -128,14 +144,17 @@ class Channel:
         inbuf = b""
         while True:
             stopping = self._stop.is_set()
-            events: list = []
+            events = self._drain()
             controls: list[dict] = []
             while True:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                (controls if isinstance(item, dict) else events).append(item)
+                if isinstance(item, dict):
+                    controls.append(item)
+                else:
+                    events.append(item)
             now = time.time()
             lines = []
             if events or now - last_beat >= self.heartbeat_s:
@@ -146,9 +165,19 @@ class Channel:
                 return
             if stopping:
                 return
-            inbuf = self._receive(inbuf)
+            # Control messages (stacks, probe results, exit) go out on the next turn.
+            inbuf = self._receive(inbuf, self.flush_s if self._queue.empty() else 0.0)
             if inbuf is None:
                 return
+
+    def _drain(self) -> list:
+        events, popleft = [], self._events.popleft
+        try:
+            for _ in range(len(self._events)):
+                events.append(popleft())
+        except IndexError:
+            pass
+        return events
 
     def _sendall(self, data: bytes) -> bool:
         sock = self._sock
@@ -168,11 +197,11 @@ class Channel:
             return False
         return True
 
-    def _receive(self, inbuf: bytes) -> bytes | None:
+    def _receive(self, inbuf: bytes, wait_s: float) -> bytes | None:
         sock = self._sock
         assert sock is not None
         try:
-            readable, _, _ = select.select([sock], [], [], _FLUSH_S)
+            readable, _, _ = select.select([sock], [], [], wait_s)
             if not readable:
                 return inbuf
             chunk = sock.recv(65536)
@@ -203,7 +232,18 @@ class Channel:
 
     def _lost(self, message: str) -> None:
         self._alive = False
+        self.put = _discard
+        self._events.clear()
         self._warn(message)
+        if self.on_lost is not None:
+            try:
+                self.on_lost()
+            except Exception:  # noqa: BLE001 - monitoring must never hurt training
+                pass
+
+
+def _discard(_event: Any) -> None:
+    return None
 
 
 def _read_line(sock: socket.socket, timeout: float) -> str:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from trainkit.detect.knobs import ClassifierConfig
 from trainkit.detect.linkprobe import probe_pairs, slowest_pair
+from trainkit.detect.peerprobe import localise
 from trainkit.detect.timeline import Coll, Finding, Timeline, p2p_pair
 
 __all__ = ["Classifier", "CLASSIFIERS", "make_classifiers"]
@@ -187,6 +188,9 @@ class HangClassifier:
             culprits = entry["stack_from"]
             have = all(tl.ranks.get(r) is not None and (tl.ranks[r].stack_time or 0) >= entry["asked"]
                        for r in culprits)
+            if entry.get("probe_id") is not None:
+                answers = tl.peer_probe_results.get(entry["probe_id"], {})
+                have = have and all(r in answers for r in entry["probed"])
             if have or now - entry["asked"] >= self.cfg.stack_wait_s or tl.fatal_time is not None:
                 del self.waiting[key]
                 if tl.fatal_time is not None and tl.fatal_time < entry["asked"]:
@@ -210,9 +214,15 @@ class HangClassifier:
             stack_from = members
         for r in stack_from:
             tl.request_stack(r)
-        self.waiting[(coll.group, coll.seq)] = {"coll": coll, "cls": cls, "culprits": culprits,
-                                                "stack_from": stack_from, "asked": now,
-                                                "first": first}
+        entry = {"coll": coll, "cls": cls, "culprits": culprits, "stack_from": stack_from,
+                 "asked": now, "first": first}
+        if cls == "hang_comm" and p2p_pair(coll.group) is None:
+            # Everyone is waiting: the timings say nothing per peer, so ask the network.
+            probe_id = tl.request_peer_probe(members)
+            if probe_id is not None:
+                entry["probe_id"] = probe_id
+                entry["probed"] = tl.peer_probe_requests[-1]["ranks"]
+        self.waiting[(coll.group, coll.seq)] = entry
 
     def _emit(self, tl: Timeline, entry: dict[str, Any], now: float) -> Finding:
         coll: Coll = entry["coll"]
@@ -232,16 +242,27 @@ class HangClassifier:
             "stacks": {str(r): tl.ranks[r].stack for r in entry["stack_from"]
                        if r in tl.ranks and tl.ranks[r].stack},
         }
+        link = (min(pair), max(pair)) if pair is not None else None
         if cls == "hang_noncomm":
             evidence["never_arrived"] = culprits
             confidence = 0.95
-        else:
+        if cls == "hang_comm":
             evidence["localised"] = (pair is not None or len(culprits) < len(members))
-            evidence["note"] = ("every rank issued the collective and none completed; "
-                                "the collective type gives no per-peer evidence"
-                                if not evidence["localised"] else "per-peer evidence")
+            evidence["note"] = ("point-to-point transfer: the pair is the link" if pair is not None
+                                else "per-peer evidence: only these ranks did not complete"
+                                if evidence["localised"] else
+                                "every rank issued the collective and none completed; "
+                                "the collective's timings give no per-peer evidence")
             confidence = 0.9 if evidence["localised"] else 0.6
-        link = (min(pair), max(pair)) if pair is not None else None
+            if entry.get("probe_id") is not None:
+                probe = localise(tl.peer_probe_results.get(entry["probe_id"], {}), members)
+                evidence["peer_probe"] = probe
+                evidence["note"] += "; peer probes: " + probe["summary"]
+                if probe["localised"]:
+                    culprits = probe["ranks"]
+                    link = tuple(probe["link"]) if probe["link"] else link
+                    evidence["localised"] = True
+                    confidence = 0.85 if probe["link"] or len(culprits) == 1 else 0.7
         return _finding(tl, now, cls, culprits, link=link, step=coll.step(), group=coll.group,
                         seq=coll.seq, evidence=evidence, confidence=confidence)
 

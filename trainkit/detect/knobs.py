@@ -88,6 +88,11 @@ class ClassifierConfig:
     """How long a slow-link finding waits for the targeted probe's answers."""
     probe_cooldown_s: float = 30.0
     """After a probe finds every link healthy, no new probe for that collective this long."""
+    peer_probe_timeout_s: float = 1.0
+    """Per-peer timeout of the reachability probe a communication hang triggers.
+
+    Kept below ``stack_wait_s``: the hang finding waits that long for stacks and
+    probe answers together, so a probe that times out still reports in time."""
 
 
 def parse_address(text: str) -> tuple[str, int]:

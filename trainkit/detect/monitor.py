@@ -37,6 +37,8 @@ import torch.distributed.distributed_c10d as c10d
 from trainkit.detect import knobs
 from trainkit.detect.channel import Channel
 from trainkit.detect.linkprobe import LinkProbe
+from trainkit.detect.peerprobe import (PeerProbeServer, advertised_host, peers_to_probe,
+                                       probe_peers)
 from trainkit.detect.probe import (MonitoredProcessGroup, Recorder, StackDumper, register_group,
                                    unregister_group)
 from trainkit.faults import FaultInjector, local_identity
@@ -131,6 +133,7 @@ class CollectiveMonitor:
         self._wrappers: list[MonitoredProcessGroup] = []
         self._default_wrapper: MonitoredProcessGroup | None = None
         self._stacks: StackDumper | None = None
+        self._peer_probe: PeerProbeServer | None = None
         self._prev_excepthook: Any = None
         self._started = False
 
@@ -154,7 +157,10 @@ class CollectiveMonitor:
             # new_group is collective even when this rank's channel failed.
             self._link_probe = LinkProbe.create(rank, channel.send if channel else _discard)
         put = channel.put if channel is not None else _discard
-        self.recorder = Recorder(put, rank=rank, injector=self.injector)
+        self.recorder = recorder = Recorder(put, rank=rank, injector=self.injector)
+        if channel is not None:
+            # Stop appending to a dead channel's buffer (the hot path holds its append).
+            channel.on_lost = lambda: setattr(recorder, "put", _discard)
         if channel is None and not self.injector.active:
             return self
         if self.wrap_default:
@@ -177,8 +183,16 @@ class CollectiveMonitor:
         hello = {"rank": rank, "world": world, "host": host, "local_rank": local_rank,
                  "attempt": attempt, "node": node, "pid": os.getpid(),
                  "hang_timeout": self.hang_timeout}
+        try:
+            probe_host = advertised_host()
+            self._peer_probe = PeerProbeServer(probe_host or "0.0.0.0")
+            hello["peer_probe"] = [probe_host, self._peer_probe.port]
+        except OSError as exc:
+            warnings.warn(f"trainkit.detect: no peer-probe server ({exc}); communication hangs "
+                          "will not be localised", RuntimeWarning, stacklevel=3)
         channel = Channel(address, hello, on_request=self._on_request, heartbeat_s=self.heartbeat_s)
         if not channel.start():
+            self._close_peer_probe()
             return None
         self.channel = channel
         try:
@@ -232,6 +246,12 @@ class CollectiveMonitor:
         if self._stacks is not None:
             self._stacks.close()
             self._stacks = None
+        self._close_peer_probe()
+
+    def _close_peer_probe(self) -> None:
+        if self._peer_probe is not None:
+            self._peer_probe.close()
+            self._peer_probe = None
 
     def __enter__(self) -> CollectiveMonitor:
         return self.start()
@@ -246,7 +266,7 @@ class CollectiveMonitor:
         if rec is None:
             return
         rec.step = int(step)
-        rec.put(["s", int(step), time.time()])
+        rec.put(("s", int(step), time.time()))
         if rec.injector is not None:
             rec.injector.on_step(int(step))
 
@@ -278,6 +298,13 @@ class CollectiveMonitor:
             self.channel.send({"t": "stack", "text": text[-20000:], "step": step})
         elif message.get("t") == "probe" and self._link_probe is not None:
             self._link_probe.handle(message)
+        elif message.get("t") == "peer_probe" and self.channel is not None and self.recorder:
+            addresses = {int(r): addr for r, addr in message["peers"].items()}
+            targets = peers_to_probe(self.recorder.rank, list(addresses))
+            results = probe_peers({r: addresses[r] for r in targets},
+                                  timeout=float(message.get("timeout", 1.0)))
+            self.channel.send({"t": "peer_probe_result", "id": message["id"],
+                               "results": {str(r): v for r, v in results.items()}})
 
     def _install_excepthook(self) -> None:
         self._prev_excepthook = sys.excepthook

@@ -43,7 +43,12 @@ from trainkit.faults import FaultInjector
 __all__ = ["MonitoredProcessGroup", "Recorder", "StackDumper", "register_group", "unmonitored",
            "unregister_group"]
 
-_LOCAL = threading.local()
+# Threads inside ``unmonitored()``: ident -> nesting depth. A plain dict rather than a
+# threading.local because the hot path tests it on every collective, and an empty
+# dict's truth test is the cheapest check there is.
+_OFF_THREADS: dict[int, int] = {}
+_get_ident = threading.get_ident
+_now = time.time
 
 
 @contextlib.contextmanager
@@ -54,12 +59,14 @@ def unmonitored() -> Iterator[None]:
     barrier on the default group); groups trainkit creates for itself with
     ``dist.new_group`` are never wrapped in the first place.
     """
-    previous = getattr(_LOCAL, "off", False)
-    _LOCAL.off = True
+    ident = _get_ident()
+    _OFF_THREADS[ident] = _OFF_THREADS.get(ident, 0) + 1
     try:
         yield
     finally:
-        _LOCAL.off = previous
+        depth = _OFF_THREADS.pop(ident) - 1
+        if depth:
+            _OFF_THREADS[ident] = depth
 
 # (method name, index of the argument holding the payload tensors, op label)
 _COLLECTIVES: tuple[tuple[str, int, str], ...] = (
@@ -88,6 +95,16 @@ _COLLECTIVES: tuple[tuple[str, int, str], ...] = (
 )
 
 
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
+
+
 def _nbytes(obj: Any) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -98,13 +115,21 @@ def _nbytes(obj: Any) -> int:
 
 def _first_dtype(obj: Any) -> str:
     if isinstance(obj, torch.Tensor):
-        return str(obj.dtype).removeprefix("torch.")
+        return _dtype_name(obj.dtype)
     if isinstance(obj, (list, tuple)):
         for o in obj:
             d = _first_dtype(o)
             if d:
                 return d
     return ""
+
+
+def _payload_info(obj: Any) -> tuple[int, str]:
+    """(bytes, dtype) of a collective's payload; one tensor in a list is the fast path."""
+    if type(obj) is list and len(obj) == 1 and isinstance(obj[0], torch.Tensor):
+        t = obj[0]
+        return t.numel() * t.element_size(), _dtype_name(t.dtype)
+    return _nbytes(obj), _first_dtype(obj)
 
 
 class Recorder:
@@ -128,9 +153,28 @@ class Recorder:
         return self._cuda_poller
 
     def done(self, group: str, seq: int, ok: bool, error: str | None = None) -> None:
-        self.put(["d", group, seq, time.time(), ok])
+        self.put(("d", group, seq, _now(), ok))
         if not ok and self.comm_error is None:
             self.comm_error = error or "collective failed"
+
+    def completion_callback(self, group: str, seq: int) -> Callable[[Any], None]:
+        """The future callback that stamps a collective's completion.
+
+        It runs on the backend's worker thread (gloo) with the GIL, inline in the
+        future's completion, so it must be as short as possible: one clock read
+        and one append on success; the slow path only on failure.
+        """
+        put = self.put
+
+        def _on_done(fut: Any) -> None:
+            try:
+                fut.value()
+            except Exception as exc:  # noqa: BLE001 - a failed collective is evidence
+                self.done(group, seq, False, str(exc))
+                return
+            put(("d", group, seq, _now(), True))
+
+        return _on_done
 
 
 class _RecordedWork(dist.Work):
@@ -287,46 +331,43 @@ class MonitoredProcessGroup(dist.ProcessGroup):
         return getattr(self._inner, attr)
 
     # -- recording -----------------------------------------------------------------
+    # The per-collective path is deliberately flat: it runs for every DDP bucket and
+    # FSDP shard, so each Python frame and allocation here is paid on every call.
     def _issue(self, method: str, op: str, payload: Any, args: tuple, kwargs: dict,
                group: str, seq_source: Any, peer: int | None) -> Any:
-        if getattr(_LOCAL, "off", False):
+        if _OFF_THREADS and _get_ident() in _OFF_THREADS:
             return getattr(self._inner, method)(*args, **kwargs)
         rec = self._recorder
         injector = rec.injector
         if injector is not None:
             injector.before_issue(op, peer)
         seq = next(seq_source)
-        rec.put(["i", group, seq, op, _nbytes(payload), _first_dtype(payload), time.time(),
-                 rec.step, peer])
+        nbytes, dtype = _payload_info(payload)
+        rec.put(("i", group, seq, op, nbytes, dtype, _now(), rec.step, peer))
         if injector is not None:
             injector.after_arrival(op, peer)
         work = getattr(self._inner, method)(*args, **kwargs)
-        return self._track(work, group, seq)
-
-    def _track(self, work: Any, group: str, seq: int) -> Any:
-        rec = self._recorder
         if self._use_cuda_events:
-            try:
-                rec.cuda_poller().track(work, group, seq)
-                return work
-            except Exception:  # noqa: BLE001 - fall back to the future
-                self._use_cuda_events = False
+            return self._track_cuda(work, group, seq)
         try:
             future = work.get_future()
         except RuntimeError:
-            return _RecordedWork(work, lambda ok, err: rec.done(group, seq, ok, err),
-                                 lambda: rec.put(["w", group, seq, time.time()]))
-
-        def _on_done(fut: torch.futures.Future) -> None:
-            try:
-                fut.value()
-            except Exception as exc:  # noqa: BLE001
-                rec.done(group, seq, False, str(exc))
-                return
-            rec.done(group, seq, True)
-
-        future.add_done_callback(_on_done)
+            return self._wrap_p2p(work, group, seq)
+        future.add_done_callback(rec.completion_callback(group, seq))
         return work
+
+    def _track_cuda(self, work: Any, group: str, seq: int) -> Any:
+        try:
+            self._recorder.cuda_poller().track(work, group, seq)
+        except Exception:  # noqa: BLE001 - fall back to the future
+            self._use_cuda_events = False
+            work.get_future().add_done_callback(self._recorder.completion_callback(group, seq))
+        return work
+
+    def _wrap_p2p(self, work: Any, group: str, seq: int) -> Any:
+        rec = self._recorder
+        return _RecordedWork(work, lambda ok, err: rec.done(group, seq, ok, err),
+                             lambda: rec.put(("w", group, seq, _now())))
 
     def _p2p(self, method: str, op: str, tensors: Any, peer_group_rank: int, args: tuple) -> Any:
         me, peer = self._ranks[self.rank()], self._ranks[peer_group_rank]

@@ -68,6 +68,8 @@ class RankInfo:
     last_seq: dict[str, int] = field(default_factory=dict)
     stack: str | None = None
     stack_time: float | None = None
+    peer_probe: tuple[str, int] | None = None
+    """(host, port) of the rank's peer-probe echo server (:mod:`peerprobe`), if any."""
 
     def identity(self) -> dict[str, Any]:
         return {"rank": self.rank, "host": self.host, "local_rank": self.local_rank,
@@ -129,6 +131,10 @@ class Timeline:
         self.last_done: dict[int, float] = {}        # per rank, latest completion seen
         self.probe_requests: list[dict[str, Any]] = []   # drained by the aggregator
         self.probe_results: dict[int, dict[str, float]] = {}
+        self.peer_probe_requests: list[dict[str, Any]] = []   # drained by the aggregator
+        self.peer_probe_results: dict[int, dict[int, dict[int, dict]]] = {}
+        """probe id -> prober rank -> peer rank -> {"ok", "rtt_s", "error"}."""
+        self._peer_probe_ids = 0
 
     # -- membership ------------------------------------------------------------------
     def group_ranks(self, group: str) -> list[int]:
@@ -146,6 +152,17 @@ class Timeline:
     def request_stack(self, rank: int) -> None:
         if rank not in self.stack_requests:
             self.stack_requests.append(rank)
+
+    def request_peer_probe(self, ranks: list[int]) -> int | None:
+        """Ask ``ranks`` to probe each other over the side channel; None if they cannot."""
+        peers = {r: self.ranks[r].peer_probe for r in ranks
+                 if r in self.ranks and self.ranks[r].peer_probe is not None}
+        if len(peers) < 2:
+            return None
+        self._peer_probe_ids += 1
+        self.peer_probe_requests.append({"id": self._peer_probe_ids, "ranks": sorted(peers),
+                                         "peers": peers})
+        return self._peer_probe_ids
 
     # -- ingest ------------------------------------------------------------------------
     def on_issue(self, rank: int, group: str, seq: int, op: str, nbytes: int, dtype: str,
