@@ -227,8 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         opt.step()
         sched.step()
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
+        # the logged loss: gathered and summed in rank order, because gloo's all_reduce of
+        # a scalar may add the ranks' values in a timing-dependent order (1-ulp jitter
+        # was seen), and recomputed steps after a restart must be comparable bit for bit
+        parts = [torch.zeros(()) for _ in range(world)]
+        dist.all_gather(parts, loss.detach())
+        mean = torch.stack(parts).sum()
         if log is not None:
             log.write(f"{step} {(mean.item() / world)!r}\n")
             log.flush()
