@@ -26,6 +26,10 @@ __all__ = [
     "committed_steps",
     "verify_step",
     "PerRank",
+    "Tier",
+    "LocalTier",
+    "FsspecTier",
+    "open_tier",
 ]
 
 _WHERE = {
@@ -42,6 +46,10 @@ _WHERE = {
     "committed_steps": "reader",
     "verify_step": "reader",
     "PerRank": "restore",
+    "Tier": "tiers",
+    "LocalTier": "tiers",
+    "FsspecTier": "tiers_fsspec",
+    "open_tier": "tiers",
 }
 
 
