@@ -95,10 +95,9 @@ def index_doc(job_step: int, rank: int, world_size: int, tensors: list[dict], bl
     }})
 
 
-def blob_digest(tensors: list[dict], blob: int, nbytes: int, crcs: list[int]) -> str:
-    """What must match for two ranks' blobs to count as one replicated blob."""
-    members = [(t["name"], t["dtype"], t["shape"], t["stride"], t["offset"])
-               for t in tensors if t["blob"] == blob]
+def blob_digest(members: list[tuple], nbytes: int, crcs: list[int]) -> str:
+    """What must match for two ranks' blobs to count as one replicated blob: the
+    geometry of the tensors in it (``members``), its length and its checksums."""
     raw = json.dumps([members, nbytes, crcs], separators=(",", ":")).encode()
     return hashlib.sha1(raw).hexdigest()[:16]
 
@@ -124,7 +123,10 @@ def manifest_of(rank: int, files: dict, nbytes: int, tensors: list[dict], blobs:
                 step_rel: str = "") -> dict:
     """A rank's report for the commit: its files, and what the dedupe and the resharding
     need to know about its blobs and split tensors."""
-    digests = [blob_digest(tensors, i, b["nbytes"], b["crc32"]) for i, b in enumerate(blobs)]
+    members: list[list[tuple]] = [[] for _ in blobs]     # one pass: 2,000 blobs is common
+    for t in tensors:
+        members[t["blob"]].append((t["name"], t["dtype"], t["shape"], t["stride"], t["offset"]))
+    digests = [blob_digest(members[i], b["nbytes"], b["crc32"]) for i, b in enumerate(blobs)]
     sharded = {t["name"]: [t["shard_dim"], t["shape"]] for t in tensors if "shard_dim" in t}
     return {"rank": rank, "files": files, "nbytes": nbytes, "ntensors": len(tensors),
             "blobs": digests, "sharded": sharded}
