@@ -61,6 +61,9 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions  
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trainkit.checkpoint import Checkpointer  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkpoint_tiers import drop_cache, files_under  # noqa: E402
+
 MiB = 1 << 20
 
 
@@ -126,11 +129,7 @@ class Competitor:
     setup: Callable[[Workload, Path], None] = lambda w, root: None
     teardown: Callable[[], None] = lambda: None
     load: Callable[[Path, object], object] | None = None
-    files: Callable[[Path, object], list[Path]] = field(default=lambda d, tok: _files_under(d))
-
-
-def _files_under(d: Path) -> list[Path]:
-    return [Path(r) / f for r, _, fs in os.walk(d) for f in fs]
+    files: Callable[[Path, object], list[Path]] = field(default=lambda d, tok: files_under(d))
 
 
 def _fsync_file(path: Path) -> None:
@@ -163,7 +162,7 @@ def competitors(quick: bool) -> list[Competitor]:
             return holder["ck"].load(tok[0])
 
         def files(d: Path, tok: object, holder=holder) -> list[Path]:
-            return _files_under(holder["ck"].path / Path(f"step_{tok[0]:010d}"))
+            return files_under(holder["ck"].path / Path(f"step_{tok[0]:010d}"))
 
         out.append(Competitor("trainkit lazy (attached)" if lazy else "trainkit (no attach)",
                               call, lambda tok: tok[1].result(), None, setup, teardown,
@@ -241,16 +240,6 @@ def raw_write(path: Path, nbytes: int, block: torch.Tensor) -> float:
     os.fsync(fd)
     os.close(fd)
     return time.perf_counter() - t0
-
-
-def drop_cache(paths: list[Path]) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def raw_read(path: Path, nbytes: int) -> float:

@@ -122,7 +122,9 @@ def persistence(total: int, worlds: list[int], reps: int, root: Path) -> list[di
     return results
 
 
-def _drop(paths: list[Path]) -> None:
+def drop_cache(paths: list[Path]) -> None:
+    """Drop the page cache of ``paths`` (fsync first), so a read comes from the disk.
+    Shared with ``checkpoint_bench.py``."""
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
@@ -132,7 +134,7 @@ def _drop(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def _files(d: Path) -> list[Path]:
+def files_under(d: Path) -> list[Path]:
     return [p for p in d.rglob("*") if p.is_file()]
 
 
@@ -160,13 +162,13 @@ def restore(total: int, reps: int, root: Path) -> dict:
         for _ in range(reps):
             for name, d in where.items():
                 if name != "memory":
-                    _drop(_files(Path(d)))
+                    drop_cache(files_under(Path(d)))
                 t0 = time.perf_counter()
                 got = load_shard(LocalTier(str(d), name=name), 1, 0)
                 times[name].append(time.perf_counter() - t0)
                 assert torch.equal(got["model"]["w3"], state["model"]["w3"])
                 del got
-            _drop(_files(root / "dcp"))
+            drop_cache(files_under(root / "dcp"))
             t0 = time.perf_counter()
             dcp.load(target, checkpoint_id=str(root / "dcp"))
             times["dcp.load"].append(time.perf_counter() - t0)

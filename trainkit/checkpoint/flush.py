@@ -21,7 +21,13 @@ from datetime import datetime, timezone
 from concurrent.futures import Executor
 
 from trainkit.checkpoint.errors import CheckpointWriteError, CorruptCheckpointError
-from trainkit.checkpoint.layout import chunk_digest, chunk_relpath, rank_array, rank_dirname
+from trainkit.checkpoint.layout import (
+    chunk_digest,
+    chunk_relpath,
+    rank_array,
+    rank_dirname,
+    step_dirname,
+)
 from trainkit.checkpoint.reader import array_segments, read_rank_index
 from trainkit.checkpoint.storage import crc32
 from trainkit.checkpoint.tiers import Tier
@@ -67,8 +73,6 @@ def copy_rank(src: Tier, dst: Tier, step: int, rank: int, record: dict, io: Exec
               dedupe: bool) -> dict:
     """Copy ``rank``'s part of committed ``step`` from ``src`` to ``dst``; returns the
     rank's manifest for the commit on ``dst``."""
-    from trainkit.checkpoint.layout import step_dirname
-
     step_dir = step_dirname(step)
     index = read_rank_index(src, step, rank, record)
     files: dict[str, list[int]] = {}
