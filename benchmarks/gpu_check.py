@@ -46,6 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,12 +54,15 @@ from typing import Any
 
 import torch
 
+from trainkit._units import format_bytes, parse_size
+
 __all__ = ["main"]
 
 PARTS = ("monitor", "ckpt", "merge")
 TARGETS = {"lazy_loop_cost_pct_at_every_10_steps_max": 2.0, "snapshot_vs_raw_d2h_min": 0.8,
            "merge_device_vs_cpu_speedup_min": 10.0}
 NOT_AVAILABLE_DEVICE = "not available: --device missing"
+_T0 = time.perf_counter()
 
 
 class Clock:
@@ -90,6 +94,11 @@ class Report:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(self.doc, indent=2, default=str))
         os.replace(tmp, self.path)
+
+
+def log(message: str) -> None:
+    """Progress on stdout (the device tool shows its tail)."""
+    print(f"[gpu_check +{time.perf_counter() - _T0:6.1f}s] {message}", flush=True)
 
 
 def _gb(nbytes: float, seconds: float) -> float:
@@ -184,8 +193,9 @@ class Trainer:
         self.dim = d = 2048 if nbytes >= 1 << 30 else 64
         self.blocks = max(1, nbytes // (144 * d * d))         # 12 d^2 params x 12 bytes
         self.rows = max(16, (nbytes - self.blocks * 144 * d * d) // (12 * d))
-        self.emb = torch.nn.Embedding(self.rows, d).to(dev)
-        self.body = torch.nn.Sequential(*[_Block(d) for _ in range(self.blocks)]).to(dev)
+        with dev:                     # initialised in place: no host-side init of 16 GiB
+            self.emb = torch.nn.Embedding(self.rows, d)
+            self.body = torch.nn.Sequential(*[_Block(d) for _ in range(self.blocks)])
         self.model = torch.nn.ModuleDict({"emb": self.emb, "body": self.body})
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-6)
         self.ids = torch.zeros(64, dtype=torch.long, device=dev)
@@ -212,21 +222,29 @@ class Trainer:
         return sum(t.numel() * t.element_size() for t in _tensors(self.state()))
 
     def calibrate(self, target_s: float) -> int:
-        """Tokens per step for ``target_s``: a line through two timed token counts,
+        """Tokens per step for ``target_s``: a line through two timed token counts, then
+        one correction at the predicted count (GPU efficiency grows with the count),
         capped so activations fit in a fraction of free device memory."""
-        lo = 512 if self.cuda else 32
+        lo = 2048 if self.cuda else 32
         if self.cuda:
             cap = int(0.7 * torch.cuda.mem_get_info(self.clock.device)[0] / (64 * self.dim * self.blocks))
         else:
             cap = 512
-        times = []
-        for n in (lo, 4 * lo):
+
+        def timed(n: int) -> float:
             self.set_tokens(n)
             self.step()
-            times.append(statistics.median(self.step() for _ in range(3)))
-        slope = (times[1] - times[0]) / (3 * lo)
-        n = int((target_s - (times[0] - slope * lo)) / slope) if slope > 0 else 4 * lo
-        n = max(lo, min(cap, n)) // 64 * 64
+            return statistics.median(self.step() for _ in range(3))
+
+        t_lo, t_hi = timed(lo), timed(4 * lo)
+        slope = (t_hi - t_lo) / (3 * lo)
+        fixed = t_lo - slope * lo
+        n = int((target_s - fixed) / slope) if slope > 0 else 4 * lo
+        n = max(lo, min(cap, n))
+        if self.cuda and n > 4 * lo:
+            t_n = timed(n)
+            n = max(lo, min(cap, int(n * (target_s - fixed) / max(t_n - fixed, 1e-6))))
+        n = max(lo, n - n % 16)
         self.set_tokens(n)
         return n
 
@@ -282,12 +300,12 @@ class DcpSaver:
 
     name = "dcp_async"
 
-    def __init__(self, tr: Trainer, out_root: Path) -> None:
+    def __init__(self, tr: Trainer, out_root: Path, *, shared: bool = True) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-        cuda = tr.clock.device.type == "cuda"
-        self.options = (True, True, True, True) if cuda else (False, True, True, False)
+        cuda = tr.clock.device.type == "cuda"       # pinned and non-blocking need a device
+        self.options = (cuda, shared, True, cuda)
         self.stager = DefaultStager(StagingOptions(*self.options))
         self.dcp, self.tr, self.resp = dcp, tr, None
         self.root = Path(tempfile.mkdtemp(prefix="gpu_check-dcp-", dir=out_root))
@@ -359,57 +377,80 @@ def restore_check(saver: LazySaver, tr: Trainer, step: int, nbytes: int, raw: di
             "exact": exact}
 
 
-def part_ckpt(clock: Clock, work: Path, sizes: list[int], args: argparse.Namespace,
-              report: Report) -> dict:
+def _free(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _ckpt_size(clock: Clock, work: Path, nbytes: int, raw: dict, args: argparse.Namespace,
+               report: Report, entry: dict) -> None:
+    """One state size: trainkit lazy (then its restore), then DCP, on the same trainer.
+    tmpfs holds the memory tier (and DCP's shared staging and output) when it has room;
+    otherwise the work directory stands in for it, and the entry says so."""
     shm = Path("/dev/shm")
-    mem_root = shm if shm.is_dir() and os.access(shm, os.W_OK) else work
-    out: dict[str, Any] = {"state": "fp32 parameters + fp32 AdamW moments (12 B/param); bf16 autocast on CUDA, fp32 compute on CPU",
-                           "memory_tier_root": str(mem_root), "sizes": []}
+    shm_free = _free(shm) if shm.is_dir() and os.access(shm, os.W_OK) else 0
+    mem_root = shm if shm_free >= 2.2 * nbytes else work
+    tr = Trainer(nbytes, clock)
+    entry.update(state_bytes=tr.state_bytes(), dim=tr.dim, blocks=tr.blocks, memory_tier_root=str(mem_root))
+    entry["tokens"] = tr.calibrate(args.step_ms / 1e3)
+    n = entry["state_bytes"]
+    log(f"ckpt {format_bytes(n)}: {entry['tokens']} tokens per step; trainkit lazy")
+    lazy = LazySaver(tr, mem_root, work)
+    try:
+        entry["trainkit_lazy"] = m = measure_saver(lazy, tr, args.rounds, n, raw)
+        entry["restore"] = restore_check(lazy, tr, m["last_step"], n, raw)
+    finally:
+        lazy.close()
+    del lazy
+    gc.collect()
+    report.write()
+    log(f"ckpt {format_bytes(n)}: dcp.async_save")
+    shm_free = _free(shm) if shm_free else 0
+    shared = not clock.device.type == "cuda" or shm_free >= 1.2 * nbytes
+    out_root = shm if shm_free >= (3.3 if shared else 2.2) * nbytes else work
+    try:
+        dcp = DcpSaver(tr, out_root, shared=shared)
+    except (ImportError, AttributeError, AssertionError, RuntimeError) as exc:
+        entry["dcp_async"] = {"unavailable": f"{type(exc).__name__}: {exc}"}
+    else:
+        try:
+            entry["dcp_async"] = d = measure_saver(dcp, tr, args.rounds, n, raw)
+            d.update(staging_options=dcp.options, output_root=str(out_root))
+            if not shared:
+                d["note"] = f"/dev/shm has {shm_free} bytes free: staged without shared memory"
+        finally:
+            dcp.close()
+        entry["lazy_minus_dcp_loop_cost_ms"] = m["loop_cost_ms"] - d["loop_cost_ms"]
+    entry["targets_met"] = {
+        "lazy_loop_cost_le_dcp": entry.get("lazy_minus_dcp_loop_cost_ms", math.inf) <= 0,
+        "lazy_loop_cost_pct_le_2": m["loop_cost_pct_every_10"] <= TARGETS["lazy_loop_cost_pct_at_every_10_steps_max"],
+        "snapshot_ge_0_8_raw_d2h": m["snapshot_vs_raw_d2h"] >= TARGETS["snapshot_vs_raw_d2h_min"]}
+
+
+def part_ckpt(clock: Clock, work: Path, args: argparse.Namespace, report: Report) -> None:
+    out: dict[str, Any] = {"state": "fp32 parameters + fp32 AdamW moments (12 B/param); "
+                                    "bf16 autocast on CUDA, fp32 compute on CPU", "sizes": []}
     report.doc["ckpt"] = out
-    raw = out["raw"] = raw_bandwidth(clock, min(1 << 30, max(sizes)))
-    for nbytes in sizes:
+    raw = out["raw"] = raw_bandwidth(clock, min(1 << 30, max(args.sizes)))
+    report.write()
+    failed: list[str] = []
+    for nbytes in args.sizes:
         entry: dict[str, Any] = {"target_bytes": nbytes}
         out["sizes"].append(entry)
-        free = shutil.disk_usage(mem_root).free
-        if free < 2.2 * nbytes:
-            entry["skipped"] = f"{mem_root} has {free} bytes free, needs {int(2.2 * nbytes)}"
+        if _free(work) < 2.5 * nbytes:
+            entry["skipped"] = f"{work} has {_free(work)} bytes free, needs {int(2.5 * nbytes)}"
             continue
-        tr = Trainer(nbytes, clock)
-        entry.update(state_bytes=tr.state_bytes(), dim=tr.dim, blocks=tr.blocks,
-                     tokens=tr.calibrate(args.step_ms / 1e3))
-        lazy = LazySaver(tr, mem_root, work)
         try:
-            entry["trainkit_lazy"] = m = measure_saver(lazy, tr, args.rounds, entry["state_bytes"], raw)
-            entry["restore"] = restore_check(lazy, tr, m["last_step"], entry["state_bytes"], raw)
-        finally:
-            lazy.close()
-        del lazy
-        gc.collect()
-        report.write()
-        try:
-            dcp = DcpSaver(tr, mem_root if free > 3.3 * nbytes else work)
-        except (ImportError, AttributeError, AssertionError, RuntimeError) as exc:
-            entry["dcp_async"] = {"unavailable": f"{type(exc).__name__}: {exc}"}
-        else:
-            try:
-                entry["dcp_async"] = measure_saver(dcp, tr, args.rounds, entry["state_bytes"], raw)
-                entry["dcp_async"]["staging_options"] = dcp.options
-            finally:
-                dcp.close()
-            entry["lazy_minus_dcp_loop_cost_ms"] = (entry["trainkit_lazy"]["loop_cost_ms"]
-                                                    - entry["dcp_async"]["loop_cost_ms"])
-        lazy_m = entry["trainkit_lazy"]
-        entry["targets_met"] = {
-            "lazy_loop_cost_le_dcp": entry.get("lazy_minus_dcp_loop_cost_ms", math.inf) <= 0,
-            "lazy_loop_cost_pct_le_2": lazy_m["loop_cost_pct_every_10"] <= TARGETS[
-                "lazy_loop_cost_pct_at_every_10_steps_max"],
-            "snapshot_ge_0_8_raw_d2h": lazy_m["snapshot_vs_raw_d2h"] >= TARGETS["snapshot_vs_raw_d2h_min"]}
-        del tr
+            _ckpt_size(clock, work, nbytes, raw, args, report, entry)
+        except Exception as exc:  # noqa: BLE001 - the next size still runs
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            entry["traceback"] = traceback.format_exc()[-3000:]
+            failed.append(f"{nbytes} bytes: {entry['error']}")
         gc.collect()
         if clock.device.type == "cuda":
             torch.cuda.empty_cache()
         report.write()
-    return out
+    if failed:
+        raise RuntimeError("; ".join(failed))
 
 
 # -- merge --------------------------------------------------------------------------------
@@ -513,8 +554,6 @@ def part_merge(clock: Clock, work: Path, nbytes: int, report: Report) -> dict:
 
 # -- driver -------------------------------------------------------------------------------
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    from trainkit._units import parse_size
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON file for every figure")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, gloo: the same code paths")
@@ -554,20 +593,27 @@ def main(argv: list[str] | None = None) -> int:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv[1:],
-        "parts": args.parts, "targets": TARGETS, "errors": {}})
+        "parts": args.parts, "targets": TARGETS, "errors": {}, "part_s": {},
+        "free_bytes": {"work": _free(work), "dev_shm": _free(Path("/dev/shm")) if Path("/dev/shm").is_dir() else 0},
+        "work_dir": str(work)})
     report.write()
     for part in PARTS:
         if part not in args.parts:
             continue
+        log(f"part {part}")
+        t0 = time.perf_counter()
         try:
             if part == "monitor":
                 report.doc["monitor"] = part_monitor(clock, work, args.dry_run)
             elif part == "ckpt":
-                part_ckpt(clock, work, args.sizes, args, report)
+                part_ckpt(clock, work, args, report)
             else:
                 part_merge(clock, work, args.merge_size, report)
         except Exception as exc:  # noqa: BLE001 - one broken CUDA path must not hide the others
             report.doc["errors"][part] = f"{type(exc).__name__}: {exc}"
+            report.doc.setdefault("tracebacks", {})[part] = traceback.format_exc()[-3000:]
+            log(f"part {part} failed: {report.doc['errors'][part]}")
+        report.doc["part_s"][part] = time.perf_counter() - t0
         report.write()
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
