@@ -26,8 +26,8 @@ import torch
 
 from trainkit._units import format_bytes
 
-__all__ = ["TARGETS", "Clock", "Report", "log", "gb", "raw_bandwidth", "free_bytes", "Trainer",
-           "LazySaver", "DcpSaver", "part_ckpt"]
+__all__ = ["TARGETS", "Clock", "Report", "log", "gb", "raw_bandwidth", "free_bytes", "pinned_bytes",
+           "Trainer", "LazySaver", "DcpSaver", "part_ckpt"]
 
 TARGETS = {"lazy_loop_cost_pct_at_every_10_steps_max": 2.0, "snapshot_vs_raw_d2h_min": 0.8,
            "merge_device_vs_cpu_speedup_min": 10.0}
@@ -315,15 +315,29 @@ def _guarded(entry: dict, key: str, fn: Callable[[], dict]) -> dict | None:
         return None
 
 
+def pinned_bytes(clock: Clock) -> int:
+    """Bytes torch's pinned-host caching allocator holds (0 on CPU). It rounds every
+    request up to a power of two and keeps freed blocks cached."""
+    if clock.device.type != "cuda" or not hasattr(torch.cuda, "host_memory_stats"):
+        return 0
+    return int(torch.cuda.host_memory_stats().get("allocated_bytes.current", 0))
+
+
 def _lazy_arm(tr: Trainer, mem_root: Path, work: Path, rounds: int, n: int, raw: dict,
               entry: dict) -> None:
+    pinned_before = pinned_bytes(tr.clock)
     lazy = LazySaver(tr, mem_root, work)
     try:
         m = _guarded(entry, "trainkit_lazy", lambda: measure_saver(lazy, tr, rounds, n, raw))
         if m is not None:
+            m["pinned_bytes_added"] = pinned_bytes(tr.clock) - pinned_before
             _guarded(entry, "restore", lambda: restore_check(lazy, tr, m["last_step"], n, raw))
     finally:
         lazy.close()
+    del lazy
+    gc.collect()                        # the Checkpointer's pinned buffer goes before DCP's
+    if tr.clock.device.type == "cuda" and hasattr(torch._C, "_host_emptyCache"):
+        torch._C._host_emptyCache()     # harness only: hand the cached pinned block back
 
 
 def _dcp_arm(tr: Trainer, shm: Path, shm_free: int, work: Path, rounds: int, n: int,
@@ -360,7 +374,6 @@ def _ckpt_size(clock: Clock, work: Path, nbytes: int, raw: dict, args: argparse.
     n = entry["state_bytes"]
     log(f"ckpt {format_bytes(n)}: {entry['tokens']} tokens per step; trainkit lazy")
     _lazy_arm(tr, mem_root, work, args.rounds, n, raw, entry)
-    gc.collect()                        # the Checkpointer's pinned buffer goes before DCP's
     report.write()
     log(f"ckpt {format_bytes(n)}: dcp.async_save")
     _dcp_arm(tr, shm, free_bytes(shm) if usable else 0, work, args.rounds, n, raw, entry)

@@ -92,6 +92,7 @@ def test_dry_run_checkpoint(dry: dict) -> None:
         assert abs(e["state_bytes"] - e["target_bytes"]) < 0.1 * e["target_bytes"]
         assert _positive(e["tokens"])
         _check_saver(e["trainkit_lazy"], rounds=2)
+        assert e["trainkit_lazy"]["pinned_bytes_added"] == 0      # nothing is pinned without CUDA
         _check_saver(e["dcp_async"], rounds=2)
         assert e["dcp_async"]["staging_options"] == [False, True, True, False]
         assert _finite(e["lazy_minus_dcp_loop_cost_ms"])
