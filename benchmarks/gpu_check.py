@@ -6,9 +6,9 @@ timeout still leaves figures):
 * ``monitor``: NCCL with world size 1 (gloo in ``--dry-run``): ``dist.all_reduce`` and
   ``dist.broadcast`` on device tensors through ``CollectiveMonitor``'s wrapper vs the
   raw group, in paired blocks; per-collective overhead in µs.
-* ``ckpt``: a model of transformer-block matmuls plus AdamW, fp32 parameters and fp32
-  moments (12 bytes per parameter; bf16 autocast compute), sized to each ``--sizes``
-  total, trained with the token count calibrated so a step takes ``--step-ms``. Per
+* ``ckpt`` (in ``gpu_check_ckpt.py``): a model of transformer-block matmuls plus
+  AdamW, fp32 parameters and fp32 moments (12 bytes per parameter; bf16 autocast
+  compute), sized to each ``--sizes`` total, trained with the token count calibrated so a step takes ``--step-ms``. Per
   checkpoint: the training-loop cost (time blocked in the save call plus the inflation of
   the next 3 steps over the median undisturbed step) for trainkit lazy
   (``Checkpointer(keep_in_memory=1)`` + ``attach``) and for ``dcp.async_save`` with
@@ -19,8 +19,9 @@ timeout still leaves figures):
   through the ``trainkit merge`` CLI on the CPU and, if the CLI has ``--device``, on the
   device; GB/s of input against a raw read of the same files; device vs CPU output.
 
-On the H200 (the device tool's command, with the wheels of ``scripts/gpu_wheels.sh``
-carried in ``.whl/``; it finishes in under 6 minutes)::
+On the H200: the device tool's ``run`` with ``carry: [".whl"]`` (the wheels that
+``scripts/gpu_wheels.sh`` downloads) and ``timeout_s`` about 420; it finishes in under
+6 minutes::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && \
@@ -216,7 +217,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON file for every figure")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, gloo: the same code paths")
-    p.add_argument("--sizes", default=None, help="checkpoint state sizes (default 2GiB,16GiB; dry run 2MiB,4MiB)")
+    p.add_argument("--sizes", default=None,
+                   help="checkpoint state sizes (default 2GiB,16GiB; dry run 2MiB,4MiB)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
     p.add_argument("--merge-size", default=None, help="bytes per merged model (default 2GiB; dry run 4MiB)")
     p.add_argument("--step-ms", type=float, default=None, help="target step time (default 200; dry run 20)")
@@ -224,7 +226,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=None, help="scratch directory on disk (default: a temp dir)")
     args = p.parse_args(argv)
     try:
-        args.sizes = [parse_size(s) for s in (args.sizes or ("2MiB,4MiB" if args.dry_run else "2GiB,16GiB")).split(",")]
+        sizes = args.sizes or ("2MiB,4MiB" if args.dry_run else "2GiB,16GiB")
+        args.sizes = [parse_size(s) for s in sizes.split(",")]
         args.merge_size = parse_size(args.merge_size or ("4MiB" if args.dry_run else "2GiB"))
     except ValueError as exc:
         p.error(str(exc))
@@ -258,13 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     clock = Clock(device)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu_check-", dir=_work_root(args)))
     work.mkdir(parents=True, exist_ok=True)
+    shm = Path("/dev/shm")
+    cuda = device.type == "cuda"
     report = Report(Path(args.out), {
         "schema": 1, "dry_run": args.dry_run, "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
         "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv[1:],
         "parts": args.parts, "targets": TARGETS, "errors": {}, "part_s": {},
-        "free_bytes": {"work": free_bytes(work), "dev_shm": free_bytes(Path("/dev/shm")) if Path("/dev/shm").is_dir() else 0},
+        "free_bytes": {"work": free_bytes(work), "dev_shm": free_bytes(shm) if shm.is_dir() else 0},
         "work_dir": str(work)})
     report.write()
     for part in PARTS:

@@ -385,7 +385,8 @@ def _ckpt_size(clock: Clock, work: Path, nbytes: int, raw: dict, args: argparse.
             entry["lazy_minus_dcp_loop_cost_ms"] = m["loop_cost_ms"] - d["loop_cost_ms"]
         entry["targets_met"] = {
             "lazy_loop_cost_le_dcp": entry.get("lazy_minus_dcp_loop_cost_ms", math.inf) <= 0,
-            "lazy_loop_cost_pct_le_2": m["loop_cost_pct_every_10"] <= TARGETS["lazy_loop_cost_pct_at_every_10_steps_max"],
+            "lazy_loop_cost_pct_le_2": (m["loop_cost_pct_every_10"]
+                                        <= TARGETS["lazy_loop_cost_pct_at_every_10_steps_max"]),
             "snapshot_ge_0_8_raw_d2h": m["snapshot_vs_raw_d2h"] >= TARGETS["snapshot_vs_raw_d2h_min"]}
     return failed
 
@@ -404,7 +405,8 @@ def part_ckpt(clock: Clock, work: Path, args: argparse.Namespace, report: Report
             entry["skipped"] = f"{work} has {free_bytes(work)} bytes free, needs {int(2.5 * nbytes)}"
             continue
         try:
-            failed += [f"{format_bytes(nbytes)} {f}" for f in _ckpt_size(clock, work, nbytes, raw, args, report, entry)]
+            problems = _ckpt_size(clock, work, nbytes, raw, args, report, entry)
+            failed += [f"{format_bytes(nbytes)} {f}" for f in problems]
         except Exception as exc:  # noqa: BLE001 - the next size still runs
             entry["error"] = f"{type(exc).__name__}: {exc}"
             entry["traceback"] = traceback.format_exc()[-3000:]
