@@ -9,8 +9,9 @@ timeout still leaves figures):
 * ``ckpt`` (in ``gpu_check_ckpt.py``): a model of transformer-block matmuls plus
   AdamW, fp32 parameters and fp32 moments (12 bytes per parameter; bf16 autocast
   compute), sized to each ``--sizes`` total, trained with the token count calibrated
-  so a step takes ``--step-ms``. Per checkpoint: the training-loop cost (time blocked in the save call plus the inflation of
-  the next 3 steps over the median undisturbed step) for trainkit lazy
+  so a step takes ``--step-ms``. Per checkpoint: the training-loop cost (time blocked
+  in the save call plus the inflation of the next 3 steps over the median undisturbed
+  step) for trainkit lazy
   (``Checkpointer(keep_in_memory=1)`` + ``attach``) and for ``dcp.async_save`` with
   ``DefaultStager(StagingOptions(True, True, True, True))``; time until the snapshot is
   in host memory against the raw pinned device-to-host bandwidth; restore from the
