@@ -17,7 +17,7 @@ import pytest
 
 from distributed import REPO_ROOT, run_ranks, run_torchrun, subprocess_env
 from trainkit.detect.drill import free_port, run_drill, stop_aggregator
-from trainkit.detect.timeline import FINDING_FIELDS
+from trainkit.rundir import FINDING_FIELDS
 
 DEMO = REPO_ROOT / "examples" / "detect_demo.py"
 FAST = ["--hang-timeout", "2", "--gloo-timeout", "20", "--compute-ms", "15"]

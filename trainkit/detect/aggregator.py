@@ -33,10 +33,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from trainkit.detect import knobs
+from trainkit import rundir
 from trainkit.detect.classifiers import Classifier, make_classifiers
 from trainkit.detect.knobs import ClassifierConfig
-from trainkit.detect.timeline import Finding, RankInfo, Timeline
+from trainkit.detect.timeline import RankInfo, Timeline
+from trainkit.rundir import Finding
 
 __all__ = ["Aggregator", "main"]
 
@@ -66,7 +67,7 @@ class Aggregator:
         self.standalone = standalone
         self.linger_s = linger_s
         self.first_client_timeout = first_client_timeout
-        self.local_host = os.environ.get("TRAINKIT_HOSTNAME") or socket.gethostname()
+        self.local_host = os.environ.get(rundir.HOSTNAME_ENV) or socket.gethostname()
         self.timeline = Timeline(0, self.local_host)
         self.classifiers: list[Classifier] = make_classifiers(self.cfg)
         self.selector = selectors.DefaultSelector()
@@ -86,7 +87,7 @@ class Aggregator:
 
     # -- files ---------------------------------------------------------------------------
     def write_address(self) -> None:
-        path = self.run_dir / knobs.AGGREGATOR_ADDR_FILE
+        path = self.run_dir / rundir.AGGREGATOR_ADDR_FILE
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"host": self.advertise, "port": self.port, "pid": os.getpid(),
                                    "started": self.started}))
@@ -94,7 +95,7 @@ class Aggregator:
 
     def _write_finding(self, finding: Finding) -> None:
         line = json.dumps(finding.to_json(), default=str)
-        with open(self.run_dir / knobs.DIAGNOSIS_FILE, "a") as fh:
+        with open(self.run_dir / rundir.DIAGNOSIS_FILE, "a") as fh:
             fh.write(line + "\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -102,7 +103,7 @@ class Aggregator:
         around = {"finding": self.n_findings, "class": finding.cls, "time": finding.time,
                   "ranks": list(finding.ranks), "colls": tl.window(finding.time),
                   "steps": {str(r): list(i.steps) for r, i in tl.ranks.items()}}
-        with open(self.run_dir / knobs.TIMELINE_FILE, "a") as fh:
+        with open(self.run_dir / rundir.TIMELINE_FILE, "a") as fh:
             fh.write(json.dumps(around, default=str) + "\n")
         self.n_findings += 1
         print(f"[trainkit.detect] {finding.cls}: ranks {list(finding.ranks)} "
@@ -141,8 +142,7 @@ class Aggregator:
         now = time.time()
         if not self.ever_connected:
             return now - self.started > self.first_client_timeout
-        busy = any(getattr(c, "waiting", None) or getattr(c, "parked", None)
-                   for c in self.classifiers)
+        busy = any(c.waiting for c in self.classifiers)
         return not self.conns and not busy and now - self.last_change > self.linger_s
 
     def tick(self, now: float) -> None:
@@ -294,7 +294,7 @@ class Aggregator:
             if timeout != self.cfg.hang_timeout:
                 self.cfg = replace(self.cfg, hang_timeout=timeout)
                 for clf in self.classifiers:
-                    clf.cfg = self.cfg  # type: ignore[attr-defined]
+                    clf.cfg = self.cfg
         conn.rank, conn.attempt = int(msg["rank"]), attempt
         self.ever_connected = True
         self.last_change = time.time()
