@@ -191,6 +191,12 @@ def _expect(name: str, value: Any, kind: type | tuple[type, ...], what: str) -> 
     return value
 
 
+def _get(data: dict[str, Any], key: str, default: Any) -> Any:
+    """``data[key]``, with ``default`` for a missing key or a JSON null."""
+    value = data.get(key)
+    return default if value is None else value
+
+
 def _optional_int(name: str, value: Any) -> int | None:
     return None if value is None else _expect(name, value, int, "an integer or null")
 
@@ -260,8 +266,8 @@ class Finding:
         if not math.isfinite(when):
             raise ValueError(f"finding field 'time': expected a finite number, got {when!r}")
         kind = _expect("class", data["class"], str, "a string")
-        ranks = _int_list("ranks", data.get("ranks") or [])
-        ids = _expect("ids", data.get("ids") or [], list, "a list of objects")
+        ranks = _int_list("ranks", _get(data, "ranks", []))
+        ids = _expect("ids", _get(data, "ids", []), list, "a list of objects")
         ids = tuple(dict(_expect("ids", i, dict, "a list of objects")) for i in ids)
         hosts = data.get("hosts")
         if hosts is None:
@@ -276,8 +282,9 @@ class Finding:
         group = data.get("group")
         if group is not None:
             _expect("group", group, str, "a string or null")
-        evidence = _expect("evidence", data.get("evidence") or {}, dict, "an object")
-        confidence = _expect("confidence", data.get("confidence", 0.0), (int, float), "a number")
+        evidence = _expect("evidence", _get(data, "evidence", {}), dict, "an object")
+        confidence = _expect("confidence", _get(data, "confidence", 0.0), (int, float),
+                             "a number")
         extra = {k: v for k, v in data.items() if k not in FINDING_FIELDS}
         return cls(time=float(when), cls=kind, ranks=ranks, hosts=hosts, ids=ids,
                    link=link, step=_optional_int("step", data.get("step")), group=group,

@@ -40,8 +40,9 @@ from trainkit.detect.channel import Channel
 from trainkit.detect.linkprobe import LinkProbe
 from trainkit.detect.peerprobe import (PeerProbeServer, advertised_host, peers_to_probe,
                                        probe_peers)
-from trainkit.detect.probe import (MonitoredProcessGroup, Recorder, StackDumper, register_group,
-                                   unregister_group)
+from trainkit.detect.probe import MonitoredProcessGroup, register_group, unregister_group
+from trainkit.detect.recorder import Recorder
+from trainkit.detect.stacks import StackDumper
 from trainkit.faults import FaultInjector
 from trainkit.rundir import local_identity
 
@@ -117,7 +118,8 @@ class CollectiveMonitor:
             try:
                 hang_timeout = float(env_timeout)
             except ValueError:
-                raise ValueError(f"{rundir.HANG_TIMEOUT_ENV}={env_timeout!r} is not a number") from None
+                raise ValueError(f"{rundir.HANG_TIMEOUT_ENV}={env_timeout!r} is not a number") \
+                    from None
         if not hang_timeout > 0:
             raise ValueError(f"hang_timeout must be > 0, got {hang_timeout}")
         self.run_dir = Path(run_dir or os.environ.get(rundir.RUN_DIR_ENV) or "trainkit-run")
