@@ -13,6 +13,15 @@ Once listening it writes ``DIR/aggregator.json`` (``host``, ``port``, ``pid``).
 A launcher may report exit codes it sees with a line
 ``{"t": "exit_code", "rank": R, "code": C}`` on any connection.
 
+Who calls what: one aggregator per job, in its own process and on one thread (a
+selector loop), so timelines and classifiers need no locks. Per connection: the rank's
+``hello`` opens (or, for a higher attempt, replaces) the timeline; batches feed it.
+Every tick (0.1 s): completed collectives go to every classifier's ``observe`` (registry
+order), then every classifier's ``check``; findings are appended as they come; then the
+requests classifiers left on the timeline (link probes, peer probes, stacks) are sent to
+the ranks they name. The protocol of a seam classifier is
+:class:`trainkit.detect.classifiers.Classifier`.
+
 ``--standalone`` (used when ``CollectiveMonitor`` starts it) exits a couple of
 seconds after every rank has gone; otherwise it runs until SIGTERM/SIGINT and a
 higher restart attempt (``TORCHELASTIC_RESTART_COUNT`` of the ranks) starts a
