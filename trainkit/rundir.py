@@ -14,8 +14,7 @@ Environment variables (set by ``trainkit run`` for its workers, or by a user):
 | ``TRAINKIT_RUN_DIR`` | run directory (findings, markers) |
 | ``TRAINKIT_HANG_TIMEOUT`` | seconds, overrides the monitor's ``hang_timeout`` |
 | ``TRAINKIT_DETECT`` | ``0`` disables the monitor entirely |
-| ``TRAINKIT_HOSTNAME`` | host name to report (simulating several hosts on one machine) |
-| ``TRAINKIT_HOST`` | node id given to workers by ``trainkit run`` |
+| ``TRAINKIT_HOSTNAME`` | host name to report; ``trainkit run`` sets the node id (so several simulated nodes on one machine are told apart) |
 | ``TRAINKIT_NODE`` | node name of the agent |
 | ``TRAINKIT_NODE_INDEX`` | node index that survives re-rendezvous |
 | ``TRAINKIT_GENERATION`` | generation (restart attempt) number |
@@ -48,7 +47,7 @@ from typing import Any
 
 __all__ = [
     "AGGREGATOR_ENV", "RUN_DIR_ENV", "HANG_TIMEOUT_ENV", "DETECT_ENV", "HOSTNAME_ENV",
-    "HOST_ENV", "NODE_ENV", "NODE_INDEX_ENV", "GENERATION_ENV", "STACK_SIGNAL_ENV",
+    "NODE_ENV", "NODE_INDEX_ENV", "GENERATION_ENV", "STACK_SIGNAL_ENV",
     "FAULT_ENV", "MEMORY_DIR_ENV", "WARM_GO_ENV",
     "AGGREGATOR_ADDR_FILE", "DIAGNOSIS_FILE", "TIMELINE_FILE", "EVENTS_FILE", "LOGS_DIR",
     "FAULTS_DIR",
@@ -61,7 +60,6 @@ RUN_DIR_ENV = "TRAINKIT_RUN_DIR"
 HANG_TIMEOUT_ENV = "TRAINKIT_HANG_TIMEOUT"
 DETECT_ENV = "TRAINKIT_DETECT"
 HOSTNAME_ENV = "TRAINKIT_HOSTNAME"
-HOST_ENV = "TRAINKIT_HOST"
 NODE_ENV = "TRAINKIT_NODE"
 NODE_INDEX_ENV = "TRAINKIT_NODE_INDEX"
 GENERATION_ENV = "TRAINKIT_GENERATION"
