@@ -8,7 +8,8 @@ import time
 from trainkit.detect.classifiers import (CrashClassifier, HangClassifier, SlowLinkClassifier,
                                          StragglerClassifier)
 from trainkit.detect.knobs import ClassifierConfig
-from trainkit.detect.timeline import FINDING_FIELDS, RankInfo, Timeline
+from trainkit.detect.timeline import RankInfo, Timeline
+from trainkit.rundir import FINDING_FIELDS
 
 CFG = ClassifierConfig(hang_timeout=2.0, heartbeat_timeout=3.0, stack_wait_s=0.5)
 

@@ -17,7 +17,7 @@ import pytest
 
 from distributed import REPO_ROOT, run_ranks, run_torchrun, subprocess_env
 from trainkit.detect.drill import free_port, run_drill, stop_aggregator
-from trainkit.detect.timeline import FINDING_FIELDS
+from trainkit.rundir import FINDING_FIELDS
 
 DEMO = REPO_ROOT / "examples" / "detect_demo.py"
 FAST = ["--hang-timeout", "2", "--gloo-timeout", "20", "--compute-ms", "15"]
@@ -124,7 +124,8 @@ def _ddp_records(rank, world):
     """Every collective DDP's C++ reducer issues passes through the wrapper."""
     import torch
 
-    from trainkit.detect.probe import MonitoredProcessGroup, Recorder, register_group
+    from trainkit.detect.probe import MonitoredProcessGroup, register_group
+    from trainkit.detect.recorder import Recorder
     import torch.distributed.distributed_c10d as c10d
 
     events = []
@@ -173,7 +174,8 @@ def _fsdp2_records(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from trainkit.detect.probe import MonitoredProcessGroup, Recorder, register_group
+    from trainkit.detect.probe import MonitoredProcessGroup, register_group
+    from trainkit.detect.recorder import Recorder
 
     events = []
     wrapper = MonitoredProcessGroup(c10d._get_default_group().inner,

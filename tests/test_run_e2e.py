@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from distributed import subprocess_env
-from trainkit._jsonl import read_jsonl
+from trainkit.rundir import read_jsonl
 
 pytestmark = pytest.mark.timeout(240)
 

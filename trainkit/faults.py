@@ -35,11 +35,12 @@ import json
 import os
 import re
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from trainkit.rundir import FAULT_ENV, FAULTS_DIR, local_identity
 
 __all__ = [
     "FAULT_ENV",
@@ -51,7 +52,6 @@ __all__ = [
     "local_identity",
 ]
 
-FAULT_ENV = "TRAINKIT_FAULT"
 FAULT_KINDS = ("hang", "hang_comm", "crash", "slow", "delay_peer")
 
 
@@ -185,23 +185,6 @@ def parse_faults(text: str | None) -> tuple[FaultSpec, ...]:
     return tuple(specs)
 
 
-def local_identity() -> tuple[str, int, int, int | None]:
-    """(host, local_rank, restart attempt, node) of this process, from torchelastic env.
-
-    ``TRAINKIT_HOSTNAME`` overrides the host name, so several "hosts" can be
-    simulated on one machine. ``trainkit run`` starts a fresh torchrun per
-    generation, so it sets ``TRAINKIT_GENERATION`` (the attempt) and
-    ``TRAINKIT_NODE_INDEX`` (a node index that survives re-rendezvous); they take
-    precedence over torchelastic's ``TORCHELASTIC_RESTART_COUNT`` and ``GROUP_RANK``.
-    """
-    host = os.environ.get("TRAINKIT_HOSTNAME") or socket.gethostname()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    attempt = int(os.environ.get("TRAINKIT_GENERATION")
-                  or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    node_text = os.environ.get("TRAINKIT_NODE_INDEX") or os.environ.get("GROUP_RANK")
-    return host, local_rank, attempt, int(node_text) if node_text else None
-
-
 class FaultInjector:
     """Acts out the faults aimed at this rank, from the monitored process group.
 
@@ -240,7 +223,7 @@ class FaultInjector:
 
     # -- markers ---------------------------------------------------------------
     def _marker_dir(self) -> Path | None:
-        return self.run_dir / "faults" if self.run_dir is not None else None
+        return self.run_dir / FAULTS_DIR if self.run_dir is not None else None
 
     @staticmethod
     def _marker_stem(fault: FaultSpec) -> str:

@@ -13,10 +13,10 @@ Names that need torch are imported on first use, so ``trainkit --help`` and
 from __future__ import annotations
 
 from trainkit._lazy import lazy_getattr
-from trainkit.detect.knobs import (AGGREGATOR_ENV, DETECT_ENV, HANG_TIMEOUT_ENV, RUN_DIR_ENV,
-                                   ClassifierConfig)
+from trainkit.detect.knobs import ClassifierConfig
 from trainkit.detect.report import load_findings
-from trainkit.detect.timeline import FINDING_CLASSES, FINDING_FIELDS, Finding
+from trainkit.rundir import (AGGREGATOR_ENV, DETECT_ENV, FINDING_CLASSES, FINDING_FIELDS,
+                             HANG_TIMEOUT_ENV, RUN_DIR_ENV, Finding)
 
 __all__ = [
     "AGGREGATOR_ENV",

@@ -13,6 +13,15 @@ Once listening it writes ``DIR/aggregator.json`` (``host``, ``port``, ``pid``).
 A launcher may report exit codes it sees with a line
 ``{"t": "exit_code", "rank": R, "code": C}`` on any connection.
 
+Who calls what: one aggregator per job, in its own process and on one thread (a
+selector loop), so timelines and classifiers need no locks. Per connection: the rank's
+``hello`` opens (or, for a higher attempt, replaces) the timeline; batches feed it.
+Every tick (0.1 s): completed collectives go to every classifier's ``observe`` (registry
+order), then every classifier's ``check``; findings are appended as they come; then the
+requests classifiers left on the timeline (link probes, peer probes, stacks) are sent to
+the ranks they name. The protocol of a seam classifier is
+:class:`trainkit.detect.classifiers.Classifier`.
+
 ``--standalone`` (used when ``CollectiveMonitor`` starts it) exits a couple of
 seconds after every rank has gone; otherwise it runs until SIGTERM/SIGINT and a
 higher restart attempt (``TORCHELASTIC_RESTART_COUNT`` of the ranks) starts a
@@ -33,10 +42,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from trainkit.detect import knobs
+from trainkit import rundir
 from trainkit.detect.classifiers import Classifier, make_classifiers
 from trainkit.detect.knobs import ClassifierConfig
-from trainkit.detect.timeline import Finding, RankInfo, Timeline
+from trainkit.detect.timeline import RankInfo, Timeline
+from trainkit.rundir import Finding
 
 __all__ = ["Aggregator", "main"]
 
@@ -66,7 +76,7 @@ class Aggregator:
         self.standalone = standalone
         self.linger_s = linger_s
         self.first_client_timeout = first_client_timeout
-        self.local_host = os.environ.get("TRAINKIT_HOSTNAME") or socket.gethostname()
+        self.local_host = os.environ.get(rundir.HOSTNAME_ENV) or socket.gethostname()
         self.timeline = Timeline(0, self.local_host)
         self.classifiers: list[Classifier] = make_classifiers(self.cfg)
         self.selector = selectors.DefaultSelector()
@@ -86,7 +96,7 @@ class Aggregator:
 
     # -- files ---------------------------------------------------------------------------
     def write_address(self) -> None:
-        path = self.run_dir / knobs.AGGREGATOR_ADDR_FILE
+        path = self.run_dir / rundir.AGGREGATOR_ADDR_FILE
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"host": self.advertise, "port": self.port, "pid": os.getpid(),
                                    "started": self.started}))
@@ -94,7 +104,7 @@ class Aggregator:
 
     def _write_finding(self, finding: Finding) -> None:
         line = json.dumps(finding.to_json(), default=str)
-        with open(self.run_dir / knobs.DIAGNOSIS_FILE, "a") as fh:
+        with open(self.run_dir / rundir.DIAGNOSIS_FILE, "a") as fh:
             fh.write(line + "\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -102,7 +112,7 @@ class Aggregator:
         around = {"finding": self.n_findings, "class": finding.cls, "time": finding.time,
                   "ranks": list(finding.ranks), "colls": tl.window(finding.time),
                   "steps": {str(r): list(i.steps) for r, i in tl.ranks.items()}}
-        with open(self.run_dir / knobs.TIMELINE_FILE, "a") as fh:
+        with open(self.run_dir / rundir.TIMELINE_FILE, "a") as fh:
             fh.write(json.dumps(around, default=str) + "\n")
         self.n_findings += 1
         print(f"[trainkit.detect] {finding.cls}: ranks {list(finding.ranks)} "
@@ -141,8 +151,7 @@ class Aggregator:
         now = time.time()
         if not self.ever_connected:
             return now - self.started > self.first_client_timeout
-        busy = any(getattr(c, "waiting", None) or getattr(c, "parked", None)
-                   for c in self.classifiers)
+        busy = any(c.waiting for c in self.classifiers)
         return not self.conns and not busy and now - self.last_change > self.linger_s
 
     def tick(self, now: float) -> None:
@@ -294,7 +303,7 @@ class Aggregator:
             if timeout != self.cfg.hang_timeout:
                 self.cfg = replace(self.cfg, hang_timeout=timeout)
                 for clf in self.classifiers:
-                    clf.cfg = self.cfg  # type: ignore[attr-defined]
+                    clf.cfg = self.cfg
         conn.rank, conn.attempt = int(msg["rank"]), attempt
         self.ever_connected = True
         self.last_change = time.time()

@@ -20,6 +20,18 @@ offset), ``{"t": "stack_req"}``, ``{"t": "probe", ...}`` (:mod:`linkprobe`) and
 ``{"t": "peer_probe_result", "id", "results"}``. The hello may carry
 ``"peer_probe": [host or null, port]``.
 
+Who calls what, in order (every rank has one channel; the aggregator has none):
+
+1) (training thread, in ``CollectiveMonitor.install()``) ``Channel(address, hello,
+   on_request=...)`` then :meth:`Channel.start`: connect, send the hello, read the
+   welcome (clock offset), start the channel thread; False means unmonitored.
+2) (any thread) :meth:`Channel.put` for every arrival/completion the recorder stamps,
+   :meth:`Channel.send` for groups, stacks and the exit report.
+3) (channel thread, every ``flush_s``) drain and send one batch, which is also the
+   heartbeat; each request from the aggregator runs ``on_request(message)`` on a
+   short-lived thread of its own, so a slow stack dump or probe never delays batches.
+4) (training thread, at exit) :meth:`Channel.close`: flush, say bye, join.
+
 Thread safety: :meth:`Channel.put` and :meth:`Channel.send` may be called from
 any thread (training thread, gloo callback threads); they never block and never
 raise. When the aggregator is unreachable the channel warns once and drops

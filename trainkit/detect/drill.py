@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainkit._jsonl import read_jsonl
-from trainkit.detect import knobs
-from trainkit.faults import FAULT_ENV
+from trainkit import rundir
+from trainkit.rundir import FAULT_ENV, read_fault_markers, read_jsonl
 
 __all__ = ["DrillResult", "run_drill", "stop_aggregator", "free_port"]
 
@@ -55,21 +54,9 @@ class DrillResult:
         return min(times) if times else None
 
 
-def _markers(run_dir: Path) -> list[dict[str, Any]]:
-    mdir = run_dir / "faults"
-    out = []
-    if mdir.is_dir():
-        for p in sorted(mdir.glob("*.json")):
-            try:
-                out.append(json.loads(p.read_text()))
-            except (OSError, ValueError):
-                continue
-    return out
-
-
 def stop_aggregator(run_dir: str | os.PathLike, *, grace: float = 3.0) -> bool:
     """SIGTERM (then SIGKILL) the aggregator recorded in run_dir; True if one was running."""
-    path = Path(run_dir) / knobs.AGGREGATOR_ADDR_FILE
+    path = Path(run_dir) / rundir.AGGREGATOR_ADDR_FILE
     try:
         pid = int(json.loads(path.read_text())["pid"])
     except (OSError, ValueError, KeyError):
@@ -109,7 +96,7 @@ def run_drill(script: str | os.PathLike, *, world: int, run_dir: str | os.PathLi
     repo = str(Path(__file__).resolve().parents[2])
     base["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, base.get("PYTHONPATH")]))
     base.setdefault("OMP_NUM_THREADS", "1")
-    base[knobs.RUN_DIR_ENV] = str(run_dir)
+    base[rundir.RUN_DIR_ENV] = str(run_dir)
     base.pop(FAULT_ENV, None)
     if fault:
         base[FAULT_ENV] = fault
@@ -128,7 +115,7 @@ def run_drill(script: str | os.PathLike, *, world: int, run_dir: str | os.PathLi
                                            *script_args], env=rank_env, stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=True))
-        diag = run_dir / knobs.DIAGNOSIS_FILE
+        diag = run_dir / rundir.DIAGNOSIS_FILE
         while True:
             if all(p.poll() is not None for p in procs):
                 break
@@ -158,7 +145,7 @@ def run_drill(script: str | os.PathLike, *, world: int, run_dir: str | os.PathLi
         # A standalone aggregator exits by itself once the ranks are gone; give it a moment
         # to write a last finding, then make sure it is gone.
         deadline = time.monotonic() + 4.0
-        addr = run_dir / knobs.AGGREGATOR_ADDR_FILE
+        addr = run_dir / rundir.AGGREGATOR_ADDR_FILE
         while time.monotonic() < deadline and addr.exists() and _pid_alive(addr):
             time.sleep(0.1)
         stop_aggregator(run_dir)
@@ -167,8 +154,8 @@ def run_drill(script: str | os.PathLike, *, world: int, run_dir: str | os.PathLi
         log.seek(0)
         outputs.append(log.read())
         log.close()
-    return DrillResult(findings=read_jsonl(run_dir / knobs.DIAGNOSIS_FILE),
-                       fault_markers=_markers(run_dir),
+    return DrillResult(findings=read_jsonl(run_dir / rundir.DIAGNOSIS_FILE),
+                       fault_markers=read_fault_markers(run_dir),
                        returncodes=[p.returncode for p in procs], outputs=outputs,
                        wall_s=time.monotonic() - start, timed_out=timed_out)
 

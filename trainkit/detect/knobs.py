@@ -1,18 +1,9 @@
-"""Every environment variable and tunable of ``trainkit.detect``, in one place.
+"""Every tunable of ``trainkit.detect``, in one place.
 
-A launcher (``trainkit run``) starts the aggregator itself and tells the
-workers where it is through these variables; a script that already uses
-``CollectiveMonitor`` needs no other change.
-
-| variable | meaning |
-|---|---|
-| ``TRAINKIT_AGGREGATOR`` | ``host:port`` of a running aggregator; when unset, rank 0 starts one |
-| ``TRAINKIT_RUN_DIR`` | run directory (findings, markers) when ``run_dir`` is not passed |
-| ``TRAINKIT_HANG_TIMEOUT`` | seconds, overrides the ``hang_timeout`` argument |
-| ``TRAINKIT_DETECT`` | ``0`` disables the monitor entirely (training runs unmonitored) |
-| ``TRAINKIT_HOSTNAME`` | host name to report (simulating several hosts on one machine) |
-| ``TRAINKIT_STACK_SIGNAL`` | signal used for faulthandler stack dumps (default ``SIGUSR2``) |
-| ``TRAINKIT_FAULT`` | fault injection, see :mod:`trainkit.faults` |
+The environment variables' names live in :mod:`trainkit.rundir` (the ground floor
+shared with ``trainkit run``, which sets them for its workers); the ones detect reads
+are re-exported here. A script that already uses ``CollectiveMonitor`` needs no other
+change: the launcher starts the aggregator and tells the workers where it is.
 """
 
 from __future__ import annotations
@@ -20,6 +11,9 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
+
+from trainkit.rundir import (AGGREGATOR_ENV, DETECT_ENV, HANG_TIMEOUT_ENV, RUN_DIR_ENV,
+                             STACK_SIGNAL_ENV)
 
 __all__ = [
     "AGGREGATOR_ENV",
@@ -31,17 +25,6 @@ __all__ = [
     "parse_address",
     "stack_signal",
 ]
-
-AGGREGATOR_ENV = "TRAINKIT_AGGREGATOR"
-RUN_DIR_ENV = "TRAINKIT_RUN_DIR"
-HANG_TIMEOUT_ENV = "TRAINKIT_HANG_TIMEOUT"
-DETECT_ENV = "TRAINKIT_DETECT"
-STACK_SIGNAL_ENV = "TRAINKIT_STACK_SIGNAL"
-
-# The file the aggregator writes in run_dir once it listens: {"host", "port", "pid"}.
-AGGREGATOR_ADDR_FILE = "aggregator.json"
-DIAGNOSIS_FILE = "diagnosis.jsonl"
-TIMELINE_FILE = "timeline.jsonl"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -34,14 +34,17 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from trainkit import rundir
 from trainkit.detect import knobs
 from trainkit.detect.channel import Channel
 from trainkit.detect.linkprobe import LinkProbe
 from trainkit.detect.peerprobe import (PeerProbeServer, advertised_host, peers_to_probe,
                                        probe_peers)
-from trainkit.detect.probe import (MonitoredProcessGroup, Recorder, StackDumper, register_group,
-                                   unregister_group)
-from trainkit.faults import FaultInjector, local_identity
+from trainkit.detect.probe import MonitoredProcessGroup, register_group, unregister_group
+from trainkit.detect.recorder import Recorder
+from trainkit.detect.stacks import StackDumper
+from trainkit.faults import FaultInjector
+from trainkit.rundir import local_identity
 
 __all__ = ["CollectiveMonitor", "start_aggregator"]
 
@@ -58,7 +61,7 @@ def start_aggregator(run_dir: str | os.PathLike, *, hang_timeout: float, host: s
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    addr_file = run_dir / knobs.AGGREGATOR_ADDR_FILE
+    addr_file = run_dir / rundir.AGGREGATOR_ADDR_FILE
     stamp = time.time()
     cmd = [sys.executable, "-m", "trainkit.detect.aggregator", "--run-dir", str(run_dir),
            "--host", host, "--port", str(port), "--hang-timeout", str(hang_timeout)]
@@ -67,7 +70,7 @@ def start_aggregator(run_dir: str | os.PathLike, *, hang_timeout: float, host: s
     cmd.extend(extra_args)
     log = open(run_dir / "aggregator.log", "ab")
     env = dict(os.environ)
-    env.pop(knobs.AGGREGATOR_ENV, None)
+    env.pop(rundir.AGGREGATOR_ENV, None)
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                             start_new_session=True, env=env, close_fds=True)
     log.close()
@@ -110,22 +113,23 @@ class CollectiveMonitor:
     def __init__(self, run_dir: str | os.PathLike | None = None, hang_timeout: float = 30.0, *,
                  wrap_default: bool = True, heartbeat_s: float = 0.5,
                  link_probe: bool = True, aggregator_args: tuple[str, ...] = ()):
-        env_timeout = os.environ.get(knobs.HANG_TIMEOUT_ENV)
+        env_timeout = os.environ.get(rundir.HANG_TIMEOUT_ENV)
         if env_timeout:
             try:
                 hang_timeout = float(env_timeout)
             except ValueError:
-                raise ValueError(f"{knobs.HANG_TIMEOUT_ENV}={env_timeout!r} is not a number") from None
+                raise ValueError(f"{rundir.HANG_TIMEOUT_ENV}={env_timeout!r} is not a number") \
+                    from None
         if not hang_timeout > 0:
             raise ValueError(f"hang_timeout must be > 0, got {hang_timeout}")
-        self.run_dir = Path(run_dir or os.environ.get(knobs.RUN_DIR_ENV) or "trainkit-run")
+        self.run_dir = Path(run_dir or os.environ.get(rundir.RUN_DIR_ENV) or "trainkit-run")
         self.hang_timeout = float(hang_timeout)
         self.wrap_default = wrap_default
         self.heartbeat_s = heartbeat_s
         self.aggregator_args = tuple(aggregator_args)
         self.link_probe = link_probe
         self._link_probe: LinkProbe | None = None
-        self.enabled = os.environ.get(knobs.DETECT_ENV, "1") not in ("0", "false", "off")
+        self.enabled = os.environ.get(rundir.DETECT_ENV, "1") not in ("0", "false", "off")
         self.channel: Channel | None = None
         self.recorder: Recorder | None = None
         self.injector: FaultInjector | None = None
@@ -203,7 +207,7 @@ class CollectiveMonitor:
         return channel
 
     def _find_aggregator(self, rank: int) -> tuple[str, int]:
-        text = os.environ.get(knobs.AGGREGATOR_ENV)
+        text = os.environ.get(rundir.AGGREGATOR_ENV)
         if text:
             return knobs.parse_address(text)
         store = c10d._get_default_store()

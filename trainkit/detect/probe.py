@@ -7,28 +7,23 @@ over as ``process_group=`` or installed as the default group, while
 ``_register_on_completion_hook`` is NCCL-only and a DDP comm hook sees only
 bucket allreduces and takes the user's one hook slot.
 
-Each call records the arrival (issue time, op, bytes, dtype, step, per-group
-sequence number) and, later, the completion:
+Each call records the arrival (issue time, op, bytes, dtype, step, per-group sequence
+number) and attaches the stamp of its completion, which depends on the backend (see
+:mod:`trainkit.detect.recorder`). Fault injection (``trainkit.faults``) acts only here,
+so groups trainkit creates for itself are never monitored nor injected.
 
-- gloo collectives: the work's future callback (runs on a gloo thread);
-- gloo point-to-point (no future on gloo): a ``dist.Work`` subclass stamps the
-  completion when the caller's ``wait()`` returns;
-- NCCL: the future completes at enqueue, so a CUDA event recorded on a private
-  side stream made to wait on the work is polled instead.
-
-Fault injection (``trainkit.faults``) acts only here, so groups trainkit
-creates for itself are never monitored nor injected.
+Who calls what: ``CollectiveMonitor.install()`` (every rank, training thread) wraps the
+default group and calls :func:`register_group`; from then on every collective the
+training code, DDP or FSDP issues runs ``_issue`` on the issuing thread: injector
+``before_issue`` -> record the arrival -> injector ``after_arrival`` -> forward -> attach
+the completion stamp. ``CollectiveMonitor.close()`` calls :func:`unregister_group`.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import datetime
-import faulthandler
 import itertools
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,10 +33,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from trainkit.faults import FaultInjector
+from trainkit.detect.recorder import RecordedWork, Recorder, payload_info
 
-__all__ = ["MonitoredProcessGroup", "Recorder", "StackDumper", "register_group", "unmonitored",
-           "unregister_group"]
+__all__ = ["MonitoredProcessGroup", "register_group", "unmonitored", "unregister_group"]
 
 # Threads inside ``unmonitored()``: ident -> nesting depth. A plain dict rather than a
 # threading.local because the hot path tests it on every collective, and an empty
@@ -93,172 +87,6 @@ _COLLECTIVES: tuple[tuple[str, int, str], ...] = (
     ("reduce_scatter_single_coalesced", 1, "reduce_scatter"),
     ("all_to_all_single", 1, "alltoall"),
 )
-
-
-_DTYPE_NAMES: dict[torch.dtype, str] = {}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    name = _DTYPE_NAMES.get(dtype)
-    if name is None:
-        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
-    return name
-
-
-def _nbytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(o) for o in obj)
-    return 0
-
-
-def _first_dtype(obj: Any) -> str:
-    if isinstance(obj, torch.Tensor):
-        return _dtype_name(obj.dtype)
-    if isinstance(obj, (list, tuple)):
-        for o in obj:
-            d = _first_dtype(o)
-            if d:
-                return d
-    return ""
-
-
-def _payload_info(obj: Any) -> tuple[int, str]:
-    """(bytes, dtype) of a collective's payload; one tensor in a list is the fast path."""
-    if type(obj) is list and len(obj) == 1 and isinstance(obj[0], torch.Tensor):
-        t = obj[0]
-        return t.numel() * t.element_size(), _dtype_name(t.dtype)
-    return _nbytes(obj), _first_dtype(obj)
-
-
-class Recorder:
-    """Shared per-rank state: where events go, the current step, the injector.
-
-    ``put`` is the channel's (thread-safe, non-blocking) queue put.
-    """
-
-    def __init__(self, put: Callable[[list], None], *, rank: int,
-                 injector: FaultInjector | None = None):
-        self.put = put
-        self.rank = rank
-        self.injector = injector if injector is not None and injector.active else None
-        self.step: int | None = None
-        self.comm_error: str | None = None
-        self._cuda_poller: _CudaEventPoller | None = None
-
-    def cuda_poller(self) -> _CudaEventPoller:
-        if self._cuda_poller is None:
-            self._cuda_poller = _CudaEventPoller(self)
-        return self._cuda_poller
-
-    def done(self, group: str, seq: int, ok: bool, error: str | None = None) -> None:
-        self.put(("d", group, seq, _now(), ok))
-        if not ok and self.comm_error is None:
-            self.comm_error = error or "collective failed"
-
-    def completion_callback(self, group: str, seq: int) -> Callable[[Any], None]:
-        """The future callback that stamps a collective's completion.
-
-        It runs on the backend's worker thread (gloo) with the GIL, inline in the
-        future's completion, so it must be as short as possible: one clock read
-        and one append on success; the slow path only on failure.
-        """
-        put = self.put
-
-        def _on_done(fut: Any) -> None:
-            try:
-                fut.value()
-            except Exception as exc:  # noqa: BLE001 - a failed collective is evidence
-                self.done(group, seq, False, str(exc))
-                return
-            put(("d", group, seq, _now(), True))
-
-        return _on_done
-
-
-class _RecordedWork(dist.Work):
-    """Wraps a work without a future (gloo send/recv) to stamp completion on wait()."""
-
-    def __init__(self, inner: dist.Work, on_done: Callable[[bool, str | None], None],
-                 on_wait: Callable[[], None]):
-        super().__init__()
-        self._inner = inner
-        self._on_done = on_done
-        self._on_wait = on_wait
-        self._stamped = False
-
-    def _stamp(self, ok: bool, error: str | None = None) -> None:
-        if not self._stamped:
-            self._stamped = True
-            self._on_done(ok, error)
-
-    def wait(self, timeout: datetime.timedelta = datetime.timedelta(0)) -> bool:
-        if not self._stamped:
-            self._on_wait()   # from here on this rank is blocked on the transfer
-        try:
-            if timeout:
-                result = self._inner.wait(timeout)
-            else:
-                result = self._inner.wait()
-        except Exception as exc:
-            self._stamp(False, str(exc))
-            raise
-        self._stamp(True)
-        return bool(result) if result is not None else True
-
-    def is_completed(self) -> bool:
-        done = self._inner.is_completed()
-        if done:
-            self._stamp(True)
-        return done
-
-    def is_success(self) -> bool:
-        return self._inner.is_success()
-
-    def exception(self) -> Any:
-        return self._inner.exception()
-
-    def source_rank(self) -> int:
-        return self._inner.source_rank()
-
-    def result(self) -> Any:
-        return self._inner.result()
-
-    def synchronize(self) -> None:
-        self._inner.synchronize()
-
-
-class _CudaEventPoller:
-    """NCCL completion: a CUDA event per work, polled by one daemon thread."""
-
-    def __init__(self, recorder: Recorder):
-        self.recorder = recorder
-        self.stream = torch.cuda.Stream()
-        self.pending: collections.deque = collections.deque()
-        self.lock = threading.Lock()
-        threading.Thread(target=self._poll, daemon=True, name="trainkit-detect-cuda").start()
-
-    def track(self, work: dist.Work, group: str, seq: int) -> None:
-        event = torch.cuda.Event()
-        with torch.cuda.stream(self.stream):
-            work.wait()          # NCCL: makes our side stream wait; does not block the CPU
-            event.record(self.stream)
-        with self.lock:
-            self.pending.append((event, group, seq))
-
-    def _poll(self) -> None:
-        while True:
-            time.sleep(0.002)
-            with self.lock:
-                items = list(self.pending)
-            finished = [item for item in items if item[0].query()]
-            if finished:
-                with self.lock:
-                    for item in finished:
-                        self.pending.remove(item)
-                for _, group, seq in finished:
-                    self.recorder.done(group, seq, True)
 
 
 def _global_ranks(pg: dist.ProcessGroup) -> list[int]:
@@ -342,7 +170,7 @@ class MonitoredProcessGroup(dist.ProcessGroup):
         if injector is not None:
             injector.before_issue(op, peer)
         seq = next(seq_source)
-        nbytes, dtype = _payload_info(payload)
+        nbytes, dtype = payload_info(payload)
         rec.put(("i", group, seq, op, nbytes, dtype, _now(), rec.step, peer))
         if injector is not None:
             injector.after_arrival(op, peer)
@@ -366,7 +194,7 @@ class MonitoredProcessGroup(dist.ProcessGroup):
 
     def _wrap_p2p(self, work: Any, group: str, seq: int) -> Any:
         rec = self._recorder
-        return _RecordedWork(work, lambda ok, err: rec.done(group, seq, ok, err),
+        return RecordedWork(work, lambda ok, err: rec.done(group, seq, ok, err),
                              lambda: rec.put(("w", group, seq, _now())))
 
     def _p2p(self, method: str, op: str, tensors: Any, peer_group_rank: int, args: tuple) -> Any:
@@ -466,50 +294,3 @@ def unregister_group(wrapper: MonitoredProcessGroup) -> None:
     for mapping in (world.pg_map, world.pg_names, world.pg_group_ranks, world.pg_backend_config,
                     world.pg_to_tag):
         mapping.pop(wrapper, None)
-
-
-class StackDumper:
-    """Python stacks of every thread on demand, even while the training thread is blocked.
-
-    faulthandler's C signal handler writes the stacks without needing the GIL;
-    if the signal cannot be registered, ``faulthandler.dump_traceback`` from the
-    requesting thread is the fallback.
-    """
-
-    def __init__(self, signum: int):
-        self.signum = signum
-        self._file = tempfile.TemporaryFile(mode="w+b", prefix="trainkit-stacks-")
-        self._lock = threading.Lock()
-        try:
-            faulthandler.register(signum, file=self._file, all_threads=True, chain=False)
-            self._registered = True
-        except (RuntimeError, ValueError, OSError):
-            self._registered = False
-
-    def dump(self, timeout: float = 1.0) -> str:
-        with self._lock:
-            self._file.seek(0, os.SEEK_END)
-            start = self._file.tell()
-            if self._registered:
-                os.kill(os.getpid(), self.signum)
-                deadline = time.monotonic() + timeout
-                size = start
-                while time.monotonic() < deadline:
-                    time.sleep(0.05)
-                    self._file.seek(0, os.SEEK_END)
-                    new = self._file.tell()
-                    if new > start and new == size:
-                        break
-                    size = new
-            else:
-                faulthandler.dump_traceback(self._file, all_threads=True)
-            self._file.seek(start)
-            return self._file.read().decode(errors="replace")
-
-    def close(self) -> None:
-        if self._registered:
-            try:
-                faulthandler.unregister(self.signum)
-            except (RuntimeError, ValueError):
-                pass
-        self._file.close()

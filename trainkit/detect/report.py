@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trainkit._jsonl import read_jsonl
-from trainkit.detect import knobs
+from trainkit import rundir
+from trainkit.rundir import JsonlError, read_fault_markers, read_jsonl
 
 __all__ = ["DiagnoseError", "load_findings", "format_events", "format_findings", "plot_timeline"]
 
@@ -18,24 +18,21 @@ class DiagnoseError(Exception):
 
 
 def load_findings(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The findings of a run, in order; raises DiagnoseError for a missing run dir."""
+    """The findings of a run, in order, as their JSON objects.
+
+    Raises DiagnoseError for a missing run dir or a complete line that is not JSON; a
+    torn last line (the aggregator caught mid-write) is skipped, as every run-dir
+    reader does (:func:`trainkit.rundir.read_jsonl`).
+    """
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise DiagnoseError(f"run directory {run_dir} does not exist")
     if not run_dir.is_dir():
         raise DiagnoseError(f"{run_dir} is not a directory")
-    path = run_dir / knobs.DIAGNOSIS_FILE
-    if not path.exists():
-        return []
-    findings = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            findings.append(json.loads(line))
-        except ValueError:
-            raise DiagnoseError(f"{path}:{n}: not a JSON line") from None
-    return findings
+    try:
+        return read_jsonl(run_dir / rundir.DIAGNOSIS_FILE, strict=True)
+    except JsonlError as exc:
+        raise DiagnoseError(str(exc)) from None
 
 
 def _when(t: float | None) -> str:
@@ -44,19 +41,9 @@ def _when(t: float | None) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
 
 
-def _fault_markers(run_dir: Path) -> list[dict[str, Any]]:
-    out = []
-    for path in sorted((run_dir / "faults").glob("*.json")) if (run_dir / "faults").is_dir() else []:
-        try:
-            out.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
-    return out
-
-
 def _run_events(run_dir: Path) -> list[dict[str, Any]]:
     """``trainkit run``'s decisions (``events.jsonl``), if this run had a launcher."""
-    return read_jsonl(run_dir / "events.jsonl")
+    return read_jsonl(run_dir / rundir.EVENTS_FILE)
 
 
 def format_events(run_dir: str | Path) -> str:
@@ -74,8 +61,8 @@ def format_events(run_dir: str | Path) -> str:
 def format_findings(run_dir: str | Path, findings: list[dict[str, Any]], *,
                     show_stacks: bool = True) -> str:
     run_dir = Path(run_dir)
-    lines = [f"{len(findings)} finding(s) in {run_dir / knobs.DIAGNOSIS_FILE}"]
-    for fault in _fault_markers(run_dir):
+    lines = [f"{len(findings)} finding(s) in {run_dir / rundir.DIAGNOSIS_FILE}"]
+    for fault in read_fault_markers(run_dir):
         lines.append(f"  injected fault fired: {fault.get('fault')} on rank {fault.get('rank')} "
                      f"at {_when(fault.get('time'))} UTC (step {fault.get('step')})")
     for n, f in enumerate(findings, 1):
@@ -113,10 +100,10 @@ def plot_timeline(run_dir: str | Path, out: str | Path, *, finding: int = 0) -> 
     except ImportError as exc:
         raise DiagnoseError("--plot needs matplotlib (pip install 'trainkit[plot]')") from exc
     run_dir = Path(run_dir)
-    path = run_dir / knobs.TIMELINE_FILE
+    path = run_dir / rundir.TIMELINE_FILE
     if not path.exists():
         raise DiagnoseError(f"no timeline recorded in {run_dir} (no findings yet)")
-    windows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    windows = read_jsonl(path)
     if not 0 <= finding < len(windows):
         raise DiagnoseError(f"finding {finding} out of range (0..{len(windows) - 1})")
     win = windows[finding]

@@ -1,4 +1,4 @@
-"""The aggregator's per-rank timelines, and the finding record (a contract).
+"""The aggregator's per-rank timelines: what every rank issued and completed, matched.
 
 Collectives are matched across ranks by (group, sequence number): every rank
 issues the collectives of one group in the same order, so the k-th allreduce
@@ -13,37 +13,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FINDING_CLASSES", "FINDING_FIELDS", "Coll", "Finding", "RankInfo", "Timeline"]
+from trainkit.rundir import Finding
 
-FINDING_CLASSES = ("crash", "hang_noncomm", "hang_comm", "straggler", "slow_link")
-FINDING_FIELDS = ("time", "class", "ranks", "hosts", "ids", "link", "step", "group", "seq",
-                  "evidence", "confidence")
+__all__ = ["Coll", "RankInfo", "Timeline", "p2p_pair"]
+
 _MAX_PENDING_PER_GROUP = 20000
 _RECENT = 600
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One line of ``run_dir/diagnosis.jsonl``; the field names are a contract."""
-
-    time: float
-    cls: str
-    ranks: tuple[int, ...]
-    hosts: tuple[str, ...]
-    ids: tuple[dict[str, Any], ...]
-    link: tuple[int, int] | None
-    step: int | None
-    group: str | None
-    seq: int | None
-    evidence: dict[str, Any]
-    confidence: float
-
-    def to_json(self) -> dict[str, Any]:
-        return {"time": self.time, "class": self.cls, "ranks": list(self.ranks),
-                "hosts": list(self.hosts), "ids": [dict(i) for i in self.ids],
-                "link": list(self.link) if self.link is not None else None, "step": self.step,
-                "group": self.group, "seq": self.seq, "evidence": self.evidence,
-                "confidence": round(float(min(1.0, max(0.0, self.confidence))), 4)}
 
 
 @dataclass

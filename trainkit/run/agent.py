@@ -25,9 +25,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainkit import rundir
 from trainkit.run.control import Control
 from trainkit.run.torchrun_args import TorchrunArgs, generation_command, warm_start_supported
-from trainkit.run.warm import GO_ENV
 
 _EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
 HEARTBEAT_S = 1.0
@@ -154,25 +154,25 @@ class NodeAgent:
     def _env(self, gen: int, plan: dict) -> dict[str, str]:
         env = dict(os.environ)
         env.update({
-            "TRAINKIT_RUN_DIR": str(self.run_dir),
-            "TRAINKIT_NODE": self.node_id,
-            "TRAINKIT_HOSTNAME": self.node_id,
-            "TRAINKIT_NODE_INDEX": str(plan["index"][self.node_id]),
-            "TRAINKIT_GENERATION": str(gen),
-            "TRAINKIT_MEMORY_DIR": str(self.memory_dir),
+            rundir.RUN_DIR_ENV: str(self.run_dir),
+            rundir.NODE_ENV: self.node_id,
+            rundir.HOSTNAME_ENV: self.node_id,
+            rundir.NODE_INDEX_ENV: str(plan["index"][self.node_id]),
+            rundir.GENERATION_ENV: str(gen),
+            rundir.MEMORY_DIR_ENV: str(self.memory_dir),
         })
         if plan.get("aggregator"):
-            env["TRAINKIT_AGGREGATOR"] = plan["aggregator"]
+            env[rundir.AGGREGATOR_ENV] = plan["aggregator"]
         return env
 
     def _launch(self, gen: int, plan: dict, rdzv_id: str, *, warm_go: Path | None) -> _Launch:
         env = self._env(gen, plan)
         if warm_go is not None:
-            env[GO_ENV] = str(warm_go)
+            env[rundir.WARM_GO_ENV] = str(warm_go)
         cmd = generation_command(sys.executable, self.args, nnodes=len(plan["members"]),
                                  endpoint=self.endpoint, rdzv_id=rdzv_id,
                                  rdzv_conf=plan.get("rdzv_conf", ""), warm=warm_go is not None)
-        log_dir = self.run_dir / "logs"
+        log_dir = self.run_dir / rundir.LOGS_DIR
         log_dir.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)

@@ -21,11 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainkit.rundir import Finding, FindingTail
 from trainkit.run.control import Control
 from trainkit.run.detector import AggregatorHandle
 from trainkit.run.events import EventLog, read_events
-from trainkit.run.findings import FindingTail, fault_from_finding
+from trainkit.run.findings import fault_from_finding
 from trainkit.run.policy import Decision, Fault, PolicyConfig, PolicyState, decide
+
+__all__ = ["FAST_RDZV_CONF", "Coordinator", "CoordinatorConfig"]
 
 # Rendezvous settings that make a restart take seconds rather than torchrun's defaults
 # (join waits up to 600 s, last call 30 s, keep-alive 5 s): members per generation are
@@ -57,9 +60,18 @@ def _natural_key(name: str) -> list[int | str]:
 
 @dataclass(kw_only=True)
 class _Outcome:
+    """How one generation ended, and the policy state after it.
+
+    ``state`` carries the strikes of findings the policy let pass ("continue") while the
+    generation ran; ``decision`` is the policy's answer to the fault that ended it when
+    that was a finding (``decide`` runs once per finding, in ``_watch``), else None.
+    """
+
     status: str  # "done" | "fault"
+    state: PolicyState
     fault: Fault | None = None
-    finding: dict[str, Any] | None = None
+    finding: Finding | None = None
+    decision: Decision | None = None
 
 
 class Coordinator:
@@ -69,7 +81,7 @@ class Coordinator:
         self.events = events
         self.tail = FindingTail(cfg.run_dir)
         self._aggregator_warned = False
-        self._findings: list[dict[str, Any]] = []
+        self._findings: list[Finding] = []
 
     # -- membership -------------------------------------------------------------------
     def _wait_for_agents(self) -> list[str]:
@@ -120,7 +132,7 @@ class Coordinator:
                 self.control.put("tk/final", {"status": "done"})
                 return 0
             assert outcome.fault is not None
-            decision = decide(outcome.fault, state, self.cfg.policy)
+            decision = outcome.decision or decide(outcome.fault, outcome.state, self.cfg.policy)
             self._stop(gen, outcome.fault.reason)
             lost = self._lost_members(gen, state.members)
             self.events.log("decision", gen=gen, action=decision.action,
@@ -168,45 +180,51 @@ class Coordinator:
 
     # -- watching one generation ------------------------------------------------------
     def _watch(self, gen: int, state: PolicyState, started: float) -> _Outcome:
+        """Watch generation ``gen`` until it finishes or a fault ends it.
+
+        Each finding of this generation goes to the policy once: a "continue" keeps the
+        generation running with the new state (its strikes count later), anything else
+        ends the watch with that decision. The returned outcome always carries the
+        latest state.
+        """
         first_failure: float | None = None
         while True:
             exits = {m: self.control.get(f"tk/gen/{gen}/exit/{m}") for m in state.members}
             done = {m: e for m, e in exits.items() if e is not None}
             if len(done) == len(state.members) and all(e["rc"] == 0 for e in done.values()):
-                return _Outcome(status="done")
+                return _Outcome(status="done", state=state)
             for finding in self.tail.poll():
-                if finding.get("time", 0) < started or not self._same_generation(finding, gen):
+                if finding.time < started or not self._same_generation(finding, gen):
                     continue
                 self._findings.append(finding)
-                self.events.log("finding", gen=gen, finding=finding,
-                                reason=f"{finding.get('class')} ranks={finding.get('ranks')} "
-                                       f"hosts={finding.get('hosts')}")
+                self.events.log("finding", gen=gen, finding=finding.to_json(),
+                                reason=f"{finding.cls} ranks={list(finding.ranks)} "
+                                       f"hosts={list(finding.hosts)}")
                 fault = fault_from_finding(finding, state.members)
-                preview = decide(fault, state, self.cfg.policy)
-                if preview.action == "continue":
+                decision = decide(fault, state, self.cfg.policy)
+                if decision.action == "continue":
                     self.events.log("decision", gen=gen, action="continue", fault=fault.kind,
-                                    culprits=list(fault.nodes), reason=preview.reason)
-                    state = preview.state
+                                    culprits=list(fault.nodes), reason=decision.reason)
+                    state = decision.state
                     continue
-                return _Outcome(status="fault", fault=fault, finding=finding)
+                return _Outcome(status="fault", state=state, fault=fault, finding=finding,
+                                decision=decision)
             failed = {m: e for m, e in done.items() if e["rc"] != 0}
             if failed:
                 first_failure = first_failure or time.monotonic()
                 if time.monotonic() - first_failure >= self.cfg.exit_grace:
-                    return _Outcome(status="fault", fault=self._exit_fault(failed))
+                    return _Outcome(status="fault", state=state, fault=self._exit_fault(failed))
             lost = self._stale(state.members, done)
             if lost:
-                return _Outcome(status="fault", fault=Fault(
+                return _Outcome(status="fault", state=state, fault=Fault(
                     kind="crash", nodes=tuple(lost), hardware=True,
                     reason=f"node agent(s) {lost} stopped heartbeating"))
             self._check_aggregator(gen)
             time.sleep(0.1)
 
     @staticmethod
-    def _same_generation(finding: dict[str, Any], gen: int) -> bool:
-        attempts = {i.get("attempt") for i in finding.get("ids") or [] if isinstance(i, dict)}
-        attempts.discard(None)
-        return not attempts or gen in attempts
+    def _same_generation(finding: Finding, gen: int) -> bool:
+        return not finding.attempts or gen in finding.attempts
 
     @staticmethod
     def _exit_fault(failed: dict[str, dict[str, Any]]) -> Fault:

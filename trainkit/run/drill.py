@@ -10,14 +10,13 @@ records (the fault marker, ``events.jsonl`` and the training progress log).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainkit._jsonl import read_jsonl
+from trainkit.rundir import FAULT_ENV, read_fault_markers, read_jsonl
 from trainkit.run.events import read_events
 from trainkit.run.launcher import RunOptions, run_job
 
@@ -45,7 +44,7 @@ class Timeline:
 
 def build_timeline(run_dir: Path, progress_log: Path) -> Timeline:
     """Assemble the recovery timeline from the records a drill run leaves behind."""
-    markers = [json.loads(p.read_text()) for p in sorted((run_dir / "faults").glob("*.json"))]
+    markers = [m for m in read_fault_markers(run_dir) if "time" in m]
     fault = min(markers, key=lambda m: m["time"]) if markers else None
     events = read_events(run_dir)
     t0 = fault["time"] if fault else None
@@ -103,7 +102,7 @@ def run_drill(run_dir: Path, *, steps: int = 40, ckpt_every: int = 4, fault_step
     if run_dir.exists() and any(run_dir.iterdir()):
         raise SystemExit(f"drill: {run_dir} is not empty; pass a fresh --run-dir")
     progress_log = run_dir / "progress.jsonl"
-    os.environ["TRAINKIT_FAULT"] = f"node={fault_node},step={fault_step},kind=hang"
+    os.environ[FAULT_ENV] = f"node={fault_node},step={fault_step},kind=hang"
     torchrun_argv = ["--nnodes=2:3", "--nproc-per-node=2", "--monitor-interval=0.1",
                      str(TRAIN_SCRIPT), "--steps", str(steps), "--ckpt-every", str(ckpt_every),
                      "--ckpt-dir", str(run_dir / "ckpt"), "--progress-log", str(progress_log),
@@ -111,7 +110,7 @@ def run_drill(run_dir: Path, *, steps: int = 40, ckpt_every: int = 4, fault_step
     opts = RunOptions(run_dir=run_dir, local_nodes=3, exclude_after=1, max_restarts=2,
                       hang_timeout=hang_timeout)
     print(f"drill: 3 nodes x 2 processes, hang injected on node{fault_node} at step "
-          f"{fault_step} (TRAINKIT_FAULT={os.environ['TRAINKIT_FAULT']})", flush=True)
+          f"{fault_step} ({FAULT_ENV}={os.environ[FAULT_ENV]})", flush=True)
     rc = run_job(opts, torchrun_argv)
     timeline = build_timeline(run_dir, progress_log)
     print(format_timeline(timeline), flush=True)

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainkit._jsonl import read_jsonl
+from trainkit.rundir import EVENTS_FILE, read_jsonl
 
-EVENTS_FILE = "events.jsonl"
+__all__ = ["EVENTS_FILE", "EventLog", "read_events"]
 
 
 class EventLog:

@@ -24,9 +24,10 @@ import runpy
 import sys
 import time
 
-__all__ = ["main", "GO_ENV"]
+from trainkit.rundir import WARM_GO_ENV
 
-GO_ENV = "TRAINKIT_WARM_GO"
+__all__ = ["main"]
+
 _POLL_S = 0.005
 
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     script = argv[0]
     _warm_imports()
-    go = os.environ.get(GO_ENV)
+    go = os.environ.get(WARM_GO_ENV)
     if go and not wait_for_go(go, os.environ.get("LOCAL_RANK", "0")):
         return 1
     sys.argv = [script, *argv[1:]]
