@@ -63,11 +63,8 @@ def reference(spec: MergeMethod, base, models, *, density: float, lam: float, sc
         else:
             raise NotImplementedError(f"reference: combine {spec.combine!r} without a vote")
         result = b + lam * merged
-        off = 0
-        for name in group:
-            n = base[name].numel()
-            out[name] = result[off : off + n].reshape(base[name].shape).to(base[name].dtype)
-            off += n
+        pieces = result.split([base[k].numel() for k in group])
+        out.update({k: v.reshape(base[k].shape).to(base[k].dtype) for k, v in zip(group, pieces)})
     return out
 
 

@@ -82,15 +82,5 @@ def ties_merge(
 
         merged = ties_merge(base, [ft_a, ft_b, ft_c], density=0.2, lam=1.0)
     """
-    return merge(
-        "ties",
-        base,
-        models,
-        density=density,
-        lam=lam,
-        scope=scope,
-        weights=weights,
-        compat=compat,
-        vocab_mismatch=vocab_mismatch,
-        threads=threads,
-    )
+    return merge("ties", base, models, density=density, lam=lam, scope=scope, weights=weights, compat=compat,
+                 vocab_mismatch=vocab_mismatch, threads=threads)

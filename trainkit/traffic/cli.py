@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainkit.traffic.hashing import HashModel
 
 __all__ = ["register", "main"]
 
@@ -60,7 +63,7 @@ def _inputs(args):
     return topo, flows, hm
 
 
-def _options(method: str, args: argparse.Namespace, hm) -> dict[str, Any]:
+def _options(method: str, args: argparse.Namespace, hm: HashModel) -> dict[str, Any]:
     """The CLI's planner flags (--seed, the hash model) for the planners that declare them."""
     from trainkit.traffic.planners import planner_options
 

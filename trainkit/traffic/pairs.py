@@ -51,7 +51,9 @@ def on_planes(
     return Assignment(rows, t // P, t % P, t % P, each, count, info or {})
 
 
-def _proportional(pair_of_row, row_bytes, amounts):
+def _proportional(
+    pair_of_row: np.ndarray, row_bytes: np.ndarray, amounts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every flow of a pair split in the pair's path proportions (pieces = paths the pair uses)."""
     frac = amounts / amounts.sum(axis=1, keepdims=True)
     r, t = np.nonzero(frac[pair_of_row] > 1e-12)
@@ -59,7 +61,8 @@ def _proportional(pair_of_row, row_bytes, amounts):
 
 
 def assign_bytes(
-    topo: LeafSpine, table: FlowTable, rows, pair_of_row, amounts, info, *, pooled=False, proportional=False
+    topo: LeafSpine, table: FlowTable, rows: np.ndarray, pair_of_row: np.ndarray, amounts: np.ndarray,
+    info: dict[str, Any], *, pooled: bool = False, proportional: bool = False,
 ) -> Assignment:
     """Lay every pair's flows over its per-path byte amounts (byte-level subflows).
 
