@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainkit.cli import main
-from trainkit.merge import merge, ties_merge
+from trainkit.merge import METHODS, merge, ties_merge
 
 
 def _base(dtype=torch.bfloat16):
@@ -105,7 +105,7 @@ def test_streamed_cli_equals_in_memory(tmp_path, inputs, scope, threads, extra):
 
 def test_other_methods_stream(tmp_path, inputs):
     base, models, bdir, paths = inputs
-    for method in ("average", "task_arithmetic", "dare_ties"):
+    for method in [m for m in METHODS if m != "ties"]:  # ties has its own test above
         out = tmp_path / method
         assert main(["merge", method, "--base", bdir, "--models", *paths, "--out", str(out), "--threads", "2"]) == 0
         ref = merge(method, base, models)
@@ -132,6 +132,40 @@ def test_cli_errors_are_clear(tmp_path, inputs, capsys):
 def test_entry_point_registers_merge():
     r = subprocess.run([sys.executable, "-m", "trainkit", "merge", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--vocab-mismatch" in r.stdout and "--compat" in r.stdout
+    assert "powers of 1000" in r.stdout and "powers of 1024" in r.stdout  # what 2GB means
+    for name in METHODS:
+        assert name in r.stdout
+
+
+def test_cli_module_uses_methods_without_importing_torch():
+    code = ("import sys, trainkit.merge.cli, trainkit.merge as m; "
+            "assert 'METHODS' in dir(m); print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+
+
+def test_shard_size_units_and_bad_sizes(tmp_path, inputs, capsys):
+    from trainkit.merge.cli import _size
+
+    assert _size("2GB") == 2 * 10**9 and _size("2GiB") == 2 * 2**30 and _size("3KB") == 3000
+    base, models, bdir, paths = inputs
+    with pytest.raises(SystemExit) as info:
+        main(["merge", "ties", "--base", bdir, "--models", *paths, "--out", str(tmp_path / "o"), "--shard-size", "2G"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "ambiguous" in err and "Traceback" not in err
+
+
+def test_progress_bar_draws_on_request(tmp_path, inputs, capsys):
+    base, models, bdir, paths = inputs
+    assert main(["merge", "ties", "--base", bdir, "--models", *paths, "--out", str(tmp_path / "o"),
+                 "--progress", "on"]) == 0
+    err = capsys.readouterr().err
+    assert "threshold 1" in err and "merge" in err and "100%" in err
+    assert main(["merge", "ties", "--base", bdir, "--models", *paths, "--out", str(tmp_path / "o2"),
+                 "--progress", "off"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_failed_merge_leaves_no_partial_output(tmp_path, inputs, capsys):

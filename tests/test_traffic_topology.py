@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from trainkit.traffic import (
-    JobError, LeafSpine, TopologyError, TrafficError, UnroutableError, collective, combine, plan,
+    PLANNERS, JobError, LeafSpine, TopologyError, TrafficError, UnroutableError, collective, combine, plan,
 )
 from trainkit.traffic.collectives import _btree_parents
 from trainkit.traffic.files import job_from_dict, load_job, load_topology, parse_size
@@ -138,7 +138,7 @@ def test_bad_jobs_name_the_field():
 def test_every_path_down_is_unroutable():
     topo = LeafSpine(leaves=2, spines=2, hosts_per_leaf=1).with_down(0, 0).with_down(1, 1)
     flows = collective("allreduce_ring", hosts=range(2), nbytes=1 << 20)
-    for method in ("ecmp", "greedy", "split", "lp"):
+    for method in PLANNERS:
         with pytest.raises(UnroutableError) as info:
             plan(topo, flows, method=method)
         assert info.value.field == "leaf0->leaf1" and "unroutable" in str(info.value)

@@ -6,6 +6,9 @@ Capabilities, one subpackage each:
 - ``trainkit.detect``: collective-communication anomaly detection.
 - ``trainkit.traffic``: flow-split traffic planning with a flow-level simulator.
 - ``trainkit.merge``: exact, streamed TIES model merging.
+- ``trainkit.run``: the ``trainkit run`` torchrun wrapper (detect, isolate, restart, resume).
+
+The ``trainkit`` command (:mod:`trainkit.cli`) is a thin layer over these.
 
 Subpackages are imported on demand so ``import trainkit`` stays cheap.
 """

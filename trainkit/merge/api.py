@@ -34,6 +34,8 @@ def merge(
     """Merge fine-tuned state dicts into ``base`` with a method of ``METHODS``.
 
     Inputs are never modified; the output has the base's keys, shapes and dtypes.
+    Options are keyword-only and validated by :func:`make_config` (all problems
+    reported at once, as ``ValueError``); an unknown keyword is a ``TypeError``.
     """
     cfg = make_config(
         method,
@@ -56,12 +58,12 @@ def merge(
 def ties_merge(
     base: Mapping[str, torch.Tensor],
     models: Sequence[Mapping[str, torch.Tensor]],
+    *,
     density: float = 0.2,
     lam: float = 1.0,
     scope: str = "global",
     weights: Sequence[float] | None = None,
     compat: str | None = None,
-    *,
     vocab_mismatch: str = "error",
     threads: int = 1,
 ) -> dict[str, torch.Tensor]:
@@ -73,21 +75,12 @@ def ties_merge(
     the sign of the sum of trimmed values is elected (exact-zero sums take the
     majority sign of the vector, or of the tensor in tensor scope); agreeing
     entries are averaged; the result ``base + lam * mean`` is cast to the base dtype.
-    ``compat="mergekit"`` reproduces mergekit 0.1.5's ties instead.
+    ``compat="mergekit"`` reproduces mergekit 0.1.5's ties instead. Every option is
+    keyword-only, so an unknown one is a ``TypeError`` rather than a silent shift.
 
     Example::
 
         merged = ties_merge(base, [ft_a, ft_b, ft_c], density=0.2, lam=1.0)
     """
-    return merge(
-        "ties",
-        base,
-        models,
-        density=density,
-        lam=lam,
-        scope=scope,
-        weights=weights,
-        compat=compat,
-        vocab_mismatch=vocab_mismatch,
-        threads=threads,
-    )
+    return merge("ties", base, models, density=density, lam=lam, scope=scope, weights=weights, compat=compat,
+                 vocab_mismatch=vocab_mismatch, threads=threads)

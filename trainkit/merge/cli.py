@@ -1,4 +1,9 @@
-"""``trainkit merge METHOD``: streamed merge of model files into a model directory."""
+"""``trainkit merge METHOD``: streamed merge of model files into a model directory.
+
+Thin layer: parse, build a :class:`MergeConfig` with :func:`make_config`, call
+:func:`merge_files`. The method choices are ``METHODS`` itself; importing this
+module does not import torch (the handler imports the engine).
+"""
 
 from __future__ import annotations
 
@@ -9,17 +14,18 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["register"]
+from trainkit._units import SIZE_HELP, parse_size
+from trainkit.merge.methods import METHODS  # no torch: the merge package resolves names lazily
 
-_METHODS = ("ties", "dare_ties", "task_arithmetic", "average")  # mirrors trainkit.merge.METHODS
+__all__ = ["register"]
 
 
 def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().rstrip("b")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
+    """argparse type for sizes: the one parser of :mod:`trainkit._units` (2GB = 2 x 10^9 bytes)."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "(e.g. trainkit:runs/ckpt@1000#model.)."
         ),
     )
-    p.add_argument("method", choices=_METHODS, help="merge method (preset)")
+    p.add_argument("method", choices=list(METHODS), help="merge method (preset)")
     p.add_argument("--base", required=True, help="the base (pre-trained) model")
     p.add_argument("--models", nargs="+", required=True, help="fine-tuned models")
     p.add_argument("--out", required=True, help="output directory")
@@ -50,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of dare_ties' random trim")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="tensors merged in parallel (default: all cores)")
-    p.add_argument("--shard-size", type=_size, default="2GB", help="maximum output shard size (default 2GB)")
+    p.add_argument("--shard-size", type=_size, default="2GiB",
+                   help=f"maximum output shard size (default 2GiB; {SIZE_HELP})")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto", help="progress bar on stderr")
     p.set_defaults(func=_run)

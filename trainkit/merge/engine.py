@@ -31,6 +31,7 @@ from typing import Protocol
 
 import torch
 
+from trainkit._units import Progress
 from trainkit.io.readers import TensorReader
 from trainkit.merge.kernel import (
     DEFER,
@@ -44,7 +45,6 @@ from trainkit.merge.kernel import (
 )
 from trainkit.merge.methods import MergeConfig
 from trainkit.merge.plan import MergeInputError, MergePlan, TensorTask, plan_merge
-from trainkit.merge.progress import Progress
 from trainkit.merge.threshold import RadixSelect
 
 __all__ = ["TensorSink", "DictSink", "MergeStats", "run_merge", "limit_heap_retention"]
@@ -116,7 +116,7 @@ def _parallel(
     done: Callable[[TensorTask, object], None],
     inputs: _Inputs,
     threads: int,
-    progress: Progress,
+    progress: Progress | None,
     nbytes: Callable[[TensorTask], int],
 ) -> None:
     """Run ``work`` over ``tasks`` with at most ``threads`` in flight, reading ahead.
@@ -155,7 +155,8 @@ def _parallel(
                     t = pending.pop(f)
                     in_flight -= t.merged_numel
                     done(t, f.result())
-                    progress.update(nbytes(t))
+                    if progress is not None:
+                        progress.update(nbytes(t))
         except BaseException:
             for f in pending:
                 f.cancel()
@@ -218,10 +219,14 @@ def run_merge(
     problems: list[str] = []
 
     def run_pass(label: str, tasks: list[TensorTask], work, done) -> None:
-        bar = Progress(label, sum(nbytes(t) for t in tasks), enabled=progress)
+        # progress=True draws the bar whatever stderr is; False draws nothing
+        bar = Progress(sum(nbytes(t) for t in tasks), label, force=True) if progress else None
         t0 = time.perf_counter()
-        _parallel(tasks, work, done, inputs, max(1, threads), bar, nbytes)
-        bar.close()
+        try:
+            _parallel(tasks, work, done, inputs, max(1, threads), bar, nbytes)
+        finally:
+            if bar is not None:
+                bar.close()
         stats.passes.append((label, time.perf_counter() - t0))
         if problems:
             raise MergeInputError(problems)

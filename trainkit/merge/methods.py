@@ -32,7 +32,33 @@ Compat = Literal["mergekit"] | None
 
 @dataclass(frozen=True, slots=True)
 class MergeMethod:
-    """One point in the family: how task vectors are trimmed, voted and combined."""
+    """One point in the family: how task vectors are trimmed, voted and combined.
+
+    A method is data, not code: the engine reads these fields, so every method
+    runs the same streamed, exact path. Who uses it, in which order (one process;
+    tensors in worker threads):
+
+    1. :func:`make_config` (called by :func:`~trainkit.merge.merge`,
+       :func:`~trainkit.merge.ties_merge` and ``trainkit merge``) looks the name
+       up in :data:`METHODS` and freezes it with the options into a
+       :class:`MergeConfig`; ``default_density`` fills a missing density.
+    2. :func:`~trainkit.merge.plan_merge` checks the inputs' headers (no data read).
+    3. :func:`~trainkit.merge.run_merge`, when ``trim == "magnitude"`` and the
+       scope is global: threshold passes over all tensors (radix-selection
+       histograms of each task vector's ``|w_i (m_i - base)|``).
+    4. The merge pass, per tensor, from any worker thread, in this order:
+       ``kernel.task_vectors`` -> the trim (``kernel.apply_trim`` for
+       ``"magnitude"``, ``kernel.random_keep`` for ``"random"``, nothing for
+       ``"none"``) -> ``kernel.combine`` (sign election when ``elect``, then
+       ``combine``) -> the sink gets ``base + lam * combined`` in the base dtype.
+    5. With ``elect`` in global scope, tensors whose exact-zero vote sums depend
+       on the global majority sign are merged again once it is known.
+
+    A new preset that reuses these trims and combines is one entry in
+    :data:`METHODS`; a new ``trim`` or ``combine`` value also needs its branch in
+    ``kernel`` and in the reference of ``tests/test_method_registry.py``, which
+    tests every entry of :data:`METHODS`.
+    """
 
     name: str
     trim: Trim

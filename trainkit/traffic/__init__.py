@@ -21,11 +21,11 @@ from trainkit.traffic.collectives import COLLECTIVES, DenseGroup, Flows, Phase, 
 from trainkit.traffic.errors import JobError, TopologyError, TrafficError, UnroutableError
 from trainkit.traffic.hashing import HashModel
 from trainkit.traffic.plan import Plan, Subflow
-from trainkit.traffic.planners import PLANNERS, lower_bound, plan, replan
+from trainkit.traffic.planners import PLANNERS, Planner, lower_bound, plan, planner_options, replan
 from trainkit.traffic.topology import LeafSpine, LinkSpec, parse_link
 
 __all__ = [
     "COLLECTIVES", "DenseGroup", "Flows", "HashModel", "JobError", "LeafSpine", "LinkSpec", "PLANNERS",
-    "Phase", "Plan", "Subflow", "TopologyError", "TrafficError", "UnroutableError",
-    "collective", "combine", "flows_from_pairs", "lower_bound", "parse_link", "plan", "replan",
+    "Phase", "Plan", "Planner", "Subflow", "TopologyError", "TrafficError", "UnroutableError",
+    "collective", "combine", "flows_from_pairs", "lower_bound", "parse_link", "plan", "planner_options", "replan",
 ]

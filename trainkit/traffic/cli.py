@@ -12,28 +12,35 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainkit.traffic.hashing import HashModel
 
 __all__ = ["register", "main"]
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from trainkit.traffic.planners import PLANNERS
+
+    names = " | ".join(PLANNERS)
     p = subparsers.add_parser(
         "plan", help="plan collective traffic on a leaf-spine fabric",
-        description="Plan collective traffic (ecmp | greedy | split | lp), or 'compare' all planners.",
+        description=f"Plan collective traffic ({names}), or 'compare' all planners.",
     )
     p.add_argument("action", nargs="?", choices=["compare"], help="compare every planner in one table")
     p.add_argument("--topology", required=True, help="topology file (TOML or JSON)")
     p.add_argument("--job", required=True, help="job file (TOML or JSON)")
-    p.add_argument("--method", default="split", help="planner: ecmp | greedy | split | lp (default split)")
+    p.add_argument("--method", default="split", help=f"planner: {names} (default split)")
     p.add_argument("--out", help="write plan.json here (steering ports and NCCL settings)")
     p.add_argument("--down", action="append", default=[], metavar="leafI:spineJ[#K]", help="cable down")
     p.add_argument("--degrade", action="append", default=[], metavar="leafI:spineJ[#K]=F",
                    help="cable at fraction F of its capacity")
-    p.add_argument("--seed", type=int, default=0, help="ECMP source-port seed")
+    p.add_argument("--seed", type=int, default=0, help="ECMP source-port seed (ecmp only)")
     p.add_argument("--hash-seed", type=int, default=0, help="leaf CRC32 seed of the switch hash model")
     p.add_argument("--hash-fields", default="src_ip,dst_ip,proto,src_port,dst_port",
                    help="comma-separated fields hashed by the leaves, in order")
-    p.add_argument("--methods", default="ecmp,greedy,split,lp", help="planners for 'compare'")
+    p.add_argument("--methods", default=",".join(PLANNERS), help="planners for 'compare' (default: all)")
     p.add_argument("--plot", help="compare: write a link-load picture (PNG)")
     p.add_argument("--no-simulate", action="store_true", help="compare: skip the flow-level simulation")
     p.add_argument("--sim-tol", type=float, default=1e-3,
@@ -56,11 +63,19 @@ def _inputs(args):
     return topo, flows, hm
 
 
+def _options(method: str, args: argparse.Namespace, hm: HashModel) -> dict[str, Any]:
+    """The CLI's planner flags (--seed, the hash model) for the planners that declare them."""
+    from trainkit.traffic.planners import planner_options
+
+    given = {"seed": args.seed, "hash_model": hm}
+    return {k: v for k, v in given.items() if k in planner_options(method)}
+
+
 def _plan_one(args, topo, flows, hm) -> int:
     from trainkit.traffic.planners import lower_bound, plan
     from trainkit.traffic.steering import nccl_settings, write_plan
 
-    p = plan(topo, flows, method=args.method, seed=args.seed, hash_model=hm)
+    p = plan(topo, flows, method=args.method, **_options(args.method, args, hm))
     bound = lower_bound(topo, flows)
     stats = p.subflow_stats()
     print(f"method            {p.method}")
@@ -82,7 +97,7 @@ def _compare(args, topo, flows, hm) -> int:
     from trainkit.traffic.simulate import simulate, simulate_spraying
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    plans = {m: plan(topo, flows, method=m, seed=args.seed, hash_model=hm) for m in methods}
+    plans = {m: plan(topo, flows, method=m, **_options(m, args, hm)) for m in methods}
     ref = plans["lp"] if "lp" in plans else plan(topo, flows, method="lp")
     optimum, fabric_opt = ref.max_link_load, ref.fabric_load
     spray = None if args.no_simulate else simulate_spraying(topo, flows).total

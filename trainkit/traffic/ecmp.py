@@ -45,9 +45,15 @@ def _down_choice(topo: LeafSpine, hm: HashModel, dst_leaf, spine, src, dst, port
 
 
 def plan_ecmp(
-    topo: LeafSpine, table: FlowTable, rows: np.ndarray, *, seed: int = 0, hash_model: HashModel | None = None,
-    qps: int = 1, **_,
+    topo: LeafSpine, table: FlowTable, rows: np.ndarray, /, *, seed: int = 0, hash_model: HashModel | None = None,
+    qps: int = 1,
 ) -> Assignment:
+    """Hash the inter-leaf ``rows`` of one phase as the switches would (see module docstring).
+
+    seed: of the random source ports (and of the multinomial for aggregated rows).
+    hash_model: the switches' hash (default :class:`HashModel`()).
+    qps: QPs per connection; each gets its own source port and ``1/qps`` of the bytes.
+    """
     hm = hash_model or HashModel()
     rng = np.random.default_rng(seed)
     P = topo.links_per_spine

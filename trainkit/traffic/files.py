@@ -19,15 +19,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from trainkit import _units
 from trainkit.traffic.collectives import Flows, collective, combine
 from trainkit.traffic.errors import JobError, TopologyError, TrafficError
 from trainkit.traffic.topology import LeafSpine
 
 __all__ = ["load_mapping", "load_topology", "load_job", "job_from_dict", "parse_hosts", "parse_size"]
-
-_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9,
-          "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
-
 
 def load_mapping(path: str | Path, *, what: str) -> dict[str, Any]:
     """Read a TOML or JSON file (by extension; TOML otherwise)."""
@@ -52,15 +49,15 @@ def load_topology(path: str | Path) -> LeafSpine:
 
 
 def parse_size(value: Any, *, field: str = "nbytes") -> float:
-    """Bytes from an integer or a string such as '256MiB' or '1.5GB'."""
-    if isinstance(value, bool):
-        raise JobError(field, f"not a size: {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    match = re.fullmatch(r"\s*([0-9.]+(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)\s*", str(value))
-    if not match or match.group(2).upper() not in _UNITS:
-        raise JobError(field, f"not a size: {value!r} (e.g. 268435456, '256MiB', '1GB')")
-    return float(match.group(1)) * _UNITS[match.group(2).upper()]
+    """Bytes from an integer or a string such as '256MiB' or '1.5GB' (see :mod:`trainkit._units`).
+
+    KB/MB/GB are powers of 1000 and KiB/MiB/GiB powers of 1024; a bare K/M/G is
+    refused as ambiguous. Errors name ``field``.
+    """
+    try:
+        return float(_units.parse_size(value))
+    except ValueError as exc:
+        raise JobError(field, str(exc)) from None
 
 
 def parse_hosts(value: Any, *, field: str = "hosts") -> list[int]:

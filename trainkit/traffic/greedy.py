@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from trainkit.traffic.demand import FlowTable
+from trainkit.traffic.pairs import on_planes
 from trainkit.traffic.plan import Assignment
 from trainkit.traffic.topology import LeafSpine
 
@@ -39,8 +40,8 @@ def _water_fill(level: np.ndarray, step: np.ndarray, m: int) -> np.ndarray:
     return n
 
 
-def plan_greedy(topo: LeafSpine, table: FlowTable, rows: np.ndarray, **_) -> Assignment:
-    P = topo.links_per_spine
+def plan_greedy(topo: LeafSpine, table: FlowTable, rows: np.ndarray, /) -> Assignment:
+    """Place the inter-leaf ``rows`` of one phase whole, largest first (see module docstring). No options."""
     cap = topo.link_gbps().reshape(topo.leaves, topo.paths) * 1e9 / 8  # bytes/s per plane
     up = np.zeros(cap.shape)  # seconds already placed on each (leaf, plane) up link
     down = np.zeros(cap.shape)
@@ -70,4 +71,4 @@ def plan_greedy(topo: LeafSpine, table: FlowTable, rows: np.ndarray, **_) -> Ass
     if not out_rows:
         return Assignment.concat([])
     r, t, c = np.concatenate(out_rows), np.concatenate(out_t), np.concatenate(out_cnt)
-    return Assignment(r, t // P, t % P, t % P, table.size[r], c.astype(np.int64))
+    return on_planes(topo, r, t, table.size[r], c.astype(np.int64))

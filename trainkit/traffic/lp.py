@@ -10,6 +10,9 @@ enter the final answer as ``max(host load, T)``. Solved with HiGHS through
 ``paths`` are either bundles (one per spine: parallel cables pooled, the true
 lower bound) or planes (spine x parallel index, a path keeps its cable index,
 which is what a steered subflow can pin).
+
+:func:`plan_lp` is the ``lp`` planner built on :func:`solve_paths`; ``split``
+uses the same solver on impaired fabrics.
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ import numpy as np
 from scipy.optimize import linprog
 from scipy.sparse import coo_matrix
 
+from trainkit.traffic.demand import FlowTable
 from trainkit.traffic.errors import TrafficError, UnroutableError
+from trainkit.traffic.pairs import assign_bytes, expand_pooled, leaf_pairs, pair_demand
+from trainkit.traffic.plan import Assignment
 from trainkit.traffic.topology import LeafSpine
 
-__all__ = ["path_capacity", "solve_paths", "check_routable"]
+__all__ = ["path_capacity", "solve_paths", "check_routable", "plan_lp"]
 
 
 def path_capacity(topo: LeafSpine, *, pooled: bool) -> np.ndarray:
@@ -101,3 +107,17 @@ def solve_paths(
     out[p_idx, t_idx] = frac
     out /= out.sum(axis=1, keepdims=True)
     return out * demand[:, None], float(res.x[-1] * ref)
+
+
+def plan_lp(topo: LeafSpine, table: FlowTable, rows: np.ndarray, /) -> Assignment:
+    """Ideal multipath: the fractional LP optimum over spine bundles (parallel cables pooled).
+
+    The pooled per-spine amounts are then cut over the parallel cables in
+    proportion to their capacity, so the plan is one a port can steer. No options.
+    """
+    if not len(rows):
+        return Assignment.concat([])
+    pi, pj, pair_of_row = leaf_pairs(topo, table, rows)
+    amounts, seconds = solve_paths(path_capacity(topo, pooled=True), pi, pj, pair_demand(table, rows, pair_of_row))
+    a = assign_bytes(topo, table, rows, pair_of_row, amounts, {"lp": {"fabric_seconds": seconds}}, pooled=True)
+    return expand_pooled(topo, table, a)

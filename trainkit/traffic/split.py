@@ -30,22 +30,11 @@ from trainkit.traffic.decompose import bvn_cut, lay_rows
 from trainkit.traffic.demand import FlowTable
 from trainkit.traffic.errors import JobError
 from trainkit.traffic.lp import check_routable, path_capacity, solve_paths
+from trainkit.traffic.pairs import assign_bytes, expand_pooled, leaf_pairs, on_planes, pair_demand
 from trainkit.traffic.plan import Assignment
 from trainkit.traffic.topology import LeafSpine
 
-__all__ = ["plan_split", "healthy_pair_amounts", "assign_bytes", "expand_pooled"]
-
-
-def _pairs(topo: LeafSpine, table: FlowTable, rows: np.ndarray):
-    L = topo.leaves
-    key = table.src_leaf[rows] * L + table.dst_leaf[rows]
-    uniq, pair_of_row = np.unique(key, return_inverse=True)
-    return uniq // L, uniq % L, pair_of_row
-
-
-def _with_planes(topo: LeafSpine, rows, t, each, count, info) -> Assignment:
-    P = topo.links_per_spine
-    return Assignment(rows, t // P, t % P, t % P, each, count, info)
+__all__ = ["plan_split", "healthy_pair_amounts"]
 
 
 def healthy_pair_amounts(topo: LeafSpine, pi, pj, demand, *, pooled: bool = False) -> np.ndarray:
@@ -54,97 +43,6 @@ def healthy_pair_amounts(topo: LeafSpine, pi, pj, demand, *, pooled: bool = Fals
     D = np.zeros((L, L))
     np.add.at(D, (pi, pj), demand)
     return bvn_cut(D, X, integer=False)[pi, pj]
-
-
-def _proportional(pair_of_row, row_bytes, amounts):
-    """Every flow of a pair split in the pair's path proportions (pieces = paths the pair uses)."""
-    frac = amounts / amounts.sum(axis=1, keepdims=True)
-    r, t = np.nonzero(frac[pair_of_row] > 1e-12)
-    return r, t, row_bytes[r] * frac[pair_of_row[r], t]
-
-
-def assign_bytes(
-    topo: LeafSpine, table: FlowTable, rows, pair_of_row, amounts, info, *, pooled=False, proportional=False
-) -> Assignment:
-    """Lay every pair's flows over its per-path byte amounts (byte-level subflows).
-
-    proportional: split each flow in its pair's proportions instead of laying
-    flows end to end (more subflows, but flows of a pair progress alike).
-    """
-    size, count = table.size[rows], table.count[rows]
-    if proportional:
-        r, t, ov = _proportional(pair_of_row, size * count, amounts)
-    else:
-        r, t, ov = lay_rows(pair_of_row, size * count, amounts)
-    agg = table.src[rows[r]] < 0
-    cnt = np.where(agg, np.maximum(1, np.rint(ov / size[r])), 1).astype(np.int64)
-    if pooled:
-        z = np.full(len(r), -1, np.int64)
-        return Assignment(rows[r], t, z, z, ov / cnt, cnt, info)
-    return _with_planes(topo, rows[r], t, ov / cnt, cnt, info)
-
-
-def expand_pooled(topo: LeafSpine, table: FlowTable, a: Assignment) -> Assignment:
-    """Turn per-spine (pooled) records into concrete (up cable, down cable) pieces.
-
-    A piece of ``x`` bytes on spine ``s`` becomes ``x * u_k * d_k'`` on up cable
-    ``k`` and down cable ``k'``, with ``u``/``d`` the capacity shares of the
-    parallel cables on each side: every cable then carries exactly its share,
-    so the pooled optimum is realised by paths a port can steer.
-    """
-    pooled = (a.up_link < 0) & (a.spine >= 0)
-    if topo.links_per_spine == 1:
-        z = np.where(pooled, 0, a.up_link)
-        return Assignment(a.row, a.spine, z, np.where(pooled, 0, a.down_link), a.each, a.count, a.info)
-    if not pooled.any():
-        return a
-    cap = topo.link_gbps()
-    P = topo.links_per_spine
-    rows_all, spines_all = a.row, a.spine
-    even = np.zeros(len(a.row), bool)
-    even[pooled] = (
-        (cap[table.src_leaf[rows_all[pooled]], spines_all[pooled]] == topo.uplink_gbps).all(axis=1)
-        & (cap[table.dst_leaf[rows_all[pooled]], spines_all[pooled]] == topo.uplink_gbps).all(axis=1)
-        & (table.src[rows_all[pooled]] >= 0)
-    )
-    if even.any():  # healthy cables on both sides: cable k up, cable k down, 1/P each
-        ev = np.flatnonzero(even)
-        k = np.tile(np.arange(P), len(ev))
-        ev_rep = np.repeat(ev, P)
-        simple = Assignment(a.row[ev_rep], a.spine[ev_rep], k, k, a.each[ev_rep] / P, a.count[ev_rep], a.info)
-        rest = ~even
-        a = Assignment(a.row[rest], a.spine[rest], a.up_link[rest], a.down_link[rest], a.each[rest],
-                       a.count[rest], a.info)
-        return Assignment.concat([simple, expand_pooled(topo, table, a)], a.info)
-    r, s = a.row[pooled], a.spine[pooled]
-    up = cap[table.src_leaf[r], s]
-    down = cap[table.dst_leaf[r], s]
-    u = up / up.sum(axis=1, keepdims=True)
-    d = down / down.sum(axis=1, keepdims=True)
-    share = u[:, :, None] * d[:, None, :]
-    same = np.isclose(u, d).all(axis=1)  # equal marginals: cable k up, cable k down (P pieces, not P^2)
-    share[same] = u[same][:, :, None] * np.eye(P)[None]
-    idx, ku, kd = np.nonzero(share > 0)
-    keep = ~pooled
-    each = a.each[pooled][idx] * share[idx, ku, kd]
-    count = a.count[pooled][idx]
-    agg = table.src[r[idx]] < 0
-    if agg.any():  # aggregated rows: share out whole flows rather than cutting each flow P x P ways
-        exact = count * share[idx, ku, kd]
-        whole = np.floor(exact).astype(np.int64)
-        short = a.count[pooled] - np.bincount(idx, weights=whole, minlength=len(r)).astype(np.int64)
-        rank = np.lexsort((-(exact - whole), idx))
-        pos = np.empty(len(idx), np.int64)
-        pos[rank] = np.arange(len(idx)) - np.searchsorted(idx[rank], idx[rank])
-        whole += (pos < short[idx]).astype(np.int64)
-        count = np.where(agg, whole, count)
-        each = np.where(agg, a.each[pooled][idx], each)
-    nz = count > 0
-    return Assignment(
-        np.concatenate([a.row[keep], r[idx][nz]]), np.concatenate([a.spine[keep], s[idx][nz]]),
-        np.concatenate([a.up_link[keep], ku[nz]]), np.concatenate([a.down_link[keep], kd[nz]]),
-        np.concatenate([a.each[keep], each[nz]]), np.concatenate([a.count[keep], count[nz]]), a.info,
-    )
 
 
 def _equal_units(topo: LeafSpine, table: FlowTable, rows, pi, pj, pair_of_row) -> Assignment:
@@ -168,7 +66,7 @@ def _equal_units(topo: LeafSpine, table: FlowTable, rows, pi, pj, pair_of_row) -
         d = np.repeat(per_row, np.diff(np.r_[starts, len(r)]))
         d = np.where(explicit, d, 1)
     info = {"split": {"mode": "units", "k": k, "delta": delta, "gcd": g, "regular": regular}}
-    return _with_planes(topo, rows[r], t, np.full(len(r), size / k) * d, ov // d, info)
+    return on_planes(topo, rows[r], t, np.full(len(r), size / k) * d, ov // d, info)
 
 
 def _leaf_bound(topo: LeafSpine, pi, pj, demand, cap) -> float:
@@ -253,7 +151,7 @@ def _restricted(topo, table, rows, pi, pj, pair_of_row, demand, cap, tolerance):
 
 
 def plan_split(
-    topo: LeafSpine, table: FlowTable, rows: np.ndarray, *, tolerance: float = 0.01, unequal: str = "even", **_
+    topo: LeafSpine, table: FlowTable, rows: np.ndarray, /, *, tolerance: float = 0.01, unequal: str = "even"
 ) -> Assignment:
     """Plan the inter-leaf ``rows`` of one phase (see module docstring).
 
@@ -262,11 +160,13 @@ def plan_split(
     ideal spraying under max-min sharing); ``"balance"`` balances bytes with the
     Birkhoff-von Neumann cut (optimal max load with far fewer subflows, but
     uneven per-flow splits finish later under max-min sharing).
+    tolerance: on an impaired fabric, how far above the per-leaf bound a fast
+    (local or restricted) answer may be before the whole phase is re-solved.
     """
     if not len(rows):
         return Assignment.concat([])
-    pi, pj, pair_of_row = _pairs(topo, table, rows)
-    demand = np.bincount(pair_of_row, weights=table.size[rows] * table.count[rows])
+    pi, pj, pair_of_row = leaf_pairs(topo, table, rows)
+    demand = pair_demand(table, rows, pair_of_row)
     if topo.healthy:
         size = table.size[rows]
         if np.all(size == size[0]):
@@ -276,7 +176,7 @@ def plan_split(
             r = np.repeat(rows, X)
             t = np.tile(np.arange(X), len(rows))
             info = {"split": {"mode": "even", "k": X}}
-            return _with_planes(topo, r, t, table.size[r] / X, table.count[r].copy(), info)
+            return on_planes(topo, r, t, table.size[r] / X, table.count[r].copy(), info)
         if unequal != "balance":
             raise JobError("unequal", f"must be 'even' or 'balance', got {unequal!r}")
         amounts = healthy_pair_amounts(topo, pi, pj, demand)
