@@ -18,7 +18,8 @@ import pytest
 
 from s3server import moto_server, s3_bucket  # noqa: F401 - pytest fixtures
 from trainkit.checkpoint.reader import committed_steps
-from trainkit.checkpoint.tiers import COMMIT_FILE, LocalTier, Tier, open_tier
+from trainkit.checkpoint.format.layout import COMMIT_FILE
+from trainkit.checkpoint.tiers import LocalTier, Tier, open_tier
 
 pytestmark = pytest.mark.timeout(60)
 

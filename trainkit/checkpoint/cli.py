@@ -246,7 +246,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _gc(args: argparse.Namespace) -> int:
     from trainkit.checkpoint import reader
-    from trainkit.checkpoint.retention import apply_gc, plan_gc, tier_state
+    from trainkit.checkpoint.tiers.retention import apply_gc, plan_gc, tier_state
 
     _require_dir(args.dir)
     tier = reader.as_tier(args.dir)
@@ -341,7 +341,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from trainkit.checkpoint.errors import CheckpointError
-    from trainkit.checkpoint.export import export_safetensors
+    from trainkit.checkpoint.interop.export import export_safetensors
     from trainkit.checkpoint.progress import Progress
 
     _require_dir(args.dir)
@@ -365,7 +365,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import_dcp(args: argparse.Namespace) -> int:
-    from trainkit.checkpoint.dcp_import import dcp_total_bytes, import_dcp, read_dcp_metadata
+    from trainkit.checkpoint.interop.dcp_import import dcp_total_bytes, import_dcp, read_dcp_metadata
     from trainkit.checkpoint.errors import CheckpointError
     from trainkit.checkpoint.progress import Progress
     from trainkit.checkpoint.tiers import is_url

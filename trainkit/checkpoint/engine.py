@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from trainkit.checkpoint import codec, reader
+from trainkit.checkpoint import reader
+from trainkit.checkpoint.format import codec
 from trainkit.checkpoint.coord import Coordinator, make_coordinator
 from trainkit.checkpoint.errors import (
     CheckpointError,
@@ -36,11 +37,12 @@ from trainkit.checkpoint.errors import (
     CommitError,
     PickleRefusedError,
 )
-from trainkit.checkpoint.layout import DEFAULT_CHUNK_BYTES, TensorSpec, plan_shard, step_dirname
+from trainkit.checkpoint.format.layout import DEFAULT_CHUNK_BYTES, TensorSpec, plan_shard, step_dirname
 from trainkit.checkpoint.snapshot import HostBufferPool, Snapshot, describe_tensor, storage_key
 from trainkit.checkpoint.restore import load_agreed
-from trainkit.checkpoint.tierflow import TierConfig, TierFlow
-from trainkit.checkpoint.tiers import COMMIT_FILE, is_url
+from trainkit.checkpoint.tiers.flow import TierConfig, TierFlow
+from trainkit.checkpoint.format.layout import COMMIT_FILE
+from trainkit.checkpoint.tiers import is_url
 from trainkit.checkpoint.writer import ShardJob, commit_record, write_shard
 
 __all__ = ["Checkpointer", "SaveHandle"]
@@ -141,7 +143,7 @@ class Checkpointer:
         storage_options: for a URL path (``s3://bucket/run1``): options of its fsspec
             filesystem (``endpoint_url``, ``key``, ``secret``, ...); without them the
             standard AWS environment variables apply. See
-            :mod:`~trainkit.checkpoint.tiers_fsspec`.
+            :mod:`~trainkit.checkpoint.tiers.fsspec`.
     """
 
     def __init__(self, path: str | os.PathLike, *, local_dir: str | os.PathLike | None = None,

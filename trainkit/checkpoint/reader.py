@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from trainkit.checkpoint import codec
+from trainkit.checkpoint.format import codec
 from trainkit.checkpoint.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     PickleRefusedError,
 )
-from trainkit.checkpoint.layout import (
+from trainkit.checkpoint.format.layout import (
     chunk_digest,
     chunk_relpath,
     chunk_segments,
@@ -34,8 +34,9 @@ from trainkit.checkpoint.layout import (
     rank_dirname,
     step_dirname,
 )
-from trainkit.checkpoint.storage import crc32
-from trainkit.checkpoint.tiers import COMMIT_FILE, Tier, open_tier
+from trainkit.checkpoint.format.layout import crc32
+from trainkit.checkpoint.format.layout import COMMIT_FILE
+from trainkit.checkpoint.tiers import Tier, open_tier
 
 __all__ = ["committed_steps", "read_commit_record", "read_rank_index", "load_shard",
            "load_blobs", "rank_files_present", "chunk_location", "rank_files", "verify_step",
@@ -252,7 +253,7 @@ def load_shard(where: Tier | str, step: int, rank: int, *, threads: int = 4,
                pickled_as_bytes: bool = False) -> Any:
     """Verify and load one rank's shard of a committed step as CPU tensors.
 
-    Steps written through DCP (:class:`~trainkit.checkpoint.dcp.ZarrWriter`) may hold
+    Steps written through DCP (:class:`~trainkit.checkpoint.interop.dcp.ZarrWriter`) may hold
     non-tensor values that DCP serialised with ``torch.save`` (pickle). They are refused
     with :class:`PickleRefusedError` naming the key unless ``allow_pickle=True``
     (unpickle them: only for checkpoints you trust) or ``pickled_as_bytes=True`` (return

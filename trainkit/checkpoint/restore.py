@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainkit.checkpoint import codec
+from trainkit.checkpoint.format import codec
 from trainkit.checkpoint.errors import CheckpointError, CheckpointNotFoundError, PickleRefusedError
 from trainkit.checkpoint.reader import (
     committed_steps,

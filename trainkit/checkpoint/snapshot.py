@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from trainkit.checkpoint.layout import ShardPlan, TensorSpec
+from trainkit.checkpoint.format.layout import ShardPlan, TensorSpec
 
 __all__ = ["describe_tensor", "storage_key", "HostBufferPool", "Snapshot"]
 

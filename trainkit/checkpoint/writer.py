@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 import torch
 
 from trainkit.checkpoint.errors import CheckpointWriteError
-from trainkit.checkpoint.layout import (
+from trainkit.checkpoint.format.layout import (
     FORMAT_VERSION,
     NUMPY_DTYPE,
     Segment,
@@ -35,7 +35,8 @@ from trainkit.checkpoint.layout import (
     step_dirname,
 )
 from trainkit.checkpoint.snapshot import Snapshot
-from trainkit.checkpoint.storage import DIRECT_ALIGN, crc32
+from trainkit.checkpoint.format.layout import crc32
+from trainkit.checkpoint.tiers.local import DIRECT_ALIGN
 from trainkit.checkpoint.tiers import Tier
 
 __all__ = ["ShardJob", "write_shard", "commit_record", "index_doc", "manifest_of",

@@ -223,7 +223,7 @@ def load_checkpoint_state(path: str | Path, step: int | None) -> Mapping[str, An
     """
     try:
         from trainkit.checkpoint import reader
-        from trainkit.checkpoint.export import step_tensors
+        from trainkit.checkpoint.interop.export import step_tensors
     except ImportError as exc:  # the checkpoint engine is optional at import time
         raise RuntimeError(f"reading a trainkit checkpoint needs trainkit.checkpoint ({exc})") from exc
 

@@ -55,18 +55,19 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from trainkit.checkpoint.dcp_metadata import Location, decode_metadata, encode_metadata
+from trainkit.checkpoint.format.dcp_metadata import Location, decode_metadata, encode_metadata
 from trainkit.checkpoint.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     PickleRefusedError,
 )
-from trainkit.checkpoint.layout import DEFAULT_CHUNK_BYTES, step_dirname
+from trainkit.checkpoint.format.layout import DEFAULT_CHUNK_BYTES, step_dirname
 from trainkit.checkpoint.reader import committed_steps, read_commit_record
-from trainkit.checkpoint.shard_stream import ShardBlobReader, StreamItem, write_stream_shard
-from trainkit.checkpoint.storage import crc32
-from trainkit.checkpoint.tiers import COMMIT_FILE, Tier, open_tier
+from trainkit.checkpoint.interop.shard_stream import ShardBlobReader, StreamItem, write_stream_shard
+from trainkit.checkpoint.format.layout import crc32
+from trainkit.checkpoint.format.layout import COMMIT_FILE
+from trainkit.checkpoint.tiers import Tier, open_tier
 from trainkit.checkpoint.writer import commit_record, write_json_file
 
 __all__ = ["ZarrWriter", "ZarrReader", "DCP_METADATA_FILE", "next_free_step",
@@ -142,7 +143,7 @@ def _encode_tree(obj: Any) -> Any:
 
 
 def state_tree(leaves: list[tuple[tuple, bool]]) -> Any:
-    """The encoded state tree (:mod:`~trainkit.checkpoint.codec` form) of a rank whose
+    """The encoded state tree (:mod:`~trainkit.checkpoint.format.codec` form) of a rank whose
     table entry ``i`` sits at key path ``leaves[i][0]`` (``leaves[i][1]``: pickled)."""
     root: dict = {}
     for i, (path, pickled) in enumerate(leaves):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trainkit.checkpoint.errors import CheckpointWriteError, CorruptCheckpointError
-from trainkit.checkpoint.layout import (
+from trainkit.checkpoint.format.layout import (
     DEFAULT_CHUNK_BYTES,
     TensorSpec,
     _contiguous_stride,
@@ -35,7 +35,7 @@ from trainkit.checkpoint.layout import (
     step_dirname,
 )
 from trainkit.checkpoint.reader import read_rank_index, tensor_from_blob
-from trainkit.checkpoint.storage import crc32
+from trainkit.checkpoint.format.layout import crc32
 from trainkit.checkpoint.tiers import Tier
 from trainkit.checkpoint.writer import (
     _write_chunk,
@@ -107,7 +107,7 @@ def write_stream_shard(tier: Tier, step: int, rank: int, world_size: int,
 
     Returns the rank's manifest (for :func:`~trainkit.checkpoint.writer.commit_record`)
     and its tensor table (entry ``i`` describes ``items[i]``). ``tree`` is the rank's
-    encoded state tree (:mod:`~trainkit.checkpoint.codec`), referring to items by index.
+    encoded state tree (:mod:`~trainkit.checkpoint.format.codec`), referring to items by index.
     ``on_bytes(n)`` reports progress as item bytes are handed to the writers.
     """
     specs = [TensorSpec(it.name, it.dtype, it.shape, _contiguous_stride(it.shape), None, 0, 0,

@@ -34,10 +34,10 @@ import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
 from trainkit.checkpoint import reader
-from trainkit.checkpoint.dcp import assemble_tensor, read_step_metadata
+from trainkit.checkpoint.interop.dcp import assemble_tensor, read_step_metadata
 from trainkit.checkpoint.errors import CheckpointError
-from trainkit.checkpoint.shard_stream import ShardBlobReader
-from trainkit.checkpoint.storage import fsync_dir
+from trainkit.checkpoint.interop.shard_stream import ShardBlobReader
+from trainkit.checkpoint.tiers.local import fsync_dir
 from trainkit.checkpoint.tiers import Tier
 from trainkit.io import DEFAULT_SHARD_BYTES, ShardedWriter, TensorMeta, flatten_state, plan_shards
 from trainkit.io.safetensors_format import TORCH_TO_DTYPE
