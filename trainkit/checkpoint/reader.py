@@ -22,6 +22,7 @@ import torch
 
 from trainkit.checkpoint.format import codec
 from trainkit.checkpoint.errors import (
+    CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     PickleRefusedError,
@@ -40,7 +41,7 @@ from trainkit.checkpoint.tiers import Tier, open_tier
 
 __all__ = ["committed_steps", "read_commit_record", "read_rank_index", "load_shard",
            "load_blobs", "rank_files_present", "chunk_location", "rank_files", "verify_step",
-           "as_tier", "COMMIT_FILE", "PickledBytes"]
+           "as_tier", "record_lists", "COMMIT_FILE", "PickledBytes"]
 
 
 def as_tier(where: Tier | str | os.PathLike) -> Tier:
@@ -83,6 +84,17 @@ def read_commit_record(where: Tier | str, step: int) -> dict:
         raise CorruptCheckpointError(f"step {step}: {tier.url}/{rel} is not a trainkit commit "
                                      f"record")
     return record
+
+
+def record_lists(where: Tier | str, step: int, files: dict[str, list[int]]) -> bool:
+    """Whether ``step``'s commit record exists and lists ``files`` (a rank's manifest)
+    as they are. Rank 0 may die, taking the coordination store with it, right after
+    committing: the record on the tier is then the ground truth."""
+    try:
+        record = read_commit_record(where, step)
+    except CheckpointError:
+        return False
+    return all(record.get("files", {}).get(rel) == v for rel, v in files.items())
 
 
 def _check_file(tier: Tier, step: int, rank: int, rel: str, size: int, what: str) -> str:

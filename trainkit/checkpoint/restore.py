@@ -49,7 +49,8 @@ from trainkit.checkpoint.reader import (
 )
 from trainkit.checkpoint.tiers import Tier
 
-__all__ = ["PerRank", "Candidate", "loadable_steps", "load_agreed", "load_global", "split_range"]
+__all__ = ["PerRank", "Candidate", "loadable_steps", "load_agreed", "load_global", "load_rank",
+           "split_range"]
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,26 @@ def load_agreed(tiers: Sequence[Tier], allgather: Callable[[str, str], list[str]
                     f"falling back to step {nxt}" if nxt is not None else "no older step left")
     raise CheckpointError(f"no checkpoint step could be loaded by every rank; tried {order}; "
                           f"last failure here: {last}") from last
+
+
+def load_rank(tiers: Sequence[Tier], step: int, rank: int, *, threads: int = 4,
+              allow_pickle: bool = False) -> tuple[Any, str]:
+    """One saved rank's shard of ``step`` as it was written (not collective), from the
+    fastest tier that has it intact; returns it with the tier's name."""
+    problems = []
+    for tier in tiers:
+        try:
+            record = read_commit_record(tier, step)
+            return load_shard(tier, step, rank, threads=threads, record=record,
+                              allow_pickle=allow_pickle), tier.name
+        except PickleRefusedError:
+            raise
+        except (CheckpointError, OSError) as exc:
+            problems.append(f"{tier.name}: {exc}")
+            log.warning("restore: step %d, rank %d from the %s tier failed: %s", step, rank,
+                        tier.name, exc)
+    raise CheckpointNotFoundError(f"step {step}, rank {rank} cannot be loaded from any tier: "
+                                  + "; ".join(problems))
 
 
 def split_range(total: int, parts: int, index: int) -> tuple[int, int]:

@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from trainkit.checkpoint.interop.dcp import (
+from trainkit.checkpoint.interop.dcp_step import (
     assemble_tensor,
     commit_dcp_step,
     dcp_key_path,

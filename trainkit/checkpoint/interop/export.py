@@ -34,7 +34,7 @@ import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
 from trainkit.checkpoint import reader
-from trainkit.checkpoint.interop.dcp import assemble_tensor, read_step_metadata
+from trainkit.checkpoint.interop.dcp_step import assemble_tensor, read_step_metadata
 from trainkit.checkpoint.errors import CheckpointError
 from trainkit.checkpoint.interop.shard_stream import ShardBlobReader
 from trainkit.checkpoint.tiers.local import fsync_dir

@@ -37,13 +37,7 @@ from trainkit.checkpoint.format.layout import (
 from trainkit.checkpoint.reader import read_rank_index, tensor_from_blob
 from trainkit.checkpoint.format.layout import crc32
 from trainkit.checkpoint.tiers import Tier
-from trainkit.checkpoint.writer import (
-    _write_chunk,
-    index_doc,
-    manifest_of,
-    tensor_table,
-    write_array_and_index,
-)
+from trainkit.checkpoint.writer import _write_chunk, finish_shard
 
 __all__ = ["StreamItem", "write_stream_shard", "ShardBlobReader", "tensor_bytes"]
 
@@ -156,30 +150,10 @@ def write_stream_shard(tier: Tier, step: int, rank: int, world_size: int,
                 flush()
             while pending:
                 done.append(pending.popleft().result())
-        files: dict[str, list[int]] = {}
-        chunk_crcs: dict[str, list[int]] = {}
-        for rel, size, digest, crcs in done:
-            rel = rel[len(step_dir) + 1:]
-            files[rel] = [size, digest]
-            chunk_crcs[rel] = crcs
-        blob_crcs: list[list[int]] = [[] for _ in plan.blobs]
-        for c in range(plan.nchunks):
-            for (b, _, _), crc in zip(segments[c], chunk_crcs[chunk_relpath(array, c)]):
-                if b is not None:
-                    blob_crcs[b].append(crc)
-        tensors = tensor_table(tuple(specs), plan, {})
-        for entry, item in zip(tensors, items):
-            if item.pickled:
-                entry["pickled"] = True
-            entry.update(item.extra)
-        blobs = [{"array": "rank", "offset": b.offset, "nbytes": b.nbytes, "crc32": c}
-                 for b, c in zip(plan.blobs, blob_crcs)]
-        arrays = {"rank": {"path": array, "chunk_bytes": plan.chunk_bytes,
-                           "nchunks": plan.nchunks, "nbytes": plan.nbytes}}
-        files.update(write_array_and_index(
-            tier, step, rank, {array: (plan.array_bytes, plan.chunk_bytes)},
-            index_doc(step, rank, world_size, tensors, blobs, arrays, tree)))
-        tier.sync(step, rank_dirname(rank))
+        manifest, tensors = finish_shard(
+            tier, step, rank, world_size, plan, done, specs, tree,
+            entry_extra=[{"pickled": True, **it.extra} if it.pickled else it.extra
+                         for it in items])
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         raise CheckpointWriteError(
@@ -188,7 +162,7 @@ def write_stream_shard(tier: Tier, step: int, rank: int, world_size: int,
     finally:
         for f in pending:
             f.cancel()
-    return manifest_of(rank, files, plan.nbytes, tensors, blobs), tensors
+    return manifest, tensors
 
 
 class ShardBlobReader:
