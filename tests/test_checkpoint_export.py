@@ -17,7 +17,7 @@ from distributed import run_ranks
 from trainkit.checkpoint import Checkpointer, ZarrReader, ZarrWriter, committed_steps, verify_step
 from trainkit.checkpoint.interop.dcp_import import import_dcp
 from trainkit.checkpoint.interop.export import export_safetensors
-from trainkit.checkpoint.progress import Progress
+from trainkit._units import Progress
 from trainkit.cli import main
 from trainkit.io import open_reader
 
