@@ -313,7 +313,7 @@ def _export(args: argparse.Namespace) -> int:
     try:
         max_shard = parse_size(args.max_shard_size)
     except ValueError as exc:
-        print(f"trainkit ckpt export: --max-shard-size: {exc}", file=sys.stderr)
+        print(f"trainkit ckpt export: bad size for --max-shard-size: {exc}", file=sys.stderr)
         return 2
     try:
         with Progress(0, f"export step {args.step}", force=args.progress) as bar:
