@@ -85,7 +85,7 @@ def tensor_table(where: Tier | str | os.PathLike, step: int) -> list[dict]:
             row = {"rank": "replicated" if shared else rank, "name": t["name"],
                    "dtype": "pickled" if t.get("pickled") else t["dtype"],
                    "shape": t["shape"], "bytes": t["nbytes"]}
-            split = sharded.get(t["name"].replace("/", "."))
+            split = sharded.get(t["name"], sharded.get(t["name"].replace("/", ".")))
             if split is not None:
                 row["global_shape"] = split["shape"]
                 row["split_dim"] = split["dim"]

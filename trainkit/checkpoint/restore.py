@@ -261,8 +261,12 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 def load_global(tier: Tier, step: int, record: dict, *, rank: int, world: int,
-                threads: int = 4, allow_pickle: bool = False) -> Any:
-    """The state of ``step`` (saved by N ranks) as seen by ``rank`` of ``world`` ranks."""
+                threads: int = 4, allow_pickle: bool = False,
+                select: Callable[[Any], Any] | None = None) -> Any:
+    """The state of ``step`` (saved by N ranks) as seen by ``rank`` of ``world`` ranks.
+
+    ``select(tree)`` prunes each saved rank's decoded tree (the same way on every rank)
+    before anything is read: only the blobs it keeps are loaded."""
     nsaved = record["world_size"]
     indexes = [read_rank_index(tier, step, r, record) for r in range(nsaved)]
     replicated = set(record.get("replicated", []))
@@ -284,6 +288,8 @@ def load_global(tier: Tier, step: int, record: dict, *, rank: int, world: int,
     trees = [codec.decode(ix["tree"], lambda i, r=r: _Ref(r, i),
                           lambda i, r=r: pickled(r, i))
              for r, ix in enumerate(indexes)]
+    if select is not None:
+        trees = [select(t) for t in trees]
 
     need: list[set[int]] = [set() for _ in range(nsaved)]     # blobs to read, per rank
 
@@ -304,7 +310,8 @@ def load_global(tier: Tier, step: int, record: dict, *, rank: int, world: int,
         if all(isinstance(v, _Ref) for v in values):
             entry = indexes[0]["tensors"][first.index]
             name = entry["name"]
-            key = name.replace("/", ".")
+            # the record keys split tensors by their index name ("model/emb.weight")
+            key = name if name in sharded else name.replace("/", ".")
             if key in sharded:
                 pieces = reshard_ranges(key)
                 for r, _, _ in pieces:
