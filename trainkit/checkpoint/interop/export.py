@@ -33,7 +33,7 @@ from trainkit.checkpoint import reader
 from trainkit.checkpoint.errors import CheckpointError
 from trainkit.checkpoint.tensors import Source, step_names, step_tensors
 from trainkit.checkpoint.tiers import Tier
-from trainkit.checkpoint.tiers.local import fsync_dir
+from trainkit.checkpoint.tiers.local import fsync_dir, fsync_file
 from trainkit.io import DEFAULT_SHARD_BYTES, ShardedWriter, plan_shards
 from trainkit.io.safetensors_format import TORCH_TO_DTYPE
 
@@ -75,14 +75,6 @@ def output_names(to: str | os.PathLike, nshards: int) -> tuple[Path, list[str], 
     return directory, names, f"{stem}{INDEX_SUFFIX}"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def export_safetensors(where: Tier | str, step: int, to: str | os.PathLike, *,
                        prefix: str = "model.", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                        overwrite: bool = False,
@@ -120,14 +112,14 @@ def export_safetensors(where: Tier | str, step: int, to: str | os.PathLike, *,
                     on_bytes(meta.nbytes)
         renamed = dict(zip(plan.shard_names, names))
         for old in plan.shard_names:
-            _fsync(stage / old)
+            fsync_file(stage / old)
         if index_name:
             index = {"metadata": {"total_size": plan.total_size,
                                   "trainkit": {"source": tier.url, "step": step,
                                                "prefix": prefix}},
                      "weight_map": {k: renamed[s] for k, (s, _) in plan.placement.items()}}
             (stage / index_name).write_text(json.dumps(index, indent=2))
-            _fsync(stage / index_name)
+            fsync_file(stage / index_name)
         for old in plan.shard_names:             # shards first, the index last
             os.replace(stage / old, directory / renamed[old])
         if index_name:

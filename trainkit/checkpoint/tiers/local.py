@@ -24,6 +24,7 @@ __all__ = [
     "LocalTier",
     "DIRECT_ALIGN",
     "fsync_dir",
+    "fsync_file",
     "write_file",
     "write_json_atomic",
     "preadv_exact",
@@ -35,7 +36,16 @@ _IOV_MAX = 512
 
 
 def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Make an already-written file's contents durable."""
+    _fsync(path, os.O_RDONLY)
+
+
+def _fsync(path: str | os.PathLike, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
