@@ -30,16 +30,12 @@ import torch
 
 from trainkit.checkpoint import reader
 from trainkit.checkpoint.coord import Coordinator, make_coordinator
-from trainkit.checkpoint.errors import (
-    CheckpointError,
-    CheckpointWriteError,
-    CommitError,
-)
+from trainkit.checkpoint.errors import CheckpointError, CheckpointWriteError, CommitError
 from trainkit.checkpoint.format.layout import COMMIT_FILE, DEFAULT_CHUNK_BYTES, step_dirname
-from trainkit.checkpoint.snapshot import HostBufferPool, Snapshot, plan_save, storage_key
 from trainkit.checkpoint.restore import load_agreed, load_rank
-from trainkit.checkpoint.tiers.flow import TierConfig, TierFlow
+from trainkit.checkpoint.snapshot import HostBufferPool, Snapshot, plan_save, storage_key
 from trainkit.checkpoint.tiers import is_url
+from trainkit.checkpoint.tiers.flow import TierConfig, TierFlow
 from trainkit.checkpoint.writer import ShardJob, commit_record, write_shard
 
 __all__ = ["Checkpointer", "SaveHandle"]

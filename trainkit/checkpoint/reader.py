@@ -20,23 +20,23 @@ from typing import Any
 
 import torch
 
-from trainkit.checkpoint.format import codec
 from trainkit.checkpoint.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     PickleRefusedError,
 )
+from trainkit.checkpoint.format import codec
 from trainkit.checkpoint.format.layout import (
+    COMMIT_FILE,
     chunk_digest,
     chunk_relpath,
     chunk_segments,
+    crc32,
     rank_array,
     rank_dirname,
     step_dirname,
 )
-from trainkit.checkpoint.format.layout import crc32
-from trainkit.checkpoint.format.layout import COMMIT_FILE
 from trainkit.checkpoint.tiers import Tier, open_tier
 
 __all__ = ["committed_steps", "read_commit_record", "read_rank_index", "load_shard",

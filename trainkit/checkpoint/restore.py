@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainkit.checkpoint.format import codec
 from trainkit.checkpoint.errors import CheckpointError, CheckpointNotFoundError, PickleRefusedError
+from trainkit.checkpoint.format import codec
 from trainkit.checkpoint.reader import (
     committed_steps,
     load_blobs,

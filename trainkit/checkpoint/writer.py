@@ -30,15 +30,15 @@ from trainkit.checkpoint.format.layout import (
     chunk_digest,
     chunk_relpath,
     chunk_segments,
+    crc32,
     group_metadata,
     rank_array,
     rank_dirname,
     step_dirname,
 )
-from trainkit.checkpoint.format.layout import crc32
 from trainkit.checkpoint.snapshot import Snapshot
-from trainkit.checkpoint.tiers.local import DIRECT_ALIGN
 from trainkit.checkpoint.tiers import Tier
+from trainkit.checkpoint.tiers.local import DIRECT_ALIGN
 
 __all__ = ["ShardJob", "write_shard", "finish_shard", "commit_record", "index_doc", "manifest_of",
            "write_array_and_index", "replicated_blobs", "tensor_table"]

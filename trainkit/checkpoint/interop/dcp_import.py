@@ -32,6 +32,9 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from trainkit.checkpoint.errors import CheckpointError
+from trainkit.checkpoint.format.dcp_metadata import encode_metadata
+from trainkit.checkpoint.format.layout import COMMIT_FILE, DEFAULT_CHUNK_BYTES, step_dirname
 from trainkit.checkpoint.interop.dcp_step import (
     assemble_tensor,
     commit_dcp_step,
@@ -39,11 +42,7 @@ from trainkit.checkpoint.interop.dcp_step import (
     next_free_step,
     state_tree,
 )
-from trainkit.checkpoint.format.dcp_metadata import encode_metadata
-from trainkit.checkpoint.errors import CheckpointError
-from trainkit.checkpoint.format.layout import DEFAULT_CHUNK_BYTES, step_dirname
 from trainkit.checkpoint.interop.shard_stream import StreamItem, write_stream_shard
-from trainkit.checkpoint.format.layout import COMMIT_FILE
 from trainkit.checkpoint.tiers import Tier, open_tier
 
 __all__ = ["import_dcp", "read_dcp_metadata", "dcp_total_bytes"]

@@ -29,13 +29,13 @@ from trainkit.checkpoint.format.layout import (
     _contiguous_stride,
     chunk_relpath,
     chunk_segments,
+    crc32,
     plan_shard,
     rank_array,
     rank_dirname,
     step_dirname,
 )
 from trainkit.checkpoint.reader import read_rank_index, tensor_from_blob
-from trainkit.checkpoint.format.layout import crc32
 from trainkit.checkpoint.tiers import Tier
 from trainkit.checkpoint.writer import _write_chunk, finish_shard
 

@@ -24,11 +24,11 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 from trainkit.checkpoint.coord import Coordinator
 from trainkit.checkpoint.errors import CheckpointError, CheckpointWriteError
+from trainkit.checkpoint.reader import committed_steps
+from trainkit.checkpoint.tiers import TIERS, Tier, open_tier
 from trainkit.checkpoint.tiers.flush import copy_rank, record_for
 from trainkit.checkpoint.tiers.keeper import drop_lease, ensure_keeper, memory_dir_for, take_lease
-from trainkit.checkpoint.reader import committed_steps
 from trainkit.checkpoint.tiers.retention import apply_gc, plan_gc, tier_state
-from trainkit.checkpoint.tiers import TIERS, Tier, open_tier
 
 __all__ = ["TierConfig", "TierFlow"]
 

@@ -24,12 +24,12 @@ from trainkit.checkpoint.errors import CheckpointWriteError, CorruptCheckpointEr
 from trainkit.checkpoint.format.layout import (
     chunk_digest,
     chunk_relpath,
+    crc32,
     rank_array,
     rank_dirname,
     step_dirname,
 )
 from trainkit.checkpoint.reader import array_segments, read_rank_index
-from trainkit.checkpoint.format.layout import crc32
 from trainkit.checkpoint.tiers import Tier
 from trainkit.checkpoint.writer import write_json_file
 

@@ -20,8 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from trainkit.checkpoint.format.layout import step_dirname
-from trainkit.checkpoint.format.layout import COMMIT_FILE
+from trainkit.checkpoint.format.layout import COMMIT_FILE, step_dirname
 from trainkit.checkpoint.tiers import Tier
 
 __all__ = ["GcPlan", "plan_gc", "apply_gc", "tier_state"]
