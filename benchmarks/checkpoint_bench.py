@@ -132,14 +132,6 @@ class Competitor:
     files: Callable[[Path, object], list[Path]] = field(default=lambda d, tok: files_under(d))
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def competitors(quick: bool) -> list[Competitor]:
     out: list[Competitor] = []
     for lazy in (True, False):

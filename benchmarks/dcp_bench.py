@@ -78,8 +78,8 @@ _CHILD = r"""
 import json, resource, sys, time, warnings
 warnings.filterwarnings("ignore")
 import torch
-from trainkit.checkpoint.dcp_import import import_dcp
-from trainkit.checkpoint.export import export_safetensors
+from trainkit.checkpoint.interop.dcp_import import import_dcp
+from trainkit.checkpoint.interop.export import export_safetensors
 def rss():
     with open("/proc/self/status") as f:
         for line in f:

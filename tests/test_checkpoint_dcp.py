@@ -23,8 +23,8 @@ from trainkit.checkpoint import (
     committed_steps,
     verify_step,
 )
-from trainkit.checkpoint.dcp_metadata import decode_metadata, encode_metadata
-from trainkit.checkpoint.export import export_safetensors
+from trainkit.checkpoint.format.dcp_metadata import decode_metadata, encode_metadata
+from trainkit.checkpoint.interop.export import export_safetensors
 from trainkit.checkpoint.reader import PickledBytes, load_shard, read_commit_record
 from trainkit.cli import main
 

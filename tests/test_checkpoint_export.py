@@ -15,9 +15,9 @@ from torch.distributed.checkpoint import FileSystemWriter
 
 from distributed import run_ranks
 from trainkit.checkpoint import Checkpointer, ZarrReader, ZarrWriter, committed_steps, verify_step
-from trainkit.checkpoint.dcp_import import import_dcp
-from trainkit.checkpoint.export import export_safetensors
-from trainkit.checkpoint.progress import Progress
+from trainkit.checkpoint.interop.dcp_import import import_dcp
+from trainkit.checkpoint.interop.export import export_safetensors
+from trainkit._units import Progress
 from trainkit.cli import main
 from trainkit.io import open_reader
 
@@ -249,7 +249,7 @@ def test_urls_are_accepted_or_refused_clearly(tmp_path, capsys):
     """Every ckpt command goes through the tier layer: a URL either works (fsspec tier
     present) or fails with one clear line, never a traceback."""
     try:
-        import trainkit.checkpoint.tiers_fsspec  # noqa: F401
+        import trainkit.checkpoint.tiers.fsspec  # noqa: F401
         have_fsspec_tier = True
     except ImportError:
         have_fsspec_tier = False

@@ -11,8 +11,8 @@ import torch
 import zarr
 
 from trainkit.checkpoint import Checkpointer
-from trainkit.checkpoint.codec import decode, encode
-from trainkit.checkpoint.layout import TensorSpec, plan_shard
+from trainkit.checkpoint.format.codec import decode, encode
+from trainkit.checkpoint.format.layout import TensorSpec, plan_shard
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -23,7 +23,7 @@ from trainkit.checkpoint import (
     CheckpointWriteError,
     CorruptCheckpointError,
 )
-from trainkit.checkpoint.tiers_fsspec import FsspecTier, ObjectStoreError
+from trainkit.checkpoint.tiers.fsspec import FsspecTier, ObjectStoreError
 from trainkit.cli import main
 
 pytestmark = pytest.mark.timeout(120)
@@ -295,7 +295,7 @@ def test_an_interrupted_remove_leaves_the_step_uncommitted(monkeypatch):
 
 
 def test_s3_options_from_the_standard_environment():
-    from trainkit.checkpoint.tiers_fsspec import s3_defaults
+    from trainkit.checkpoint.tiers.fsspec import s3_defaults
 
     env = {"AWS_ENDPOINT_URL": "http://generic:9000", "AWS_ENDPOINT_URL_S3": "http://s3:9000"}
     opts = s3_defaults(None, env)

@@ -1,6 +1,7 @@
 """The Tier contract, run against every implementation.
 
-The writer, reader, flusher and garbage collector are written once against the Tier
+It iterates over the ``TIERS`` registry itself (a new entry without a fixture in
+``MAKERS`` fails). The writer, reader, flusher and garbage collector are written once against the Tier
 Protocol, so every tier must behave the same: LocalTier on disk, LocalTier on /dev/shm
 (the memory tier: no fsync), FsspecTier on ``memory://`` and FsspecTier on a real
 S3-compatible server (moto, started by the fixture).
@@ -8,6 +9,7 @@ S3-compatible server (moto, started by the fixture).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,39 +20,80 @@ import pytest
 
 from s3server import moto_server, s3_bucket  # noqa: F401 - pytest fixtures
 from trainkit.checkpoint.reader import committed_steps
-from trainkit.checkpoint.tiers import COMMIT_FILE, LocalTier, Tier, open_tier
+from trainkit.checkpoint.format.layout import COMMIT_FILE
+from trainkit.checkpoint.tiers import TIERS, LocalTier, Tier, open_tier
 
 pytestmark = pytest.mark.timeout(60)
 
-KINDS = ["local", "shm", "fsspec-memory", "s3"]
+# How to make each entry of the TIERS registry for a test: registry name -> {case: a
+# context manager factory (tmp_path, request) -> tier}. The test below iterates over the
+# registry itself, so a new tier without an entry here fails instead of going untested.
+@contextlib.contextmanager
+def _local(tmp_path, request):
+    yield TIERS["local"](str(tmp_path / "tier"), name="local", shared=False)
 
 
-@pytest.fixture(params=KINDS)
+@contextlib.contextmanager
+def _shm(tmp_path, request):
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm on this machine")
+    root = f"/dev/shm/trainkit-contract-{uuid.uuid4().hex[:12]}"
+    try:
+        yield TIERS["memory"](root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _fsspec_memory(tmp_path, request):
+    import fsspec
+
+    name = f"contract-{uuid.uuid4().hex[:12]}"
+    try:
+        yield TIERS["fsspec"](f"memory://{name}")
+    finally:
+        fs = fsspec.filesystem("memory")
+        if fs.exists(f"/{name}"):
+            fs.rm(f"/{name}", recursive=True)
+
+
+@contextlib.contextmanager
+def _s3(tmp_path, request):
+    bucket = request.getfixturevalue("s3_bucket")      # moto, started by the fixture
+    yield TIERS["fsspec"](bucket.url("tier"), storage_options=bucket.storage_options)
+
+
+MAKERS = {
+    "local": {"local": _local},
+    "memory": {"shm": _shm},
+    "fsspec": {"fsspec-memory": _fsspec_memory, "s3": _s3},
+}
+
+CASES = [(kind, case) for kind in TIERS for case in MAKERS.get(kind, {"<no fixture>": None})]
+
+
+def test_every_registered_tier_has_a_fixture():
+    missing = sorted(set(TIERS) - set(MAKERS))
+    assert not missing, (f"TIERS entries {missing} have no fixture in MAKERS: add one so the "
+                         f"contract runs against them")
+    assert not set(MAKERS) - set(TIERS), "MAKERS names a tier that is not registered"
+
+
+@pytest.fixture(params=CASES, ids=[f"{k}-{c}" for k, c in CASES])
 def tier(request, tmp_path):
-    kind = request.param
-    if kind == "local":
-        yield LocalTier(str(tmp_path / "tier"), name="local", shared=False)
-    elif kind == "shm":
-        if not os.path.isdir("/dev/shm"):
-            pytest.skip("no /dev/shm on this machine")
-        root = f"/dev/shm/trainkit-contract-{uuid.uuid4().hex[:12]}"
-        try:
-            yield LocalTier(root, name="memory", shared=False, fsync=False)
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-    elif kind == "fsspec-memory":
-        import fsspec
+    kind, case = request.param
+    maker = MAKERS.get(kind, {}).get(case)
+    if maker is None:
+        pytest.fail(f"TIERS[{kind!r}] has no fixture in MAKERS; add one")
+    with maker(tmp_path, request) as t:
+        yield t
 
-        name = f"contract-{uuid.uuid4().hex[:12]}"
-        try:
-            yield open_tier(f"memory://{name}")
-        finally:
-            fs = fsspec.filesystem("memory")
-            if fs.exists(f"/{name}"):
-                fs.rm(f"/{name}", recursive=True)
-    else:
-        bucket = request.getfixturevalue("s3_bucket")
-        yield open_tier(bucket.url("tier"), storage_options=bucket.storage_options)
+
+def test_open_tier_picks_from_the_registry(tmp_path):
+    assert isinstance(open_tier(str(tmp_path / "x")), LocalTier)
+    assert type(open_tier("memory://contract-pick")).__name__ == "FsspecTier"
+    with pytest.raises(ValueError, match="storage_options"):
+        open_tier(str(tmp_path / "y"), storage_options={"key": "k"})
 
 
 def _mv(data: bytes) -> memoryview:

@@ -19,9 +19,9 @@ import torch
 
 from distributed import subprocess_env
 from trainkit.checkpoint import Checkpointer, CheckpointNotFoundError, verify_step
-from trainkit.checkpoint.keeper import keeper_pid, live_leases, main as keeper_main
+from trainkit.checkpoint.tiers.keeper import keeper_pid, live_leases, main as keeper_main
 from trainkit.checkpoint.reader import committed_steps
-from trainkit.checkpoint.retention import plan_gc
+from trainkit.checkpoint.tiers.retention import plan_gc
 from trainkit.checkpoint.tiers import LocalTier
 
 pytestmark = pytest.mark.timeout(240)
@@ -142,7 +142,7 @@ _RESTARTED_WORKER = textwrap.dedent("""
 
 
 def test_memory_tier_survives_a_crashed_worker(tmp_path):
-    from trainkit.checkpoint.keeper import memory_dir_for
+    from trainkit.checkpoint.tiers.keeper import memory_dir_for
 
     path = str(tmp_path / "ck")
     mem, owned = memory_dir_for(path)

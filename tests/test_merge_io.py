@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainkit.io import ShardedWriter, TensorMeta, open_reader, parse_input_spec, plan_shards
+from trainkit.io import ShardedWriter, TensorMeta, parse_input_spec, plan_shards
+from trainkit.merge.files import open_input as open_reader
 
 
 def _tensors():

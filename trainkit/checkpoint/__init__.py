@@ -41,15 +41,15 @@ _WHERE = {
     "CommitError": "errors",
     "CorruptCheckpointError": "errors",
     "PickleRefusedError": "errors",
-    "ZarrWriter": "dcp",
-    "ZarrReader": "dcp",
+    "ZarrWriter": "interop.dcp",
+    "ZarrReader": "interop.dcp",
     "committed_steps": "reader",
     "verify_step": "reader",
     "PerRank": "restore",
-    "Tier": "tiers",
-    "LocalTier": "tiers",
-    "FsspecTier": "tiers_fsspec",
-    "open_tier": "tiers",
+    "Tier": "tiers.base",
+    "LocalTier": "tiers.local",
+    "FsspecTier": "tiers.fsspec",
+    "open_tier": "tiers.base",
 }
 
 

@@ -11,7 +11,9 @@
 
 DIR may be a local path or a URL (``s3://...``, via fsspec).
 
-Handlers import the engine lazily, so ``trainkit --help`` stays fast.
+Handlers import the engine lazily, so ``trainkit --help`` stays fast. Every handler
+runs under :func:`_quiet_pipe`: output closed early (``trainkit ckpt info ... | head``)
+ends the command quietly instead of with a ``BrokenPipeError`` traceback.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
+
+from trainkit._units import SIZE_HELP, Progress, format_bytes, parse_size
 
 __all__ = ["register"]
 
@@ -29,6 +34,26 @@ def _add_progress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action="store_true",
                         help="show a progress bar even when stderr is not a terminal (it is "
                              "shown on a terminal anyway)")
+
+
+def _quiet_pipe(handler: Callable[[argparse.Namespace], int]
+                ) -> Callable[[argparse.Namespace], int]:
+    """Run ``handler``; if the reader of stdout went away, point stdout at devnull (so
+    the interpreter's final flush cannot raise again) and exit quietly, as ``cat`` does."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            rc = handler(args)
+            sys.stdout.flush()
+            return rc
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return 1                  # as Python's docs advise for EPIPE
+
+    run.__name__ = handler.__name__
+    return run
 
 
 def register(subparsers: Any) -> None:
@@ -43,7 +68,7 @@ def register(subparsers: Any) -> None:
     ls.add_argument("--local-dir", help="also list this node-local tier")
     ls.add_argument("--memory-dir", help="also list this memory tier (a /dev/shm directory)")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
-    ls.set_defaults(func=_ls)
+    ls.set_defaults(func=_quiet_pipe(_ls))
 
     gc = sub.add_parser("gc", help="apply a retention policy to one tier; --dry-run",
                         description="Delete committed steps beyond the newest --keep (never "
@@ -57,19 +82,19 @@ def register(subparsers: Any) -> None:
                     help="never delete steps divisible by this")
     gc.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
     gc.add_argument("--json", action="store_true", help="machine-readable output")
-    gc.set_defaults(func=_gc)
+    gc.set_defaults(func=_quiet_pipe(_gc))
 
     info = sub.add_parser("info", help="the tensor table of a committed step")
     info.add_argument("dir")
     info.add_argument("step", type=int)
     info.add_argument("--json", action="store_true")
-    info.set_defaults(func=_info)
+    info.set_defaults(func=_quiet_pipe(_info))
 
     verify = sub.add_parser("verify", help="check every checksum; exit 1 on any mismatch")
     verify.add_argument("dir")
     verify.add_argument("step", type=int, nargs="?", help="one step (default: every committed)")
     _add_progress(verify)
-    verify.set_defaults(func=_verify)
+    verify.set_defaults(func=_quiet_pipe(_verify))
 
     export = sub.add_parser(
         "export", help="export the model part of a step as safetensors (HF layout)",
@@ -85,11 +110,11 @@ def register(subparsers: Any) -> None:
                         help="export tensors whose dotted key path starts with this, with it "
                              "stripped (default: %(default)s; '' exports every tensor)")
     export.add_argument("--max-shard-size", default="2GiB",
-                        help="largest shard before splitting (e.g. 500MB, 2GiB; default "
-                             "%(default)s)")
+                        help=f"largest shard before splitting: {SIZE_HELP} (e.g. 500MB, "
+                             f"2GiB; default %(default)s)")
     export.add_argument("--overwrite", action="store_true", help="replace existing output files")
     _add_progress(export)
-    export.set_defaults(func=_export)
+    export.set_defaults(func=_quiet_pipe(_export))
 
     imp = sub.add_parser(
         "import-dcp", help="convert a torch.distributed.checkpoint directory into a step",
@@ -103,7 +128,7 @@ def register(subparsers: Any) -> None:
     imp.add_argument("--step", type=int, default=None,
                      help="step number to write (default: after the newest step in DST)")
     _add_progress(imp)
-    imp.set_defaults(func=_import_dcp)
+    imp.set_defaults(func=_quiet_pipe(_import_dcp))
 
     advise = sub.add_parser(
         "advise", help="the checkpoint interval that maximises goodput (Young/Daly)",
@@ -126,7 +151,7 @@ def register(subparsers: Any) -> None:
     advise.add_argument("--commit", type=float, default=None,
                         help="commit latency, seconds (default: the persist latency)")
     advise.add_argument("--json", action="store_true", help="machine-readable output")
-    advise.set_defaults(func=_advise)
+    advise.set_defaults(func=_quiet_pipe(_advise))
 
 
 def _advise(args: argparse.Namespace) -> int:
@@ -166,57 +191,9 @@ def _require_dir(path: str) -> None:
         raise SystemExit(f"trainkit ckpt: {path} is not a directory")
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
-               "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
-
-
-def _parse_size(text: str) -> int:
-    """``500MB`` -> 500_000_000; ``2GiB`` -> 2 * 1024**3; ``123`` -> 123 bytes."""
-    import re
-
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _SIZE_UNITS:
-        raise SystemExit(f"trainkit ckpt: bad size {text!r} (use e.g. 500MB, 2GiB or a byte "
-                         f"count)")
-    size = int(float(m.group(1)) * _SIZE_UNITS[unit])
-    if size <= 0:
-        raise SystemExit(f"trainkit ckpt: size must be positive, got {text!r}")
-    return size
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _tier_rows(where: str, tier_name: str) -> list[dict]:
-    from trainkit.checkpoint import reader
-
-    tier = reader.as_tier(where)
-    rows = []
-    for step in tier.step_dirs():
-        try:
-            record = reader.read_commit_record(tier, step)
-        except reader.CheckpointNotFoundError:
-            rows.append({"step": step, "tier": tier_name, "committed": False})
-            continue
-        except reader.CorruptCheckpointError as exc:
-            rows.append({"step": step, "tier": tier_name, "committed": False, "error": str(exc)})
-            continue
-        rows.append({"step": step, "tier": tier_name, "committed": True,
-                     "world_size": record["world_size"],
-                     "bytes": sum(size for size, _ in record["files"].values()),
-                     "tensors": sum(r["ntensors"] for r in record["ranks"]),
-                     "replicated_blobs": len(record.get("replicated", [])),
-                     "committed_at": record["committed_at"]})
-    return rows
-
-
 def _ls(args: argparse.Namespace) -> int:
+    from trainkit.checkpoint import catalog
+
     _require_dir(args.dir)
     rows = []
     for where, name in ((args.memory_dir, "memory"), (args.local_dir, "local"),
@@ -224,7 +201,7 @@ def _ls(args: argparse.Namespace) -> int:
         if where is not None:
             if name != "persistent":
                 _require_dir(where)
-            rows += _tier_rows(where, name)
+            rows += catalog.step_rows(where, name)
     rows.sort(key=lambda r: (r["step"], ("memory", "local", "persistent").index(r["tier"])))
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -237,7 +214,7 @@ def _ls(args: argparse.Namespace) -> int:
     for r in rows:
         if r["committed"]:
             print(f"{r['step']:>10}  {r['tier']:<10} {'committed':<11} {r['world_size']:>5} "
-                  f"{_human(r['bytes']):>10} {r['tensors']:>8}  {r['committed_at']}")
+                  f"{format_bytes(r['bytes']):>10} {r['tensors']:>8}  {r['committed_at']}")
         else:
             print(f"{r['step']:>10}  {r['tier']:<10} {'UNCOMMITTED':<11} {'-':>5} {'-':>10} "
                   f"{'-':>8}  {r.get('error', 'interrupted or failed save; ignored by load()')}")
@@ -246,7 +223,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _gc(args: argparse.Namespace) -> int:
     from trainkit.checkpoint import reader
-    from trainkit.checkpoint.retention import apply_gc, plan_gc, tier_state
+    from trainkit.checkpoint.tiers.retention import apply_gc, plan_gc, tier_state
 
     _require_dir(args.dir)
     tier = reader.as_tier(args.dir)
@@ -271,28 +248,13 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from trainkit.checkpoint import reader
+    from trainkit.checkpoint import catalog
+    from trainkit.checkpoint.errors import CheckpointError
 
     _require_dir(args.dir)
     try:
-        record = reader.read_commit_record(args.dir, args.step)
-        replicated = set(record.get("replicated", []))
-        sharded = record.get("sharded", {})
-        table = []
-        for rank in range(record["world_size"]):
-            index = reader.read_rank_index(args.dir, args.step, rank, record)
-            for t in index["tensors"]:
-                shared = t["blob"] in replicated
-                if shared and rank:
-                    continue                  # listed once, as replicated
-                row = {"rank": "replicated" if shared else rank, "name": t["name"],
-                       "dtype": "pickled" if t.get("pickled") else t["dtype"], "shape": t["shape"], "bytes": t["nbytes"]}
-                split = sharded.get(t["name"].replace("/", "."))
-                if split is not None:
-                    row["global_shape"] = split["shape"]
-                    row["split_dim"] = split["dim"]
-                table.append(row)
-    except reader.CheckpointError as exc:
+        table = catalog.tensor_table(args.dir, args.step)
+    except CheckpointError as exc:
         print(f"trainkit ckpt info: {exc}", file=sys.stderr)
         return 1
     if args.json:
@@ -304,15 +266,19 @@ def _info(args: argparse.Namespace) -> int:
         note = (f"  piece of {tuple(t['global_shape'])} split on dim {t['split_dim']}"
                 if "global_shape" in t else "")
         print(f"{t['rank']:>10}  {t['name']:<{width}}  {t['dtype']:<14} "
-              f"{str(tuple(t['shape'])):<20} {_human(t['bytes']):>10}{note}")
+              f"{str(tuple(t['shape'])):<20} {format_bytes(t['bytes']):>10}{note}")
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from trainkit.checkpoint import reader
-    from trainkit.checkpoint.progress import Progress
+    from trainkit.checkpoint import catalog, reader
+    from trainkit.checkpoint.errors import CheckpointError
 
     _require_dir(args.dir)
+    why = catalog.dcp_directory(args.dir)
+    if why is not None:
+        print(f"trainkit ckpt verify: {why}", file=sys.stderr)
+        return 1
     steps = [args.step] if args.step is not None else reader.committed_steps(args.dir)
     if not steps:
         print(f"{args.dir}: no committed checkpoint to verify")
@@ -322,7 +288,7 @@ def _verify(args: argparse.Namespace) -> int:
         try:
             record = reader.read_commit_record(args.dir, step)
             total = sum(size for rel, (size, _) in record["files"].items() if "/c/" in rel)
-        except reader.CheckpointError:
+        except CheckpointError:
             total = 0                          # verify_step reports why
         with Progress(total, f"verify step {step}", force=args.progress) as bar:
             problems = reader.verify_step(args.dir, step, on_bytes=bar.update)
@@ -341,11 +307,14 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from trainkit.checkpoint.errors import CheckpointError
-    from trainkit.checkpoint.export import export_safetensors
-    from trainkit.checkpoint.progress import Progress
+    from trainkit.checkpoint.interop.export import export_safetensors
 
     _require_dir(args.dir)
-    max_shard = _parse_size(args.max_shard_size)
+    try:
+        max_shard = parse_size(args.max_shard_size)
+    except ValueError as exc:
+        print(f"trainkit ckpt export: bad size for --max-shard-size: {exc}", file=sys.stderr)
+        return 2
     try:
         with Progress(0, f"export step {args.step}", force=args.progress) as bar:
             files = export_safetensors(args.dir, args.step, args.to, prefix=args.prefix,
@@ -365,9 +334,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import_dcp(args: argparse.Namespace) -> int:
-    from trainkit.checkpoint.dcp_import import dcp_total_bytes, import_dcp, read_dcp_metadata
+    from trainkit.checkpoint.interop.dcp_import import (
+        dcp_total_bytes,
+        import_dcp,
+        read_dcp_metadata,
+    )
     from trainkit.checkpoint.errors import CheckpointError
-    from trainkit.checkpoint.progress import Progress
     from trainkit.checkpoint.tiers import is_url
 
     if is_url(args.dst):

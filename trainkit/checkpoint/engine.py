@@ -28,19 +28,14 @@ from typing import Any
 
 import torch
 
-from trainkit.checkpoint import codec, reader
+from trainkit.checkpoint import reader
 from trainkit.checkpoint.coord import Coordinator, make_coordinator
-from trainkit.checkpoint.errors import (
-    CheckpointError,
-    CheckpointWriteError,
-    CommitError,
-    PickleRefusedError,
-)
-from trainkit.checkpoint.layout import DEFAULT_CHUNK_BYTES, TensorSpec, plan_shard, step_dirname
-from trainkit.checkpoint.snapshot import HostBufferPool, Snapshot, describe_tensor, storage_key
-from trainkit.checkpoint.restore import load_agreed
-from trainkit.checkpoint.tierflow import TierConfig, TierFlow
-from trainkit.checkpoint.tiers import COMMIT_FILE, is_url
+from trainkit.checkpoint.errors import CheckpointError, CheckpointWriteError, CommitError
+from trainkit.checkpoint.format.layout import COMMIT_FILE, DEFAULT_CHUNK_BYTES, step_dirname
+from trainkit.checkpoint.restore import load_agreed, load_rank
+from trainkit.checkpoint.snapshot import HostBufferPool, Snapshot, plan_save, storage_key
+from trainkit.checkpoint.tiers import is_url
+from trainkit.checkpoint.tiers.flow import TierConfig, TierFlow
 from trainkit.checkpoint.writer import ShardJob, commit_record, write_shard
 
 __all__ = ["Checkpointer", "SaveHandle"]
@@ -71,34 +66,6 @@ class SaveHandle:
         state = "pending" if not self._future.done() else (
             "failed" if self._future.exception() else "committed")
         return f"SaveHandle(step={self.step}, {state})"
-
-
-def _sharded_indices(specs: list[TensorSpec], sharded: dict[str, int]) -> dict[int, int]:
-    """Tensor index -> split dimension, for ``save(..., sharded=...)``."""
-    if not sharded:
-        return {}
-    by_name = {s.name.replace("/", "."): i for i, s in enumerate(specs)}
-    out = {}
-    for name, dim in sharded.items():
-        i = by_name.get(name.replace("/", "."))
-        if i is None:
-            raise KeyError(f"sharded={{{name!r}: {dim}}}: no tensor with that key path in the "
-                           f"state; tensors: {sorted(by_name)[:8]}{' ...' if len(by_name) > 8 else ''}")
-        ndim = len(specs[i].shape)
-        if isinstance(dim, bool) or not isinstance(dim, int) or not -ndim <= dim < ndim:
-            raise ValueError(f"sharded={{{name!r}: {dim!r}}}: the tensor has {ndim} dimensions")
-        out[i] = dim % ndim
-    return out
-
-
-def _check_tensor(path: codec.KeyPath, t: torch.Tensor) -> None:
-    if type(t) not in (torch.Tensor, torch.nn.Parameter):
-        raise TypeError(f"cannot store a {type(t).__qualname__} at {codec.format_key_path(path)}: "
-                        f"only plain (dense, strided) tensors are supported")
-    if t.layout != torch.strided or t.is_quantized or t.is_nested or t.device.type == "meta":
-        raise TypeError(f"cannot store a {t.layout} {t.device.type} tensor at "
-                        f"{codec.format_key_path(path)}: only dense tensors with data are "
-                        f"supported")
 
 
 class Checkpointer:
@@ -141,7 +108,7 @@ class Checkpointer:
         storage_options: for a URL path (``s3://bucket/run1``): options of its fsspec
             filesystem (``endpoint_url``, ``key``, ``secret``, ...); without them the
             standard AWS environment variables apply. See
-            :mod:`~trainkit.checkpoint.tiers_fsspec`.
+            :mod:`~trainkit.checkpoint.tiers.fsspec`.
     """
 
     def __init__(self, path: str | os.PathLike, *, local_dir: str | os.PathLike | None = None,
@@ -242,18 +209,8 @@ class Checkpointer:
         if self._is_committed(step):
             raise CheckpointError(f"step {step} is already committed in {self.path}; "
                                   f"checkpoints are never overwritten")
-        tensors: list[torch.Tensor] = []
-        specs: list[TensorSpec] = []
-
-        def on_tensor(path: codec.KeyPath, t: torch.Tensor) -> int:
-            _check_tensor(path, t)
-            specs.append(describe_tensor("/".join(map(str, path)), t))
-            tensors.append(t)
-            return len(tensors) - 1
-
-        tree = codec.encode(state, on_tensor)
-        split = _sharded_indices(specs, sharded or {})
-        plan = plan_shard(specs, chunk_bytes=self.chunk_bytes)
+        tree, tensors, specs, split, plan = plan_save(state, chunk_bytes=self.chunk_bytes,
+                                                      sharded=sharded)
         owned = self._owned_storages() if self._optimizers else set()
         lazy = [i for i, b in enumerate(plan.blobs)
                 if owned and storage_key(tensors[b.tensors[0]]) in owned and b.nbytes]
@@ -268,9 +225,10 @@ class Checkpointer:
         except BaseException:
             self._pool.release()
             raise
-        job = ShardJob(self._tier, step, self._seq, self.rank, self.world_size, plan,
-                       tuple(specs), tree, snap, self._direct_io, tuple(split.items()),
-                       replicated is not False)
+        job = ShardJob(tier=self._tier, step=step, seq=self._seq, rank=self.rank,
+                       world_size=self.world_size, plan=plan, specs=tuple(specs), tree=tree,
+                       snapshot=snap, direct_io=self._direct_io, sharded=tuple(split.items()),
+                       replicated=replicated is not False)
         self._seq += 1
         future: Future = Future()
         with self._lock:
@@ -317,7 +275,8 @@ class Checkpointer:
             if self.rank != 0:
                 self._flow.publish_first(job.step, doc, finalizer=False)
         except BaseException as exc:  # noqa: BLE001
-            if error is None and self._committed_on_disk(job.step, manifest):
+            if error is None and manifest is not None and reader.record_lists(
+                    self._tier, job.step, manifest["files"]):
                 log.warning("step %d: %s; but its commit record is on disk and lists this "
                             "rank's files, so it is committed", job.step, exc)
             elif error is None:
@@ -337,18 +296,6 @@ class Checkpointer:
             self._failed[future] = error
             self._unseen.add(future)
         future.set_exception(error)
-
-    def _committed_on_disk(self, step: int, manifest: dict | None) -> bool:
-        """Rank 0 may die (taking the store with it) right after committing; the record
-        on the shared directory is then the ground truth."""
-        if manifest is None:
-            return False
-        try:
-            record = reader.read_commit_record(self._tier, step)
-        except CheckpointError:
-            return False
-        files = record.get("files", {})
-        return all(files.get(rel) == v for rel, v in manifest["files"].items())
 
     def _mark_seen(self, future: Future) -> None:
         with self._lock:
@@ -406,9 +353,8 @@ class Checkpointer:
         agreed through the store, read from the fastest tier that holds it, falling back
         tier by tier and then step by step on a missing or corrupt copy (each fallback
         logged). Steps newer than the one loaded, which some rank could not load, are
-        uncommitted (with a warning), so the resumed job can save them again. Steps newer than the one loaded, which some rank could not load, are
-        uncommitted (with a warning), so the resumed job can save them again. A step saved by another number of ranks loads too: replicated values
-        as themselves, split tensors resharded, per-rank values as
+        uncommitted (with a warning), so the resumed job can save them again. A step
+        saved by another number of ranks loads too: replicated values as themselves, split tensors resharded, per-rank values as
         :class:`~trainkit.checkpoint.restore.PerRank`. ``rank=`` instead reads one saved
         rank's shard as it was written (not collective). ``loaded_step`` and
         ``loaded_from`` say which step was loaded, from which tier. Call ``wait()``
@@ -425,7 +371,8 @@ class Checkpointer:
                 if step is None:
                     raise reader.CheckpointNotFoundError(
                         f"no committed checkpoint in {self.path}; committed steps: none")
-            value, tier = self._load_rank(step, rank, allow_pickle)
+            value, tier = load_rank(self._flow.tiers, step, rank, threads=self._io_threads,
+                                    allow_pickle=allow_pickle)
         else:
             key = f"load{self._loads}"
             self._loads += 1
@@ -446,22 +393,6 @@ class Checkpointer:
         self.loaded_step = step
         self.loaded_from = tier
         return value
-
-    def _load_rank(self, step: int, rank: int, allow_pickle: bool) -> tuple[Any, str]:
-        problems = []
-        for tier in self._flow.tiers:
-            try:
-                record = reader.read_commit_record(tier, step)
-                return reader.load_shard(tier, step, rank, threads=self._io_threads,
-                                         record=record, allow_pickle=allow_pickle), tier.name
-            except PickleRefusedError:
-                raise
-            except (CheckpointError, OSError) as exc:
-                problems.append(f"{tier.name}: {exc}")
-                log.warning("restore: step %d, rank %d from the %s tier failed: %s", step, rank,
-                            tier.name, exc)
-        raise reader.CheckpointNotFoundError(f"step {step}, rank {rank} cannot be loaded from "
-                                             f"any tier: " + "; ".join(problems))
 
     # -- shutdown -----------------------------------------------------------------------
     def close(self, *, persist_last: bool = True) -> None:

@@ -20,26 +20,28 @@ from typing import Any
 
 import torch
 
-from trainkit.checkpoint import codec
 from trainkit.checkpoint.errors import (
+    CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     PickleRefusedError,
 )
-from trainkit.checkpoint.layout import (
+from trainkit.checkpoint.format import codec
+from trainkit.checkpoint.format.layout import (
+    COMMIT_FILE,
     chunk_digest,
     chunk_relpath,
     chunk_segments,
+    crc32,
     rank_array,
     rank_dirname,
     step_dirname,
 )
-from trainkit.checkpoint.storage import crc32
-from trainkit.checkpoint.tiers import COMMIT_FILE, Tier, open_tier
+from trainkit.checkpoint.tiers import Tier, open_tier
 
 __all__ = ["committed_steps", "read_commit_record", "read_rank_index", "load_shard",
            "load_blobs", "rank_files_present", "chunk_location", "rank_files", "verify_step",
-           "as_tier", "COMMIT_FILE", "PickledBytes"]
+           "as_tier", "record_lists", "COMMIT_FILE", "PickledBytes"]
 
 
 def as_tier(where: Tier | str | os.PathLike) -> Tier:
@@ -82,6 +84,17 @@ def read_commit_record(where: Tier | str, step: int) -> dict:
         raise CorruptCheckpointError(f"step {step}: {tier.url}/{rel} is not a trainkit commit "
                                      f"record")
     return record
+
+
+def record_lists(where: Tier | str, step: int, files: dict[str, list[int]]) -> bool:
+    """Whether ``step``'s commit record exists and lists ``files`` (a rank's manifest)
+    as they are. Rank 0 may die, taking the coordination store with it, right after
+    committing: the record on the tier is then the ground truth."""
+    try:
+        record = read_commit_record(where, step)
+    except CheckpointError:
+        return False
+    return all(record.get("files", {}).get(rel) == v for rel, v in files.items())
 
 
 def _check_file(tier: Tier, step: int, rank: int, rel: str, size: int, what: str) -> str:
@@ -252,7 +265,7 @@ def load_shard(where: Tier | str, step: int, rank: int, *, threads: int = 4,
                pickled_as_bytes: bool = False) -> Any:
     """Verify and load one rank's shard of a committed step as CPU tensors.
 
-    Steps written through DCP (:class:`~trainkit.checkpoint.dcp.ZarrWriter`) may hold
+    Steps written through DCP (:class:`~trainkit.checkpoint.interop.dcp.ZarrWriter`) may hold
     non-tensor values that DCP serialised with ``torch.save`` (pickle). They are refused
     with :class:`PickleRefusedError` naming the key unless ``allow_pickle=True``
     (unpickle them: only for checkpoints you trust) or ``pickled_as_bytes=True`` (return

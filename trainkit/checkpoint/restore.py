@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainkit.checkpoint import codec
 from trainkit.checkpoint.errors import CheckpointError, CheckpointNotFoundError, PickleRefusedError
+from trainkit.checkpoint.format import codec
 from trainkit.checkpoint.reader import (
     committed_steps,
     load_blobs,
@@ -49,7 +49,8 @@ from trainkit.checkpoint.reader import (
 )
 from trainkit.checkpoint.tiers import Tier
 
-__all__ = ["PerRank", "Candidate", "loadable_steps", "load_agreed", "load_global", "split_range"]
+__all__ = ["PerRank", "Candidate", "loadable_steps", "load_agreed", "load_global", "load_rank",
+           "split_range"]
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,26 @@ def load_agreed(tiers: Sequence[Tier], allgather: Callable[[str, str], list[str]
                           f"last failure here: {last}") from last
 
 
+def load_rank(tiers: Sequence[Tier], step: int, rank: int, *, threads: int = 4,
+              allow_pickle: bool = False) -> tuple[Any, str]:
+    """One saved rank's shard of ``step`` as it was written (not collective), from the
+    fastest tier that has it intact; returns it with the tier's name."""
+    problems = []
+    for tier in tiers:
+        try:
+            record = read_commit_record(tier, step)
+            return load_shard(tier, step, rank, threads=threads, record=record,
+                              allow_pickle=allow_pickle), tier.name
+        except PickleRefusedError:
+            raise
+        except (CheckpointError, OSError) as exc:
+            problems.append(f"{tier.name}: {exc}")
+            log.warning("restore: step %d, rank %d from the %s tier failed: %s", step, rank,
+                        tier.name, exc)
+    raise CheckpointNotFoundError(f"step {step}, rank {rank} cannot be loaded from any tier: "
+                                  + "; ".join(problems))
+
+
 def split_range(total: int, parts: int, index: int) -> tuple[int, int]:
     """The [start, end) of piece ``index`` when ``total`` is cut like torch.tensor_split."""
     base, extra = divmod(total, parts)
@@ -240,8 +261,12 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 def load_global(tier: Tier, step: int, record: dict, *, rank: int, world: int,
-                threads: int = 4, allow_pickle: bool = False) -> Any:
-    """The state of ``step`` (saved by N ranks) as seen by ``rank`` of ``world`` ranks."""
+                threads: int = 4, allow_pickle: bool = False,
+                select: Callable[[Any], Any] | None = None) -> Any:
+    """The state of ``step`` (saved by N ranks) as seen by ``rank`` of ``world`` ranks.
+
+    ``select(tree)`` prunes each saved rank's decoded tree (the same way on every rank)
+    before anything is read: only the blobs it keeps are loaded."""
     nsaved = record["world_size"]
     indexes = [read_rank_index(tier, step, r, record) for r in range(nsaved)]
     replicated = set(record.get("replicated", []))
@@ -263,6 +288,8 @@ def load_global(tier: Tier, step: int, record: dict, *, rank: int, world: int,
     trees = [codec.decode(ix["tree"], lambda i, r=r: _Ref(r, i),
                           lambda i, r=r: pickled(r, i))
              for r, ix in enumerate(indexes)]
+    if select is not None:
+        trees = [select(t) for t in trees]
 
     need: list[set[int]] = [set() for _ in range(nsaved)]     # blobs to read, per rank
 
@@ -283,7 +310,8 @@ def load_global(tier: Tier, step: int, record: dict, *, rank: int, world: int,
         if all(isinstance(v, _Ref) for v in values):
             entry = indexes[0]["tensors"][first.index]
             name = entry["name"]
-            key = name.replace("/", ".")
+            # the record keys split tensors by their index name ("model/emb.weight")
+            key = name if name in sharded else name.replace("/", ".")
             if key in sharded:
                 pieces = reshard_ranges(key)
                 for r, _, _ in pieces:

@@ -16,13 +16,15 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
 
-from trainkit.checkpoint.layout import ShardPlan, TensorSpec
+from trainkit.checkpoint.format import codec
+from trainkit.checkpoint.format.layout import ShardPlan, TensorSpec, plan_shard
 
-__all__ = ["describe_tensor", "storage_key", "HostBufferPool", "Snapshot"]
+__all__ = ["describe_tensor", "storage_key", "plan_save", "HostBufferPool", "Snapshot"]
 
 _ALIGN = 4096
 
@@ -215,3 +217,54 @@ class Snapshot:
         self._done.wait()
         if self.error is not None:
             raise self.error
+
+
+def plan_save(state: Any, *, chunk_bytes: int, sharded: dict[str, int] | None = None
+              ) -> tuple[Any, list[torch.Tensor], list[TensorSpec], dict[int, int], ShardPlan]:
+    """What ``save(step, state)`` writes, decided before any byte is copied: the encoded
+    tree (:mod:`~trainkit.checkpoint.format.codec`), the tensors with their
+    descriptions, the split tensors (index -> dim) and the shard plan.
+
+    Raises ``TypeError`` naming the key path for a value that cannot be stored, and
+    ``KeyError``/``ValueError`` for a ``sharded`` entry that names no tensor or dimension.
+    """
+    tensors: list[torch.Tensor] = []
+    specs: list[TensorSpec] = []
+
+    def on_tensor(path: codec.KeyPath, t: torch.Tensor) -> int:
+        _check_tensor(path, t)
+        specs.append(describe_tensor("/".join(map(str, path)), t))
+        tensors.append(t)
+        return len(tensors) - 1
+
+    tree = codec.encode(state, on_tensor)
+    split = _sharded_indices(specs, sharded or {})
+    return tree, tensors, specs, split, plan_shard(specs, chunk_bytes=chunk_bytes)
+
+
+def _sharded_indices(specs: list[TensorSpec], sharded: dict[str, int]) -> dict[int, int]:
+    """Tensor index -> split dimension, for ``save(..., sharded=...)``."""
+    if not sharded:
+        return {}
+    by_name = {s.name.replace("/", "."): i for i, s in enumerate(specs)}
+    out = {}
+    for name, dim in sharded.items():
+        i = by_name.get(name.replace("/", "."))
+        if i is None:
+            raise KeyError(f"sharded={{{name!r}: {dim}}}: no tensor with that key path in the "
+                           f"state; tensors: {sorted(by_name)[:8]}{' ...' if len(by_name) > 8 else ''}")
+        ndim = len(specs[i].shape)
+        if isinstance(dim, bool) or not isinstance(dim, int) or not -ndim <= dim < ndim:
+            raise ValueError(f"sharded={{{name!r}: {dim!r}}}: the tensor has {ndim} dimensions")
+        out[i] = dim % ndim
+    return out
+
+
+def _check_tensor(path: codec.KeyPath, t: torch.Tensor) -> None:
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        raise TypeError(f"cannot store a {type(t).__qualname__} at {codec.format_key_path(path)}: "
+                        f"only plain (dense, strided) tensors are supported")
+    if t.layout != torch.strided or t.is_quantized or t.is_nested or t.device.type == "meta":
+        raise TypeError(f"cannot store a {t.layout} {t.device.type} tensor at "
+                        f"{codec.format_key_path(path)}: only dense tensors with data are "
+                        f"supported")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+from collections.abc import Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,7 +20,7 @@ from datetime import datetime, timezone
 import torch
 
 from trainkit.checkpoint.errors import CheckpointWriteError
-from trainkit.checkpoint.layout import (
+from trainkit.checkpoint.format.layout import (
     FORMAT_VERSION,
     NUMPY_DTYPE,
     Segment,
@@ -29,20 +30,21 @@ from trainkit.checkpoint.layout import (
     chunk_digest,
     chunk_relpath,
     chunk_segments,
+    crc32,
     group_metadata,
     rank_array,
     rank_dirname,
     step_dirname,
 )
 from trainkit.checkpoint.snapshot import Snapshot
-from trainkit.checkpoint.storage import DIRECT_ALIGN, crc32
 from trainkit.checkpoint.tiers import Tier
+from trainkit.checkpoint.tiers.local import DIRECT_ALIGN
 
-__all__ = ["ShardJob", "write_shard", "commit_record", "index_doc", "manifest_of",
+__all__ = ["ShardJob", "write_shard", "finish_shard", "commit_record", "index_doc", "manifest_of",
            "write_array_and_index", "replicated_blobs", "tensor_table"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ShardJob:
     """Everything the background threads need for one rank's part of one save."""
 
@@ -136,7 +138,6 @@ def write_shard(job: ShardJob, io_pool: Executor) -> dict:
     """Write the shard of ``job`` durably to its tier; returns the rank's manifest."""
     plan, snap, tier = job.plan, job.snapshot, job.tier
     pending: list[Future] = []
-    files: dict[str, list[int]] = {}
     array = rank_array(job.rank)
     step_dir = step_dirname(job.step)
     try:
@@ -160,27 +161,9 @@ def write_shard(job: ShardJob, io_pool: Executor) -> dict:
             pending.append(io_pool.submit(_write_chunk, tier, f"{step_dir}/{array}", c, data,
                                           segments[c], direct))
         snap.wait()
-        results = {}
-        for f in pending:
-            rel, size, digest, crcs = f.result()
-            rel = rel[len(step_dir) + 1:]
-            files[rel] = [size, digest]
-            results[rel] = crcs
-        blob_crcs: list[list[int]] = [[] for _ in plan.blobs]
-        for c in range(plan.nchunks):
-            for (b, _, _), crc in zip(segments[c], results[chunk_relpath(array, c)]):
-                if b is not None:
-                    blob_crcs[b].append(crc)
-        sharded = dict(job.sharded)
-        tensors = tensor_table(job.specs, plan, sharded)
-        blobs = [{"array": "rank", "offset": b.offset, "nbytes": b.nbytes, "crc32": c}
-                 for b, c in zip(plan.blobs, blob_crcs)]
-        arrays = {"rank": {"path": array, "chunk_bytes": plan.chunk_bytes,
-                           "nchunks": plan.nchunks, "nbytes": plan.nbytes}}
-        files.update(write_array_and_index(
-            tier, job.step, job.rank, {array: (plan.array_bytes, plan.chunk_bytes)},
-            index_doc(job.step, job.rank, job.world_size, tensors, blobs, arrays, job.tree)))
-        tier.sync(job.step, rank_dirname(job.rank))
+        manifest, _ = finish_shard(tier, job.step, job.rank, job.world_size, plan,
+                                   [f.result() for f in pending], job.specs, job.tree,
+                                   sharded=dict(job.sharded))
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         raise CheckpointWriteError(
@@ -194,7 +177,50 @@ def write_shard(job: ShardJob, io_pool: Executor) -> dict:
         for f in pending:
             if not f.cancelled():
                 f.exception()
-    return manifest_of(job.rank, files, plan.nbytes, tensors, blobs)
+    return manifest
+
+
+def finish_shard(tier: Tier, step: int, rank: int, world_size: int, plan: ShardPlan,
+                 chunks: list[tuple[str, int, int, list[int]]], specs: Sequence[TensorSpec],
+                 tree: object, *, sharded: dict[int, int] | None = None,
+                 entry_extra: Sequence[dict] | None = None) -> tuple[dict, list[dict]]:
+    """The tail every shard writer shares, once its chunks are durable: the rank index
+    (tensor table, per-blob CRCs, arrays, tree) and the array metadata are written, the
+    rank's directory is synced, and the rank's manifest for the commit is returned with
+    its tensor table.
+
+    ``chunks`` are the results of ``_write_chunk`` (step-relative paths); ``sharded``
+    maps split tensors to their dimension; ``entry_extra[i]`` adds fields to tensor
+    entry ``i``. Used by :func:`write_shard` (the engine) and by
+    :func:`~trainkit.checkpoint.interop.shard_stream.write_stream_shard` (DCP, import).
+    """
+    array = rank_array(rank)
+    step_dir = step_dirname(step)
+    files: dict[str, list[int]] = {}
+    chunk_crcs: dict[str, list[int]] = {}
+    for rel, size, digest, crcs in chunks:
+        rel = rel[len(step_dir) + 1:]
+        files[rel] = [size, digest]
+        chunk_crcs[rel] = crcs
+    segments = chunk_segments([(b.offset, b.nbytes) for b in plan.blobs], plan.chunk_bytes,
+                              plan.nchunks)
+    blob_crcs: list[list[int]] = [[] for _ in plan.blobs]
+    for c in range(plan.nchunks):
+        for (b, _, _), crc in zip(segments[c], chunk_crcs[chunk_relpath(array, c)]):
+            if b is not None:
+                blob_crcs[b].append(crc)
+    tensors = tensor_table(tuple(specs), plan, sharded or {})
+    for entry, extra in zip(tensors, entry_extra or ()):
+        entry.update(extra)
+    blobs = [{"array": "rank", "offset": b.offset, "nbytes": b.nbytes, "crc32": c}
+             for b, c in zip(plan.blobs, blob_crcs)]
+    arrays = {"rank": {"path": array, "chunk_bytes": plan.chunk_bytes,
+                       "nchunks": plan.nchunks, "nbytes": plan.nbytes}}
+    files.update(write_array_and_index(
+        tier, step, rank, {array: (plan.array_bytes, plan.chunk_bytes)},
+        index_doc(step, rank, world_size, tensors, blobs, arrays, tree)))
+    tier.sync(step, rank_dirname(rank))
+    return manifest_of(rank, files, plan.nbytes, tensors, blobs), tensors
 
 
 def write_array_and_index(tier: Tier, step: int, rank: int, arrays: dict[str, tuple[int, int]],

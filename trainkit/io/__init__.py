@@ -1,11 +1,13 @@
 """Shared tensor IO: lazy readers for every model format and a sharded safetensors writer.
 
-Used by ``trainkit.merge`` and by checkpoint export (``trainkit ckpt export``).
+Used by ``trainkit.merge`` and by checkpoint export (``trainkit ckpt export``). The floor:
+it imports no capability; ``trainkit:`` checkpoint inputs are opened by ``trainkit.merge``
+through ``trainkit.checkpoint.tensors``.
 
 Example::
 
     from trainkit.io import open_reader, plan_shards, ShardedWriter
-    src = open_reader("path/to/hf_model")           # or x.safetensors, x.pt, trainkit:DIR@STEP#model.
+    src = open_reader("path/to/hf_model")           # or x.safetensors, x.pt
     plan = plan_shards({k: src.meta(k) for k in src.keys()})
     with ShardedWriter("out", plan) as w:
         for k in src.keys():
@@ -13,7 +15,6 @@ Example::
 """
 
 from trainkit.io.readers import (
-    CheckpointReader,
     DictReader,
     InputSpec,
     SafetensorsReader,
@@ -21,7 +22,6 @@ from trainkit.io.readers import (
     TensorReader,
     TorchFileReader,
     flatten_state,
-    load_checkpoint_state,
     open_reader,
     parse_input_spec,
 )
@@ -29,7 +29,6 @@ from trainkit.io.safetensors_format import TensorMeta
 from trainkit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, ShardPlan, plan_shards
 
 __all__ = [
-    "CheckpointReader",
     "DictReader",
     "InputSpec",
     "SafetensorsReader",
@@ -38,7 +37,6 @@ __all__ = [
     "TorchFileReader",
     "TensorMeta",
     "flatten_state",
-    "load_checkpoint_state",
     "open_reader",
     "parse_input_spec",
     "DEFAULT_SHARD_BYTES",

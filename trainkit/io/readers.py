@@ -30,11 +30,9 @@ __all__ = [
     "ShardedSafetensorsReader",
     "TorchFileReader",
     "DictReader",
-    "CheckpointReader",
     "InputSpec",
     "parse_input_spec",
     "open_reader",
-    "load_checkpoint_state",
     "flatten_state",
 ]
 
@@ -215,47 +213,6 @@ class TorchFileReader(DictReader):
         return [self.path]
 
 
-def load_checkpoint_state(path: str | Path, step: int | None) -> Mapping[str, Any]:
-    """Load one step of a trainkit checkpoint as its nested state dict.
-
-    Kept as the only place that touches ``trainkit.checkpoint`` so the checkpoint
-    engine's API can change without touching the merge code.
-    """
-    try:
-        from trainkit.checkpoint import reader
-        from trainkit.checkpoint.export import step_tensors
-    except ImportError as exc:  # the checkpoint engine is optional at import time
-        raise RuntimeError(f"reading a trainkit checkpoint needs trainkit.checkpoint ({exc})") from exc
-
-    tier = reader.as_tier(str(path))
-    if step is None:
-        steps = reader.committed_steps(tier)
-        if not steps:
-            raise FileNotFoundError(f"{path}: no committed checkpoint")
-        step = steps[-1]
-    # every tensor by dotted name: one process's view of any world size, DCP steps too
-    return {name: fetch() for name, (_, fetch) in step_tensors(tier, step).items()}
-
-
-class CheckpointReader(DictReader):
-    """The tensors under ``prefix`` of one step of a trainkit checkpoint."""
-
-    def __init__(self, path: str | Path, step: int | None, prefix: str = "model."):
-        self.path = Path(path)
-        state = load_checkpoint_state(self.path, step)
-        flat = dict(flatten_state(state))
-        selected = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
-        if not selected:
-            raise ValueError(
-                f"{path} step {step}: no tensors under prefix {prefix!r} "
-                f"(top-level keys: {sorted({k.split('.')[0] for k in flat})[:20]})"
-            )
-        super().__init__(selected, f"trainkit checkpoint {path}@{step}#{prefix}")
-
-    def files(self) -> list[Path]:
-        return sorted(p for p in self.path.rglob("*") if p.is_file())
-
-
 class InputSpec:
     """A parsed input argument: a path, plus step and key prefix for checkpoints."""
 
@@ -281,12 +238,18 @@ def parse_input_spec(text: str) -> InputSpec:
 
 
 def open_reader(spec: str | Path | InputSpec) -> TensorReader:
-    """Open any supported input: HF directory, ``.safetensors``, ``.pt``/``.bin``, checkpoint."""
+    """Open a model file: HF directory, ``.safetensors``, ``.pt``/``.bin``.
+
+    A ``trainkit:`` checkpoint input is not opened here: ``io`` knows nothing of
+    checkpoints (it is the floor capabilities stand on). ``trainkit.merge`` opens those
+    through :class:`trainkit.checkpoint.tensors.StepTensorReader`.
+    """
     if not isinstance(spec, InputSpec):
         spec = parse_input_spec(str(spec))
     path = spec.path
     if spec.checkpoint:
-        return CheckpointReader(path, spec.step, spec.prefix)
+        raise ValueError(f"{spec!r}: a trainkit checkpoint input; open it with "
+                         f"trainkit.checkpoint.tensors.StepTensorReader (trainkit merge does)")
     if not path.exists():
         raise FileNotFoundError(f"input not found: {path}")
     if path.is_dir():

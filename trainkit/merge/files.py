@@ -26,10 +26,23 @@ from trainkit.merge.engine import MergeStats, run_merge
 from trainkit.merge.methods import MergeConfig
 from trainkit.merge.plan import plan_merge
 
-__all__ = ["merge_files", "sha256_file", "WEIGHT_SUFFIXES"]
+__all__ = ["merge_files", "open_input", "sha256_file", "WEIGHT_SUFFIXES"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def open_input(spec: str | Path | InputSpec) -> TensorReader:
+    """A merge input: a model file through :func:`trainkit.io.open_reader`, or a
+    ``trainkit:DIR[@STEP][#PREFIX]`` checkpoint through the checkpoint's read face,
+    which reads only the tensors under the prefix (never the optimizer state)."""
+    if not isinstance(spec, InputSpec):
+        spec = parse_input_spec(str(spec))
+    if spec.checkpoint:
+        from trainkit.checkpoint.tensors import StepTensorReader   # torch-heavy: on use
+
+        return StepTensorReader(str(spec.path), spec.step, spec.prefix)
+    return open_reader(spec)
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
@@ -126,8 +139,8 @@ def _merge_into(
     out = Path(out)
     base_spec = parse_input_spec(str(base))
     model_specs = [parse_input_spec(str(m)) for m in models]
-    base_r = open_reader(base_spec)
-    model_rs = [open_reader(s) for s in model_specs]
+    base_r = open_input(base_spec)
+    model_rs = [open_input(s) for s in model_specs]
     plan = plan_merge(base_r, model_rs, cfg)
     shard_plan = plan_shards({t.name: base_r.meta(t.name) for t in plan.tasks}, shard_bytes)
     out.mkdir(parents=True, exist_ok=True)

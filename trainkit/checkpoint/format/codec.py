@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["encode", "decode", "format_key_path"]
+__all__ = ["encode", "decode", "format_key_path", "TableRef"]
 
 _SAFE_INT = 2**53
 
@@ -54,6 +54,19 @@ KeyPath = tuple[Any, ...]
 def format_key_path(path: KeyPath) -> str:
     """``('optim', 'state', 0, 'exp_avg')`` -> ``state['optim']['state'][0]['exp_avg']``."""
     return "state" + "".join(f"[{k!r}]" for k in path)
+
+
+class TableRef:
+    """A leaf that is already an entry of the rank's tensor table: ``encode`` writes it
+    as ``{"$tensor": entry}``, or ``{"$pickled": entry}`` for an opaque pickled blob.
+
+    For writers that build the tensor table themselves (DCP's ZarrWriter, import-dcp)
+    and need the tree in the same tagged form as the engine's."""
+
+    __slots__ = ("entry", "pickled")
+
+    def __init__(self, entry: int, *, pickled: bool = False) -> None:
+        self.entry, self.pickled = entry, pickled
 
 
 def encode(obj: Any, on_tensor: Callable[[KeyPath, torch.Tensor], int],
@@ -76,6 +89,8 @@ def encode(obj: Any, on_tensor: Callable[[KeyPath, torch.Tensor], int],
         return {"$float": "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")}
     if isinstance(obj, torch.Tensor):
         return {"$tensor": on_tensor(path, obj)}
+    if isinstance(obj, TableRef):
+        return {"$pickled" if obj.pickled else "$tensor": obj.entry}
     if isinstance(obj, (bytes, bytearray)):
         return {"$bytes": base64.b64encode(bytes(obj)).decode("ascii")}
     if isinstance(obj, torch.Size):

@@ -13,7 +13,7 @@ when it is no longer needed, or a crashed job leaves gigabytes of RAM pinned for
   lease has had a live process for ``ttl`` seconds: long enough for a restart to find
   the copy, short enough that a dead job gives its memory back.
 
-Run as ``python -m trainkit.checkpoint.keeper DIR --ttl SECONDS``.
+Run as ``python -m trainkit.checkpoint.tiers.keeper DIR --ttl SECONDS``.
 """
 
 from __future__ import annotations
@@ -27,12 +27,11 @@ import subprocess
 import sys
 import time
 
-from trainkit.checkpoint.storage import remove_tree
+from trainkit.checkpoint.tiers.local import remove_tree
+from trainkit.rundir import MEMORY_DIR_ENV
 
-__all__ = ["memory_dir_for", "ensure_keeper", "take_lease", "drop_lease", "keeper_pid",
-           "MEMORY_DIR_ENV"]
+__all__ = ["memory_dir_for", "ensure_keeper", "take_lease", "drop_lease", "keeper_pid"]
 
-MEMORY_DIR_ENV = "TRAINKIT_MEMORY_DIR"
 _LEASES = ".leases"
 _LOCK = ".keeper.lock"
 log = logging.getLogger(__name__)
@@ -103,7 +102,7 @@ def ensure_keeper(directory: str, *, ttl: float) -> None:
         return                              # a keeper holds it
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
-    subprocess.Popen([sys.executable, "-m", "trainkit.checkpoint.keeper", directory,
+    subprocess.Popen([sys.executable, "-m", "trainkit.checkpoint.tiers.keeper", directory,
                       "--ttl", str(ttl)],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)

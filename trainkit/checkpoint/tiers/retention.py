@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from trainkit.checkpoint.layout import step_dirname
-from trainkit.checkpoint.tiers import COMMIT_FILE, Tier
+from trainkit.checkpoint.format.layout import COMMIT_FILE, step_dirname
+from trainkit.checkpoint.tiers import Tier
 
 __all__ = ["GcPlan", "plan_gc", "apply_gc", "tier_state"]
 

@@ -6,7 +6,7 @@ disk, else persistent), so the host buffer is free again as soon as that copy is
 Once the step is committed there, a flusher thread copies it down to the slower tiers
 (node-local disk, then every ``persist_every``-th save to persistent storage), each copy
 verified chunk by chunk and committed on its tier only when every rank's copy is
-durable there. Then retention runs (:mod:`~trainkit.checkpoint.retention`).
+durable there. Then retention runs (:mod:`~trainkit.checkpoint.tiers.retention`).
 
 Who deletes: the persistent tier is shared, so rank 0 garbage-collects it; a node-local
 tier is garbage-collected by the lowest rank that uses the same directory on the same
@@ -24,11 +24,11 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 from trainkit.checkpoint.coord import Coordinator
 from trainkit.checkpoint.errors import CheckpointError, CheckpointWriteError
-from trainkit.checkpoint.flush import copy_rank, record_for
-from trainkit.checkpoint.keeper import drop_lease, ensure_keeper, memory_dir_for, take_lease
 from trainkit.checkpoint.reader import committed_steps
-from trainkit.checkpoint.retention import apply_gc, plan_gc, tier_state
-from trainkit.checkpoint.tiers import LocalTier, Tier, open_tier
+from trainkit.checkpoint.tiers import TIERS, Tier, open_tier
+from trainkit.checkpoint.tiers.flush import copy_rank, record_for
+from trainkit.checkpoint.tiers.keeper import drop_lease, ensure_keeper, memory_dir_for, take_lease
+from trainkit.checkpoint.tiers.retention import apply_gc, plan_gc, tier_state
 
 __all__ = ["TierConfig", "TierFlow"]
 
@@ -84,9 +84,9 @@ class TierFlow:
                 if not owned:
                     ensure_keeper(mem_dir, ttl=config.keeper_ttl)
                 self._lease = take_lease(mem_dir)
-            self.tiers.append(LocalTier(mem_dir, name="memory", shared=False, fsync=False))
+            self.tiers.append(TIERS["memory"](mem_dir, name="memory", shared=False))
         if config.local_dir is not None:
-            self.tiers.append(LocalTier(config.local_dir, name="local", shared=False))
+            self.tiers.append(TIERS["local"](config.local_dir, name="local", shared=False))
         self.tiers.append(self.persistent)
         self.first = self.tiers[0]
         self._gc_tiers = self._elect_collectors()

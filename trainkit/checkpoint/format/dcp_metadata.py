@@ -6,7 +6,7 @@ mapping, the storage layer's locations), so it encodes to JSON losslessly:
 
 * ``state_dict_metadata``: ``{fqn: {"tensor": {dtype, size, chunks, ...}} | {"bytes": {}}}``;
 * ``planner_data``: the default planner's ``{fqn: key path}`` mapping, through
-  :mod:`~trainkit.checkpoint.codec` (tuples and ints survive); a custom planner's data
+  :mod:`~trainkit.checkpoint.format.codec` (tuples and ints survive); a custom planner's data
   that the codec cannot express is kept as a base64 pickle under ``"$pickle"`` and is
   only unpickled when the reader allows pickle;
 * ``storage_data``: a list of ``[fqn, offset or null, location]``, the location being
@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from trainkit.checkpoint import codec
+from trainkit.checkpoint.format import codec
 from trainkit.checkpoint.errors import PickleRefusedError
 
 __all__ = ["encode_metadata", "decode_metadata", "Location"]

@@ -38,8 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from trainkit.checkpoint.layout import parse_step_dirname, step_dirname
-from trainkit.checkpoint.tiers import COMMIT_FILE
+from trainkit.checkpoint.format.layout import COMMIT_FILE, parse_step_dirname, step_dirname
 
 __all__ = ["FsspecTier", "ObjectStoreError", "s3_defaults"]
 

@@ -23,27 +23,21 @@ from dataclasses import dataclass, field
 import torch
 
 from trainkit.checkpoint.errors import CheckpointWriteError, CorruptCheckpointError
-from trainkit.checkpoint.layout import (
+from trainkit.checkpoint.format.layout import (
     DEFAULT_CHUNK_BYTES,
     TensorSpec,
     _contiguous_stride,
     chunk_relpath,
     chunk_segments,
+    crc32,
     plan_shard,
     rank_array,
     rank_dirname,
     step_dirname,
 )
 from trainkit.checkpoint.reader import read_rank_index, tensor_from_blob
-from trainkit.checkpoint.storage import crc32
 from trainkit.checkpoint.tiers import Tier
-from trainkit.checkpoint.writer import (
-    _write_chunk,
-    index_doc,
-    manifest_of,
-    tensor_table,
-    write_array_and_index,
-)
+from trainkit.checkpoint.writer import _write_chunk, finish_shard
 
 __all__ = ["StreamItem", "write_stream_shard", "ShardBlobReader", "tensor_bytes"]
 
@@ -107,7 +101,7 @@ def write_stream_shard(tier: Tier, step: int, rank: int, world_size: int,
 
     Returns the rank's manifest (for :func:`~trainkit.checkpoint.writer.commit_record`)
     and its tensor table (entry ``i`` describes ``items[i]``). ``tree`` is the rank's
-    encoded state tree (:mod:`~trainkit.checkpoint.codec`), referring to items by index.
+    encoded state tree (:mod:`~trainkit.checkpoint.format.codec`), referring to items by index.
     ``on_bytes(n)`` reports progress as item bytes are handed to the writers.
     """
     specs = [TensorSpec(it.name, it.dtype, it.shape, _contiguous_stride(it.shape), None, 0, 0,
@@ -156,30 +150,10 @@ def write_stream_shard(tier: Tier, step: int, rank: int, world_size: int,
                 flush()
             while pending:
                 done.append(pending.popleft().result())
-        files: dict[str, list[int]] = {}
-        chunk_crcs: dict[str, list[int]] = {}
-        for rel, size, digest, crcs in done:
-            rel = rel[len(step_dir) + 1:]
-            files[rel] = [size, digest]
-            chunk_crcs[rel] = crcs
-        blob_crcs: list[list[int]] = [[] for _ in plan.blobs]
-        for c in range(plan.nchunks):
-            for (b, _, _), crc in zip(segments[c], chunk_crcs[chunk_relpath(array, c)]):
-                if b is not None:
-                    blob_crcs[b].append(crc)
-        tensors = tensor_table(tuple(specs), plan, {})
-        for entry, item in zip(tensors, items):
-            if item.pickled:
-                entry["pickled"] = True
-            entry.update(item.extra)
-        blobs = [{"array": "rank", "offset": b.offset, "nbytes": b.nbytes, "crc32": c}
-                 for b, c in zip(plan.blobs, blob_crcs)]
-        arrays = {"rank": {"path": array, "chunk_bytes": plan.chunk_bytes,
-                           "nchunks": plan.nchunks, "nbytes": plan.nbytes}}
-        files.update(write_array_and_index(
-            tier, step, rank, {array: (plan.array_bytes, plan.chunk_bytes)},
-            index_doc(step, rank, world_size, tensors, blobs, arrays, tree)))
-        tier.sync(step, rank_dirname(rank))
+        manifest, tensors = finish_shard(
+            tier, step, rank, world_size, plan, done, specs, tree,
+            entry_extra=[{"pickled": True, **it.extra} if it.pickled else it.extra
+                         for it in items])
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         raise CheckpointWriteError(
@@ -188,7 +162,7 @@ def write_stream_shard(tier: Tier, step: int, rank: int, world_size: int,
     finally:
         for f in pending:
             f.cancel()
-    return manifest_of(rank, files, plan.nbytes, tensors, blobs), tensors
+    return manifest, tensors
 
 
 class ShardBlobReader:

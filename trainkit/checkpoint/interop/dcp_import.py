@@ -7,7 +7,7 @@ pointing at them, so it can be read three ways: ``Checkpointer(dst).load(step)``
 and ``trainkit ckpt export``.
 
 Memory stays bounded: tensors are read from the ``.distcp`` files one at a time, while
-the writer streams chunks out (:mod:`~trainkit.checkpoint.shard_stream`). The peak is
+the writer streams chunks out (:mod:`~trainkit.checkpoint.interop.shard_stream`). The peak is
 about the largest tensor plus a few chunk buffers, not the checkpoint.
 
 Trust: DCP's ``.metadata`` file is a pickle (that is DCP's format), so importing runs
@@ -32,18 +32,18 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from trainkit.checkpoint.dcp import (
+from trainkit.checkpoint.errors import CheckpointError
+from trainkit.checkpoint.format.dcp_metadata import encode_metadata
+from trainkit.checkpoint.format.layout import COMMIT_FILE, DEFAULT_CHUNK_BYTES, step_dirname
+from trainkit.checkpoint.interop.dcp_step import (
     assemble_tensor,
     commit_dcp_step,
     dcp_key_path,
     next_free_step,
     state_tree,
 )
-from trainkit.checkpoint.dcp_metadata import encode_metadata
-from trainkit.checkpoint.errors import CheckpointError
-from trainkit.checkpoint.layout import DEFAULT_CHUNK_BYTES, step_dirname
-from trainkit.checkpoint.shard_stream import StreamItem, write_stream_shard
-from trainkit.checkpoint.tiers import COMMIT_FILE, Tier, open_tier
+from trainkit.checkpoint.interop.shard_stream import StreamItem, write_stream_shard
+from trainkit.checkpoint.tiers import Tier, open_tier
 
 __all__ = ["import_dcp", "read_dcp_metadata", "dcp_total_bytes"]
 

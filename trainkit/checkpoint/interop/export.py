@@ -11,10 +11,10 @@ saves its ``model.state_dict()`` under) are written with the prefix stripped, th
 * ``--to NAME.safetensors``: one file, or ``NAME-0000i-of-0000N.safetensors`` plus
   ``NAME.safetensors.index.json`` when it does not fit one shard.
 
-What is read: a step written through DCP (ZarrWriter, import-dcp) through its DCP
-metadata, one whole tensor at a time (however DCP spread it over ranks and chunks), so
-memory stays about the largest tensor; a step saved by the Checkpointer through rank
-0's shard, loaded whole for now (:func:`step_state`).
+What is read comes from the read face, :mod:`~trainkit.checkpoint.tensors`: only the
+tensors under the prefix (never the optimizer state), one tensor at a time for a step
+written through DCP, the prefix's tensors together for a step saved by the
+Checkpointer.
 
 Atomic: everything is written and fsynced in a hidden staging directory beside the
 target, then renamed into place, the index last, so a reader never sees a partial
@@ -28,83 +28,28 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
 from trainkit.checkpoint import reader
-from trainkit.checkpoint.dcp import assemble_tensor, read_step_metadata
 from trainkit.checkpoint.errors import CheckpointError
-from trainkit.checkpoint.shard_stream import ShardBlobReader
-from trainkit.checkpoint.storage import fsync_dir
+from trainkit.checkpoint.tensors import Source, step_names, step_tensors
 from trainkit.checkpoint.tiers import Tier
-from trainkit.io import DEFAULT_SHARD_BYTES, ShardedWriter, TensorMeta, flatten_state, plan_shards
+from trainkit.checkpoint.tiers.local import fsync_dir, fsync_file
+from trainkit.io import DEFAULT_SHARD_BYTES, ShardedWriter, plan_shards
 from trainkit.io.safetensors_format import TORCH_TO_DTYPE
 
-__all__ = ["export_safetensors", "select_tensors", "output_names", "step_state",
-           "step_tensors"]
+__all__ = ["export_safetensors", "select_tensors", "output_names"]
 
 INDEX_SUFFIX = ".safetensors.index.json"
 
 
-# name -> (shape and dtype, a call that produces the tensor): metas plan the shards
-# before any tensor is read, and tensors are produced one at a time.
-Source = dict[str, tuple[TensorMeta, Callable[[], torch.Tensor]]]
-
-
-def step_state(tier: Tier, step: int) -> Any:
-    """The state whose model part is exported, for steps saved by trainkit's
-    Checkpointer: the world-size-agnostic view of one process (replicated tensors once,
-    split tensors reassembled whole, per-rank values as ``PerRank``). A one-rank step
-    is that rank's shard; pickled values come back as opaque bytes and are ignored."""
-    record = reader.read_commit_record(tier, step)
-    if record["world_size"] == 1:
-        return reader.load_shard(tier, step, 0, record=record, pickled_as_bytes=True)
-    from trainkit.checkpoint.restore import load_global
-
-    return load_global(tier, step, record, rank=0, world=1)
-
-
-def step_tensors(tier: Tier, step: int) -> Source:
-    """Every tensor of ``step`` by dotted key path. A step written through DCP is read
-    through its DCP metadata: each tensor whole (DCP dedups tensors across ranks and
-    splits DTensors into chunks on several ranks), one tensor in memory at a time."""
-    record = reader.read_commit_record(tier, step)
-    if record.get("dcp"):
-        return _dcp_tensors(tier, step, record)
-    state = step_state(tier, step)
-    flat = dict(flatten_state(state)) if isinstance(state, dict) else {}
-    return {k: (TensorMeta(tuple(t.shape), t.dtype), lambda t=t: t) for k, t in flat.items()}
-
-
-def _dcp_tensors(tier: Tier, step: int, record: dict) -> Source:
-    md = read_step_metadata(tier, step, record, planner_data=False)
-    readers: dict[int, ShardBlobReader] = {}
-
-    def fetch(rank: int, entry: int) -> torch.Tensor:
-        if rank not in readers:
-            readers[rank] = ShardBlobReader(tier, step, rank, record)
-        return readers[rank].tensor(entry)
-
-    out: Source = {}
-    for fqn, sm in md.state_dict_metadata.items():
-        if not isinstance(sm, TensorStorageMetadata):
-            continue
-        pieces = [(list(c.offsets),
-                   lambda loc=md.storage_data[MetadataIndex(fqn, c.offsets)]: fetch(*loc))
-                  for c in sm.chunks]
-        out[fqn] = (TensorMeta(tuple(sm.size), sm.properties.dtype),
-                    lambda sm=sm, pieces=pieces: assemble_tensor(
-                        tuple(sm.size), sm.properties.dtype, pieces))
-    return out
-
-
-def select_tensors(source: Source, prefix: str) -> Source:
-    """Tensors whose dotted name starts with ``prefix``, renamed without it."""
+def select_tensors(source: Source, prefix: str, tier: Tier | None = None,
+                   step: int | None = None) -> Source:
+    """Tensors whose dotted name starts with ``prefix``, renamed without it. When none
+    does, the error lists the step's top-level keys that hold tensors (from metadata)."""
     chosen = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
     if not chosen or "" in chosen:
-        tops = sorted({k.split(".")[0] for k in source})
+        names = source if tier is None or step is None else step_names(tier, step)
+        tops = sorted({k.split(".")[0] for k in names})
         raise CheckpointError(f"no tensors under the prefix {prefix!r} (tensor names are "
                               f"dotted key paths; top-level keys with tensors: "
                               f"{tops[:20] or 'none'}); pass --prefix")
@@ -130,14 +75,6 @@ def output_names(to: str | os.PathLike, nshards: int) -> tuple[Path, list[str], 
     return directory, names, f"{stem}{INDEX_SUFFIX}"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def export_safetensors(where: Tier | str, step: int, to: str | os.PathLike, *,
                        prefix: str = "model.", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                        overwrite: bool = False,
@@ -153,7 +90,7 @@ def export_safetensors(where: Tier | str, step: int, to: str | os.PathLike, *,
     if max_shard_bytes <= 0:
         raise CheckpointError(f"the maximum shard size must be positive, got {max_shard_bytes}")
     tier = reader.as_tier(where)
-    tensors = select_tensors(step_tensors(tier, step), prefix)
+    tensors = select_tensors(step_tensors(tier, step, prefix=prefix), prefix, tier, step)
     plan = plan_shards({k: meta for k, (meta, _) in tensors.items()}, max_shard_bytes)
     if on_total is not None:
         on_total(plan.total_size)
@@ -175,14 +112,14 @@ def export_safetensors(where: Tier | str, step: int, to: str | os.PathLike, *,
                     on_bytes(meta.nbytes)
         renamed = dict(zip(plan.shard_names, names))
         for old in plan.shard_names:
-            _fsync(stage / old)
+            fsync_file(stage / old)
         if index_name:
             index = {"metadata": {"total_size": plan.total_size,
                                   "trainkit": {"source": tier.url, "step": step,
                                                "prefix": prefix}},
                      "weight_map": {k: renamed[s] for k, (s, _) in plan.placement.items()}}
             (stage / index_name).write_text(json.dumps(index, indent=2))
-            _fsync(stage / index_name)
+            fsync_file(stage / index_name)
         for old in plan.shard_names:             # shards first, the index last
             os.replace(stage / old, directory / renamed[old])
         if index_name:

@@ -31,11 +31,9 @@ own ``Checkpointer.load`` refuses them unless ``allow_pickle=True``.
 from __future__ import annotations
 
 import io
-import json
 import os
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
 from concurrent.futures import Future as ConcurrentFuture
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -55,25 +53,27 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from trainkit.checkpoint.dcp_metadata import Location, decode_metadata, encode_metadata
 from trainkit.checkpoint.errors import (
     CheckpointError,
     CheckpointNotFoundError,
-    CorruptCheckpointError,
     PickleRefusedError,
 )
-from trainkit.checkpoint.layout import DEFAULT_CHUNK_BYTES, step_dirname
+from trainkit.checkpoint.format.dcp_metadata import Location, encode_metadata
+from trainkit.checkpoint.format.layout import COMMIT_FILE, DEFAULT_CHUNK_BYTES, step_dirname
+from trainkit.checkpoint.interop.dcp_step import (
+    commit_dcp_step,
+    dcp_key_path,
+    dcp_version,
+    next_free_step,
+    read_step_metadata,
+    state_tree,
+)
+from trainkit.checkpoint.interop.shard_stream import ShardBlobReader, StreamItem, write_stream_shard
 from trainkit.checkpoint.reader import committed_steps, read_commit_record
-from trainkit.checkpoint.shard_stream import ShardBlobReader, StreamItem, write_stream_shard
-from trainkit.checkpoint.storage import crc32
-from trainkit.checkpoint.tiers import COMMIT_FILE, Tier, open_tier
-from trainkit.checkpoint.writer import commit_record, write_json_file
+from trainkit.checkpoint.tiers import Tier, open_tier
 
-__all__ = ["ZarrWriter", "ZarrReader", "DCP_METADATA_FILE", "next_free_step",
-           "commit_dcp_step", "state_tree", "dcp_key_path", "read_step_metadata",
-           "assemble_tensor"]
+__all__ = ["ZarrWriter", "ZarrReader"]
 
-DCP_METADATA_FILE = "dcp_metadata.json"
 
 
 @dataclass(frozen=True)
@@ -93,126 +93,6 @@ class _Stored:
     rank: int
     entry: int
     manifest: dict | None = None
-
-
-def next_free_step(tier: Tier) -> int:
-    """The step after the newest step directory (committed or not): never reuses one."""
-    steps = tier.step_dirs()
-    return steps[-1] + 1 if steps else 0
-
-
-class _Ref:
-    """A leaf of a rank's state tree: entry ``i`` of its tensor table."""
-
-    __slots__ = ("entry", "pickled")
-
-    def __init__(self, entry: int, pickled: bool) -> None:
-        self.entry, self.pickled = entry, pickled
-
-
-def _set_path(root: dict, path: tuple, value: Any) -> None:
-    """Place ``value`` at ``path`` (str keys make dicts, int keys lists), as DCP's own
-    unflattening does, so the tree has the shape of the state the user saved."""
-    cur: Any = root
-    for key, nxt in zip(path, path[1:]):
-        empty: Any = {} if isinstance(nxt, str) else []
-        if isinstance(cur, list):
-            cur.extend([None] * (key + 1 - len(cur)))
-            if cur[key] is None:
-                cur[key] = empty
-        else:
-            cur.setdefault(key, empty)
-        cur = cur[key]
-    key = path[-1]
-    if isinstance(cur, list):
-        cur.extend([None] * (key + 1 - len(cur)))
-    cur[key] = value
-
-
-def _encode_tree(obj: Any) -> Any:
-    if isinstance(obj, _Ref):
-        return {"$pickled" if obj.pickled else "$tensor": obj.entry}
-    if isinstance(obj, list):
-        return [_encode_tree(v) for v in obj]
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) and not k.startswith("$") for k in obj):
-            return {k: _encode_tree(v) for k, v in obj.items()}
-        return {"$dict": [[k, _encode_tree(v)] for k, v in obj.items()]}
-    return obj
-
-
-def state_tree(leaves: list[tuple[tuple, bool]]) -> Any:
-    """The encoded state tree (:mod:`~trainkit.checkpoint.codec` form) of a rank whose
-    table entry ``i`` sits at key path ``leaves[i][0]`` (``leaves[i][1]``: pickled)."""
-    root: dict = {}
-    for i, (path, pickled) in enumerate(leaves):
-        _set_path(root, path, _Ref(i, pickled))
-    return _encode_tree(root)
-
-
-def dcp_key_path(fqn: str, mappings: dict) -> tuple[tuple, str]:
-    """The key path of a DCP item (from the planner's flattening map) and its index name."""
-    path = tuple(mappings.get(fqn, (fqn,)))
-    return path, "/".join(map(str, path))
-
-
-def commit_dcp_step(tier: Tier, step: int, manifests: list[dict], metadata_doc: dict) -> None:
-    """Write the JSON form of DCP's metadata into the step, then publish the commit record
-    (listing that file with its checksum): the record is the last write."""
-    size, crc = write_json_file(tier, f"{step_dirname(step)}/{DCP_METADATA_FILE}", metadata_doc)
-    doc = commit_record(step, len(manifests), manifests, tier=tier.name)
-    record = doc["attributes"]["trainkit"]
-    record["files"][DCP_METADATA_FILE] = [size, crc]
-    record["dcp"] = {"metadata": DCP_METADATA_FILE, "version": metadata_doc.get("version")}
-    tier.publish(step, doc)
-
-
-def _dcp_version() -> str | None:
-    try:
-        from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
-    except ImportError:  # pragma: no cover - older torch
-        return None
-    return CURRENT_DCP_VERSION
-
-
-def read_step_metadata(tier: Tier, step: int, record: dict, *, allow_pickle: bool = False,
-                       planner_data: bool = True) -> Metadata:
-    """The DCP ``Metadata`` of a committed step written through DCP, checksum-verified
-    (``planner_data=False`` skips the planner's data, which only DCP's planner needs)."""
-    info = record.get("dcp")
-    if not info:
-        raise CheckpointError(f"step {step} in {tier.url} was saved by trainkit's "
-                              f"Checkpointer, not through DCP; load it with "
-                              f"Checkpointer(path).load({step})")
-    rel = info["metadata"]
-    raw = tier.read(f"{step_dirname(step)}/{rel}")
-    size, crc = record["files"][rel]
-    if len(raw) != size or crc32(raw) != crc:
-        raise CorruptCheckpointError(f"step {step}: {tier.url}/{step_dirname(step)}/{rel} "
-                                     f"fails its checksum (DCP metadata)")
-    doc = json.loads(raw)
-    if not planner_data:
-        doc["planner_data"] = None
-    return decode_metadata(doc, allow_pickle=allow_pickle)
-
-
-def assemble_tensor(shape: tuple[int, ...], dtype: torch.dtype,
-                    pieces: list[tuple[Sequence[int], Callable[[], torch.Tensor]]]
-                    ) -> torch.Tensor:
-    """A global tensor from its saved chunks (``(offsets, fetch)``), one chunk in memory
-    at a time besides the result; a single whole chunk is returned as it is."""
-    if len(pieces) == 1 and not any(pieces[0][0]):
-        whole = pieces[0][1]()
-        if tuple(whole.shape) == tuple(shape):
-            return whole
-    out = torch.empty(shape, dtype=dtype)
-    for offsets, fetch in pieces:
-        part = fetch()
-        view = out
-        for dim, (off, n) in enumerate(zip(offsets, part.shape)):
-            view = view.narrow(dim, off, n)
-        view.copy_(part)
-    return out
 
 
 class ZarrWriter(StorageWriter):
@@ -322,7 +202,7 @@ class ZarrWriter(StorageWriter):
             manifests.append(manifest)
             for r in rank_results:
                 locations[r.index] = (r.storage_data.rank, r.storage_data.entry)
-        metadata.version = _dcp_version()
+        metadata.version = dcp_version()
         metadata.storage_meta = self.storage_meta()
         commit_dcp_step(tier, step, manifests, encode_metadata(metadata, locations))
         self.last_step = step

@@ -21,15 +21,15 @@ from datetime import datetime, timezone
 from concurrent.futures import Executor
 
 from trainkit.checkpoint.errors import CheckpointWriteError, CorruptCheckpointError
-from trainkit.checkpoint.layout import (
+from trainkit.checkpoint.format.layout import (
     chunk_digest,
     chunk_relpath,
+    crc32,
     rank_array,
     rank_dirname,
     step_dirname,
 )
 from trainkit.checkpoint.reader import array_segments, read_rank_index
-from trainkit.checkpoint.storage import crc32
 from trainkit.checkpoint.tiers import Tier
 from trainkit.checkpoint.writer import write_json_file
 
