@@ -65,17 +65,20 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int,
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0,
-              init_pg: bool = True, expect_dead: Sequence[int] = ()) -> dict[int, Any]:
+              init_pg: bool = True, expect_dead: Sequence[int] = (),
+              daemon: bool = True) -> dict[int, Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes on gloo.
 
     ``fn`` must be importable (a module-level function). Ranks listed in
     ``expect_dead`` may die without reporting (e.g. a test that SIGKILLs itself).
+    ``daemon=False`` lets a rank start processes of its own (DCP's process-mode
+    ``async_save`` does); such ranks are still killed at the end like the others.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, queue, init_pg),
-                         daemon=True) for r in range(world_size)]
+                         daemon=daemon) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

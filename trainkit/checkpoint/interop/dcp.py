@@ -93,6 +93,7 @@ class _Stored:
     rank: int
     entry: int
     manifest: dict | None = None
+    step: int | None = None
 
 
 class ZarrWriter(StorageWriter):
@@ -118,6 +119,7 @@ class ZarrWriter(StorageWriter):
         self._save_id = uuid.uuid4().hex
         self._rank = 0
         self._plan_step: int | None = None
+        self._own_step: int | None = None   # this rank's view of the step, per save
 
     @property
     def checkpoint_id(self) -> str:
@@ -131,6 +133,7 @@ class ZarrWriter(StorageWriter):
             self.path = os.fspath(checkpoint_id)
         self._save_id = uuid.uuid4().hex
         self._plan_step = None
+        self._own_step = None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
@@ -144,6 +147,12 @@ class ZarrWriter(StorageWriter):
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self._rank = int(kwargs.get("rank") or 0)
+        self._plan_step = None
+        # This rank's own view of the step of this save. Every rank runs this before the
+        # first collective of the save, so no rank has written anything of it yet and
+        # all ranks of a shared directory see the same step directories. It is used
+        # when DCP's plan caching hands back a finished plan of an earlier save.
+        self._own_step = self.step if self.step is not None else next_free_step(self._tier())
         if kwargs.get("use_collectives", True) is False:
             raise CheckpointError("ZarrWriter needs dcp.save(..., use_collectives=True): one "
                                   "commit record covers every rank's shard")
@@ -166,25 +175,42 @@ class ZarrWriter(StorageWriter):
         """Every rank: stream this rank's items into its rank group, durably."""
         sd = plan.storage_data
         if not isinstance(sd, _RankPlan):
-            raise CheckpointError("ZarrWriter got a plan without its step assignment (DCP plan "
-                                  "caching is not supported); save again without "
-                                  "enable_plan_caching")
-        self.last_step = sd.step
+            raise CheckpointError("ZarrWriter got a plan without its step assignment: the "
+                                  "plan did not come through ZarrWriter.prepare_global_plan")
+        tier = self._tier()
+        step = self._current_step(tier, sd)
+        self.last_step = step
         results: list[WriteResult] = []
         if plan.items:
             mappings = plan.planner_data if isinstance(plan.planner_data, dict) else {}
             items, tree = _stream_items(plan.items, planner, mappings)
-            manifest, _ = write_stream_shard(self._tier(), sd.step, sd.rank, sd.world_size,
-                                             items, tree,
+            manifest, _ = write_stream_shard(tier, step, sd.rank, sd.world_size, items, tree,
                                              chunk_bytes=self.chunk_bytes,
                                              io_threads=self.io_threads)
             for i, (wi, item) in enumerate(zip(plan.items, items)):
-                results.append(WriteResult(index=wi.index, size_in_bytes=item.nbytes,
-                                           storage_data=_Stored(sd.rank, i,
-                                                                manifest if i == 0 else None)))
+                results.append(WriteResult(
+                    index=wi.index, size_in_bytes=item.nbytes,
+                    storage_data=_Stored(sd.rank, i, manifest if i == 0 else None, step)))
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
+
+    def _current_step(self, tier: Tier, sd: _RankPlan) -> int:
+        """The step this save writes, never a committed one.
+
+        The plan names the step the coordinator chose, except when DCP's plan caching
+        (``enable_plan_caching``) reuses the finished plan of an earlier save: that plan
+        still names the earlier step, which is committed by now. The write then goes to
+        the step this rank saw at ``set_up_storage_writer``; ``finish`` checks that every
+        rank wrote the step the coordinator chose before committing anything.
+        """
+        step = self._plan_step if self._plan_step is not None else sd.step
+        if tier.size(f"{step_dirname(step)}/{COMMIT_FILE}") is not None:
+            step = self._own_step if self._own_step is not None else step
+        if tier.size(f"{step_dirname(step)}/{COMMIT_FILE}") is not None:
+            raise CheckpointError(f"refusing to write into committed step {step} of "
+                                  f"{tier.url}: checkpoints are never overwritten")
+        return step
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Coordinator: fill in empty ranks, store DCP's metadata as JSON, commit."""
@@ -201,6 +227,12 @@ class ZarrWriter(StorageWriter):
                 manifest, _ = write_stream_shard(tier, step, rank, len(results), [], {})
             manifests.append(manifest)
             for r in rank_results:
+                wrote = getattr(r.storage_data, "step", None)
+                if wrote is not None and wrote != step:
+                    raise CheckpointError(
+                        f"rank {rank} wrote step {wrote} of {tier.url} while the save is step "
+                        f"{step}; nothing was committed (pass ZarrWriter(step=...) explicitly "
+                        f"if the ranks see different directories)")
                 locations[r.index] = (r.storage_data.rank, r.storage_data.entry)
         metadata.version = dcp_version()
         metadata.storage_meta = self.storage_meta()
