@@ -14,6 +14,7 @@ __all__ = [
     "CorruptCheckpointError",
     "CheckpointWriteError",
     "PickleRefusedError",
+    "UnsafeDirectoryError",
 ]
 
 
@@ -40,3 +41,8 @@ class CorruptCheckpointError(CheckpointError):
 class PickleRefusedError(CheckpointError):
     """A step holds a pickled value (a non-tensor item written through DCP) and the
     caller did not pass ``allow_pickle=True``: unpickling runs code from the file."""
+
+
+class UnsafeDirectoryError(CheckpointError, PermissionError):
+    """A directory that must be this user's alone (the memory tier in ``/dev/shm``) is a
+    link, belongs to another user, or is open to others: refused, not used."""

@@ -12,7 +12,6 @@ disk's speed and the returned tensors do not pin one giant buffer.
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +35,12 @@ from trainkit.checkpoint.format.layout import (
     rank_array,
     rank_dirname,
     step_dirname,
+)
+from trainkit.checkpoint.format.validate import (
+    dtype_of,
+    parse_json,
+    validate_index,
+    validate_record,
 )
 from trainkit.checkpoint.tiers import Tier, open_tier
 
@@ -74,16 +79,14 @@ def read_commit_record(where: Tier | str, step: int) -> dict:
         raise CheckpointNotFoundError(
             f"step {step} is not a committed checkpoint in {tier.url}: {detail}; committed "
             f"steps: {committed if committed else 'none'}") from None
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise CorruptCheckpointError(f"step {step}: commit record {tier.url}/{rel} is not "
-                                     f"valid JSON: {exc}") from exc
-    record = doc.get("attributes", {}).get("trainkit") if isinstance(doc, dict) else None
+    where = f"step {step}: commit record {tier.url}/{rel}"
+    doc = parse_json(raw, where)
+    attrs = doc.get("attributes", {}) if isinstance(doc, dict) else None
+    record = attrs.get("trainkit") if isinstance(attrs, dict) else None
     if not isinstance(record, dict) or record.get("kind") != "step":
         raise CorruptCheckpointError(f"step {step}: {tier.url}/{rel} is not a trainkit commit "
                                      f"record")
-    return record
+    return validate_record(record, where)
 
 
 def record_lists(where: Tier | str, step: int, files: dict[str, list[int]]) -> bool:
@@ -124,7 +127,11 @@ def read_rank_index(where: Tier | str, step: int, rank: int, record: dict) -> di
     if crc32(raw) != crc:
         raise CorruptCheckpointError(f"step {step}, rank {rank}: checksum mismatch in {path} "
                                      f"(the rank's index)")
-    return json.loads(raw)["attributes"]["trainkit"]
+    where = f"step {step}, rank {rank}: index {path}"
+    doc = parse_json(raw, where)
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    index = attrs.get("trainkit") if isinstance(attrs, dict) else None
+    return validate_index(index, record, rank, where)
 
 
 def rank_arrays(index: dict) -> dict[str, dict]:
@@ -234,6 +241,10 @@ def load_blobs(tier: Tier, step: int, rank: int, record: dict, index: dict, *,
         except FileNotFoundError as exc:
             raise CorruptCheckpointError(f"step {step}, rank {rank}: {tier.url}/{_rel(step, rel)}"
                                          f" vanished while it was read") from exc
+        except OSError as exc:      # e.g. ELOOP: a chunk replaced by a symbolic link
+            raise CorruptCheckpointError(f"step {step}, rank {rank}: cannot read "
+                                         f"{tier.url}/{_rel(step, rel)}: "
+                                         f"{exc.strerror or exc}") from exc
         for (b, _, _), buf, k in zip(segs, bufs, which):
             if k >= 0 and crc32(buf) != blobs[b]["crc32"][k]:
                 raise CorruptCheckpointError(
@@ -248,7 +259,7 @@ def load_blobs(tier: Tier, step: int, rank: int, record: dict, index: dict, *,
 
 def tensor_from_blob(entry: dict, storage: torch.Tensor) -> torch.Tensor:
     """The tensor an index entry describes, as a view of its blob's bytes."""
-    dtype = getattr(torch, entry["dtype"])
+    dtype = dtype_of(entry["dtype"], f"tensor {entry.get('name')!r}")
     return torch.empty(0, dtype=dtype).set_(storage.untyped_storage(),
                                             entry["offset"] // dtype.itemsize,
                                             entry["shape"], entry["stride"])

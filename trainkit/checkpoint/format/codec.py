@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainkit.checkpoint.errors import CorruptCheckpointError
+
 __all__ = ["encode", "decode", "format_key_path", "TableRef"]
 
 _SAFE_INT = 2**53
@@ -151,29 +153,57 @@ def decode(data: Any, tensors: Callable[[int], torch.Tensor],
 
     ``pickled(i)`` turns the opaque pickled blob at index ``i`` into a value (or refuses
     it); without it a pickled value raises, so no decoder unpickles by accident.
+
+    The data comes from a file: anything malformed in it (a bad tag payload, a ``$dtype``
+    that is no torch dtype, a table index out of range, nesting deep enough to exhaust
+    the stack) raises :class:`~trainkit.checkpoint.errors.CorruptCheckpointError`, which
+    is also a ``ValueError``. Errors of the callbacks themselves (a refused pickle) pass.
     """
+    try:
+        return _decode(data, tensors, pickled)
+    except RecursionError:
+        raise MalformedValueError("checkpoint value nested too deeply") from None
+    except MalformedValueError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, MemoryError) as exc:
+        raise MalformedValueError(f"malformed checkpoint value: {type(exc).__name__}: "
+                                  f"{exc}"[:300]) from None
+
+
+class MalformedValueError(CorruptCheckpointError, ValueError):
+    """A value in a checkpoint's tree that :func:`decode` cannot have written."""
+
+
+def _index(payload: Any, tag: str) -> int:
+    if isinstance(payload, bool) or not isinstance(payload, int) or payload < 0:
+        raise MalformedValueError(f"{tag} needs a table index >= 0, got {payload!r:.40}")
+    return payload
+
+
+def _decode(data: Any, tensors: Callable[[int], torch.Tensor],
+            pickled: Callable[[int], Any] | None = None) -> Any:
     if data is None or isinstance(data, (bool, int, float, str)):
         return data
     if isinstance(data, list):
-        return [decode(v, tensors, pickled) for v in data]
+        return [_decode(v, tensors, pickled) for v in data]
     if not isinstance(data, dict):
         raise ValueError(f"malformed checkpoint value: {data!r:.80}")
     if len(data) == 1:
         ((tag, payload),) = data.items()
         if tag.startswith("$"):
             return _decode_tagged(tag, payload, tensors, pickled)
-    return {k: decode(v, tensors, pickled) for k, v in data.items()}
+    return {k: _decode(v, tensors, pickled) for k, v in data.items()}
 
 
 def _decode_tagged(tag: str, payload: Any, tensors: Callable[[int], torch.Tensor],
                    pickled: Callable[[int], Any] | None) -> Any:
     if tag == "$tensor":
-        return tensors(int(payload))
+        return tensors(_index(payload, tag))
     if tag == "$pickled":
         if pickled is None:
             raise ValueError(f"pickled value (tensor table entry {payload}) in the checkpoint "
                              f"and no consent to unpickle it")
-        return pickled(int(payload))
+        return pickled(_index(payload, tag))
     if tag == "$int":
         return int(payload)
     if tag == "$float":
@@ -181,23 +211,41 @@ def _decode_tagged(tag: str, payload: Any, tensors: Callable[[int], torch.Tensor
     if tag == "$bytes":
         return base64.b64decode(payload)
     if tag == "$tuple":
-        return tuple(decode(v, tensors, pickled) for v in payload)
+        return tuple(_decode(v, tensors, pickled) for v in payload)
     if tag == "$set":
-        return {decode(v, tensors, pickled) for v in payload}
+        return {_decode(v, tensors, pickled) for v in payload}
     if tag == "$frozenset":
-        return frozenset(decode(v, tensors, pickled) for v in payload)
+        return frozenset(_decode(v, tensors, pickled) for v in payload)
     if tag == "$dict":
-        return {decode(k, tensors, pickled): decode(v, tensors, pickled) for k, v in payload}
+        return {_decode(k, tensors, pickled): _decode(v, tensors, pickled) for k, v in payload}
     if tag == "$ndarray":
-        raw = base64.b64decode(payload["data"])
-        return np.frombuffer(raw, dtype=np.dtype(payload["dtype"])).reshape(payload["shape"]).copy()
+        raw = base64.b64decode(payload["data"], validate=True)
+        return np.frombuffer(raw, dtype=_np_dtype(payload["dtype"])).reshape(
+            payload["shape"]).copy()
     if tag == "$npscalar":
-        raw = base64.b64decode(payload["data"])
-        return np.frombuffer(raw, dtype=np.dtype(payload["dtype"]))[0]
+        raw = base64.b64decode(payload["data"], validate=True)
+        return np.frombuffer(raw, dtype=_np_dtype(payload["dtype"]))[0]
     if tag == "$dtype":
-        return getattr(torch, payload)
+        value = getattr(torch, payload, None) if isinstance(payload, str) else None
+        if not isinstance(value, torch.dtype):      # never any other attribute of torch
+            raise MalformedValueError(f"$dtype {payload!r:.40} is not a torch dtype")
+        return value
     if tag == "$size":
         return torch.Size(payload)
     if tag == "$device":
-        return torch.device(payload)
+        try:
+            return torch.device(payload)
+        except RuntimeError as exc:         # torch's own parse error for a bad string
+            raise MalformedValueError(f"$device {payload!r:.40}: {exc}") from None
     raise ValueError(f"unknown tag {tag!r} in checkpoint metadata (written by a newer trainkit?)")
+
+
+def _np_dtype(spec: Any) -> np.dtype:
+    """A plain numpy dtype from a string (``"<f4"``): no object or structured dtypes,
+    whose decoding would need pickle."""
+    if not isinstance(spec, str):
+        raise MalformedValueError(f"numpy dtype {spec!r:.40} is not a string")
+    dtype = np.dtype(spec)
+    if dtype.hasobject or dtype.fields is not None:
+        raise MalformedValueError(f"numpy dtype {spec!r:.40} needs pickle")
+    return dtype

@@ -100,8 +100,14 @@ def step_dirname(step: int) -> str:
 
 
 def parse_step_dirname(name: str) -> int | None:
+    """The step of a canonical step directory name (``step_0000000100``), else None:
+    ``step_3`` or ``step_0000000100.corrupt`` is not a step, so nothing that lists,
+    loads or deletes steps by number can act on a directory it would not have written."""
     m = _STEP_RE.match(name)
-    return int(m.group(1)) if m else None
+    if not m:
+        return None
+    step = int(m.group(1))
+    return step if step_dirname(step) == name else None
 
 
 def rank_dirname(rank: int) -> str:

@@ -9,7 +9,6 @@ both sides agree on one definition of a DCP step.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ from trainkit.checkpoint.errors import CheckpointError, CorruptCheckpointError
 from trainkit.checkpoint.format import codec
 from trainkit.checkpoint.format.dcp_metadata import decode_metadata
 from trainkit.checkpoint.format.layout import crc32, step_dirname
+from trainkit.checkpoint.format.validate import parse_json, safe_relpath
 from trainkit.checkpoint.tiers import Tier
 from trainkit.checkpoint.writer import commit_record, write_json_file
 
@@ -101,16 +101,25 @@ def read_step_metadata(tier: Tier, step: int, record: dict, *, allow_pickle: boo
         raise CheckpointError(f"step {step} in {tier.url} was saved by trainkit's "
                               f"Checkpointer, not through DCP; load it with "
                               f"Checkpointer(path).load({step})")
-    rel = info["metadata"]
-    raw = tier.read(f"{step_dirname(step)}/{rel}")
+    rel = info.get("metadata") if isinstance(info, dict) else None
+    where = f"step {step}: {tier.url}/{step_dirname(step)}/{rel}"
+    if rel not in record["files"]:
+        raise CorruptCheckpointError(f"{where}: the DCP metadata file is not in the commit "
+                                     f"record")
+    raw = tier.read(f"{step_dirname(step)}/{safe_relpath(rel, where)}")
     size, crc = record["files"][rel]
     if len(raw) != size or crc32(raw) != crc:
-        raise CorruptCheckpointError(f"step {step}: {tier.url}/{step_dirname(step)}/{rel} "
-                                     f"fails its checksum (DCP metadata)")
-    doc = json.loads(raw)
+        raise CorruptCheckpointError(f"{where} fails its checksum (DCP metadata)")
+    doc = parse_json(raw, where)
+    if not isinstance(doc, dict):
+        raise CorruptCheckpointError(f"{where} is not DCP metadata")
     if not planner_data:
         doc["planner_data"] = None
-    return decode_metadata(doc, allow_pickle=allow_pickle)
+    try:
+        return decode_metadata(doc, allow_pickle=allow_pickle)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise CorruptCheckpointError(f"{where}: malformed DCP metadata: "
+                                     f"{type(exc).__name__}: {exc}"[:400]) from None
 
 
 def assemble_tensor(shape: tuple[int, ...], dtype: torch.dtype,

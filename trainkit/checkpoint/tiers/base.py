@@ -94,11 +94,12 @@ def _local(root: str, *, name: str = "persistent", shared: bool = True,
 
 def _memory(root: str, *, name: str = "memory", shared: bool = False,
             storage_options: dict | None = None) -> Tier:
-    """A directory on tmpfs (``/dev/shm``): nothing to sync to, so no fsync."""
+    """A directory on tmpfs (``/dev/shm``): nothing to sync to, so no fsync; private
+    (a 0700 directory of this user, files 0600), since ``/dev/shm`` is shared."""
     if storage_options:
         raise ValueError(f"storage_options apply to URLs (s3://...) only; {root!r} is a "
                          f"local path")
-    return LocalTier(root, name=name, shared=shared, fsync=False)
+    return LocalTier(root, name=name, shared=shared, fsync=False, private=True)
 
 
 TIERS: dict[str, Callable[..., Tier]] = {

@@ -27,7 +27,13 @@ from trainkit.checkpoint.errors import CheckpointError, CheckpointWriteError
 from trainkit.checkpoint.reader import committed_steps
 from trainkit.checkpoint.tiers import TIERS, Tier, open_tier
 from trainkit.checkpoint.tiers.flush import copy_rank, record_for
-from trainkit.checkpoint.tiers.keeper import drop_lease, ensure_keeper, memory_dir_for, take_lease
+from trainkit.checkpoint.tiers.keeper import (
+    drop_lease,
+    ensure_keeper,
+    memory_dir_for,
+    secure_memory_dir,
+    take_lease,
+)
 from trainkit.checkpoint.tiers.retention import apply_gc, plan_gc, tier_state
 
 __all__ = ["TierConfig", "TierFlow"]
@@ -81,6 +87,7 @@ class TierFlow:
             mem_dir = config.memory_dir
             if mem_dir is None:
                 mem_dir, owned = memory_dir_for(persistent_url)
+                secure_memory_dir(mem_dir)      # before anything is written into it
                 if not owned:
                     ensure_keeper(mem_dir, ttl=config.keeper_ttl)
                 self._lease = take_lease(mem_dir)

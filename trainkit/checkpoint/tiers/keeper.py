@@ -27,14 +27,23 @@ import subprocess
 import sys
 import time
 
-from trainkit.checkpoint.tiers.local import remove_tree
+from trainkit.checkpoint.tiers.local import ensure_private_dir, remove_tree
 from trainkit.rundir import MEMORY_DIR_ENV
 
-__all__ = ["memory_dir_for", "ensure_keeper", "take_lease", "drop_lease", "keeper_pid"]
+__all__ = ["memory_dir_for", "secure_memory_dir", "ensure_keeper", "take_lease", "drop_lease",
+           "keeper_pid", "SHM_ROOT"]
 
 _LEASES = ".leases"
 _LOCK = ".keeper.lock"
 log = logging.getLogger(__name__)
+
+
+SHM_ROOT = "/dev/shm"      # where default memory tiers live (tests point it elsewhere)
+
+
+def shm_root() -> str:
+    """The shared memory file system the memory tier lives on (or $TMPDIR without one)."""
+    return SHM_ROOT if os.path.isdir(SHM_ROOT) else os.environ.get("TMPDIR", "/tmp")
 
 
 def memory_dir_for(persistent: str) -> tuple[str, bool]:
@@ -44,9 +53,16 @@ def memory_dir_for(persistent: str) -> tuple[str, bool]:
     digest = hashlib.sha1(persistent.encode()).hexdigest()[:16]
     if owned:
         return os.path.join(owned, digest), True
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else os.path.join(
-        os.environ.get("TMPDIR", "/tmp"))
-    return os.path.join(base, f"trainkit-{os.getuid()}", digest), False
+    return os.path.join(shm_root(), f"trainkit-{os.getuid()}", digest), False
+
+
+def secure_memory_dir(directory: str) -> None:
+    """Create (0700) or check the memory tier's directory and, below the shared memory
+    file system's root, each directory above it (``trainkit-<uid>``, the agent's
+    ``run-...``): all must be this user's, mode 0700, real directories. Else
+    :class:`~trainkit.checkpoint.errors.UnsafeDirectoryError` naming the culprit."""
+    root, path = os.path.abspath(shm_root()), os.path.abspath(directory)
+    ensure_private_dir(path, below=root if path.startswith(root + os.sep) else None)
 
 
 def _alive(pid: int) -> bool:
@@ -62,10 +78,9 @@ def _alive(pid: int) -> bool:
 def take_lease(directory: str) -> str:
     """Mark this process as a user of the memory tier; returns the lease path."""
     leases = os.path.join(directory, _LEASES)
-    os.makedirs(leases, exist_ok=True)
+    os.makedirs(leases, mode=0o700, exist_ok=True)
     path = os.path.join(leases, str(os.getpid()))
-    with open(path, "w"):
-        pass
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
     return path
 
 
@@ -92,9 +107,9 @@ def live_leases(directory: str) -> list[int]:
 
 def ensure_keeper(directory: str, *, ttl: float) -> None:
     """Start the keeper for ``directory`` unless one is running (it holds a lock file)."""
-    os.makedirs(directory, exist_ok=True)
+    secure_memory_dir(directory)
     lock = os.path.join(directory, _LOCK)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -143,7 +158,7 @@ def keep(directory: str, ttl: float, poll: float = 1.0) -> int:
     """The keeper's loop: hold the lock; remove ``directory`` after ``ttl`` seconds with no
     live lease."""
     lock = os.path.join(directory, _LOCK)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
