@@ -85,7 +85,7 @@ def test_round_trip_single_process(tmp_path):
     assert verify_step(tmp_path, 7) == []
 
     target = _zeros_like(state)
-    dcp.load(target, storage_reader=ZarrReader(tmp_path, step=7))
+    dcp.load(target, storage_reader=ZarrReader(tmp_path, step=7, allow_pickle=True))
     _assert_same(state, target)
 
     # trainkit's own reader: tensors as saved, non-tensor values refused without consent
@@ -111,9 +111,9 @@ def test_step_choice_and_no_overwrite(tmp_path):
     with pytest.raises(dcp.CheckpointException, match="already committed"):
         dcp.save({"x": torch.zeros(3)}, storage_writer=ZarrWriter(tmp_path, step=1))
     target = {"x": torch.empty(3)}
-    dcp.load(target, storage_reader=ZarrReader(tmp_path, step=1))   # untouched
+    dcp.load(target, storage_reader=ZarrReader(tmp_path, step=1, allow_pickle=True))   # untouched
     assert torch.equal(target["x"], torch.ones(3))
-    dcp.load(target, storage_reader=ZarrReader(tmp_path))           # newest committed
+    dcp.load(target, storage_reader=ZarrReader(tmp_path, allow_pickle=True))           # newest committed
     assert torch.equal(target["x"], torch.zeros(3))
     with pytest.raises(TypeError, match="step"):
         ZarrWriter(tmp_path, step=-1)
@@ -138,14 +138,14 @@ def test_reader_refusals_and_corruption(tmp_path):
     data[100] ^= 0xFF
     chunk.write_bytes(bytes(data))
     with pytest.raises(dcp.CheckpointException, match="checksum mismatch"):
-        dcp.load(_zeros_like(state), storage_reader=ZarrReader(tmp_path))
+        dcp.load(_zeros_like(state), storage_reader=ZarrReader(tmp_path, allow_pickle=True))
     assert any("fails its checksum" in p for p in verify_step(tmp_path, 0))
     meta = tmp_path / "step_0000000000" / "dcp_metadata.json"
     meta.write_text(meta.read_text().replace('"step"', '"stop"'))
     assert any("dcp_metadata.json fails its checksum (step metadata)" in p
                for p in verify_step(tmp_path, 0))
     with pytest.raises(dcp.CheckpointException, match="fails its checksum"):
-        dcp.load(_zeros_like(state), storage_reader=ZarrReader(tmp_path))
+        dcp.load(_zeros_like(state), storage_reader=ZarrReader(tmp_path, allow_pickle=True))
 
 
 def test_metadata_json_round_trip(tmp_path):
@@ -192,11 +192,11 @@ def _two_rank_save_load(rank: int, world_size: int, path: str) -> dict:
     dcp.save({"only": torch.arange(4.0)}, storage_writer=ZarrWriter(path, step=50))
     target = {"model": {"w": torch.zeros(256, 128), "b": torch.zeros(128)},
               "local": {f"r{rank}": torch.zeros(10)}, "step": None}
-    dcp.load(target, storage_reader=ZarrReader(path, step=w.last_step))
+    dcp.load(target, storage_reader=ZarrReader(path, step=w.last_step, allow_pickle=True))
     ok = (torch.equal(target["model"]["w"], shared["w"])
           and torch.equal(target["local"][f"r{rank}"], state["local"][f"r{rank}"]))
     other = {"only": torch.zeros(4)}
-    dcp.load(other, storage_reader=ZarrReader(path, step=50))
+    dcp.load(other, storage_reader=ZarrReader(path, step=50, allow_pickle=True))
     return {"step": w.last_step, "ok": ok, "loaded_step": target["step"],
             "only": other["only"].tolist()}
 
@@ -246,7 +246,7 @@ def test_async_save(tmp_path):
     dcp.async_save(state, storage_writer=ZarrWriter(tmp_path, step=4)).result(timeout=60)
     assert verify_step(tmp_path, 4) == []
     target = {"model": {"w": torch.zeros(100, 100)}, "step": None}
-    dcp.load(target, storage_reader=ZarrReader(tmp_path, step=4))
+    dcp.load(target, storage_reader=ZarrReader(tmp_path, step=4, allow_pickle=True))
     assert torch.equal(target["model"]["w"], state["model"]["w"]) and target["step"] == 3
 
 

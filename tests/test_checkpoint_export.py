@@ -157,7 +157,7 @@ def test_import_dcp_round_trip(tmp_path, capsys):
     # and back through DCP
     target = {"model": {k: torch.zeros_like(v) for k, v in state["model"].items()},
               "step": None}
-    dcp.load(target, storage_reader=ZarrReader(dst, step=7))
+    dcp.load(target, storage_reader=ZarrReader(dst, step=7, allow_pickle=True))
     assert torch.equal(target["model"]["embed.weight"], state["model"]["embed.weight"])
     assert target["step"] == 1234
     # default step: the next one; the same step again is refused
@@ -215,7 +215,7 @@ def test_import_and_reshard_dtensor_checkpoints(tmp_path):
     target = {"model": {"w": torch.zeros(64, 10), "b": torch.zeros(10)}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.load(target, storage_reader=ZarrReader(zarr_path, step=0))
+        dcp.load(target, storage_reader=ZarrReader(zarr_path, step=0, allow_pickle=True))
     assert torch.equal(target["model"]["w"], full)
     assert torch.equal(target["model"]["b"], torch.ones(10))
     assert verify_step(zarr_path, 0) == []

@@ -353,7 +353,9 @@ class Checkpointer:
         agreed through the store, read from the fastest tier that holds it, falling back
         tier by tier and then step by step on a missing or corrupt copy (each fallback
         logged). Steps newer than the one loaded, which some rank could not load, are
-        uncommitted (with a warning), so the resumed job can save them again. A step
+        set aside (with a warning; ``step_N.corrupt``, never deleted), so the resumed
+        job can save them again; only steps this checkpointer saved since its last
+        resume are simply uncommitted. A step
         saved by another number of ranks loads too: replicated values as themselves, split tensors resharded, per-rank values as
         :class:`~trainkit.checkpoint.restore.PerRank`. ``rank=`` instead reads one saved
         rank's shard as it was written (not collective). ``loaded_step`` and

@@ -23,9 +23,10 @@ DCP's ``Metadata``, then publishes the commit record, last and atomically). A sa
 fails anywhere leaves the step uncommitted, which every reader ignores.
 
 Non-tensor values are serialised by DCP itself with ``torch.save``; they are stored as
-opaque blobs marked ``pickled``. ``ZarrReader`` hands them back to DCP's planner (which
-unpickles them, as it does for its own format) unless ``allow_pickle=False``; trainkit's
-own ``Checkpointer.load`` refuses them unless ``allow_pickle=True``.
+opaque blobs marked ``pickled``. ``ZarrReader`` and trainkit's own ``Checkpointer.load``
+both refuse them (``PickleRefusedError`` naming the key) unless ``allow_pickle=True``:
+then ``ZarrReader`` hands them back to DCP's planner, which unpickles them as it does
+for its own format. Pass it only for checkpoints you trust.
 """
 
 from __future__ import annotations
@@ -273,13 +274,15 @@ class ZarrReader(StorageReader):
     Args:
         path: trainkit checkpoint directory or URL (``checkpoint_id=`` overrides it).
         step: the step to read; None: the newest committed step when the load starts.
-        allow_pickle: hand pickled non-tensor items to DCP's planner (which unpickles
-            them, as DCP does for its own format). False refuses them, naming the key.
+        allow_pickle: hand pickled non-tensor items (and DCP's pickled planner data)
+            to DCP, which unpickles them, as it does for its own format: unpickling runs
+            code from the checkpoint, so only for checkpoints you trust. False (the
+            default) refuses them with ``PickleRefusedError``, naming the key.
         read_threads: threads reading and checking blobs ahead of the copies.
     """
 
     def __init__(self, path: str | os.PathLike, step: int | None = None, *,
-                 allow_pickle: bool = True, read_threads: int = 4) -> None:
+                 allow_pickle: bool = False, read_threads: int = 4) -> None:
         super().__init__()
         self.path = os.fspath(path)
         self.step = step

@@ -34,7 +34,7 @@ from trainkit.checkpoint.tiers.keeper import (
     secure_memory_dir,
     take_lease,
 )
-from trainkit.checkpoint.tiers.retention import apply_gc, plan_gc, tier_state
+from trainkit.checkpoint.tiers.retention import apply_gc, plan_gc, set_aside, tier_state
 
 __all__ = ["TierConfig", "TierFlow"]
 
@@ -103,6 +103,7 @@ class TierFlow:
         self._unseen_errors: list[BaseException] = []
         self._inflight: set[int] = set()
         self._persisted: set[int] = set()
+        self._saved: set[int] = set()       # committed by this job since its last resume
         self._last: tuple[int, int, dict, bool] | None = None
         self._lock = threading.Lock()
 
@@ -153,6 +154,7 @@ class TierFlow:
 
     def after_commit(self, step: int, seq: int, doc: dict, *, dedupe: bool) -> None:
         """Queue the copies of a step just committed on the first tier."""
+        self._saved.add(step)
         if len(self.tiers) == 1:
             self._persisted.add(step)
         targets = self.tiers[1:]
@@ -223,9 +225,14 @@ class TierFlow:
 
     def abandon_newer(self, step: int) -> list[tuple[str, int]]:
         """After a resume from ``step``: steps newer than it, committed on tiers this rank
-        collects, belong to a timeline the job has left (some rank could not load them).
-        Their commit records are removed, so the job can save those steps again; their
-        bytes stay until overwritten or collected."""
+        collects, could not be loaded by some rank, so the job saves those steps again.
+
+        No commit record is deleted because a load failed: the copy may be repairable,
+        or only this tier's copy damaged. A newer step this checkpointer itself saved
+        after its last resume (a timeline the job has just left) is uncommitted; any
+        other is set aside whole (``step_N.corrupt`` on a POSIX tier; on an object store
+        its record is kept as ``zarr.json.corrupt``), logged, for ``ckpt gc --force`` or
+        a person to decide on. Returns the (tier, step) pairs moved out of the way."""
         gone = []
         for tier in self._gc_tiers:
             try:
@@ -233,11 +240,25 @@ class TierFlow:
             except OSError:
                 continue
             for s in newer:
-                log.warning("step %d on the %s tier (%s) is newer than step %d, which every "
-                            "rank could load; uncommitting it: the job resumes from step %d",
-                            s, tier.name, tier.url, step, step)
-                tier.unpublish(s)
+                if s in self._saved:
+                    log.warning("step %d on the %s tier (%s), saved by this job, is newer than "
+                                "step %d, which every rank could load; uncommitting it: the "
+                                "job resumes from step %d", s, tier.name, tier.url, step, step)
+                    tier.unpublish(s)
+                else:
+                    try:
+                        where = set_aside(tier, s)
+                    except OSError as exc:
+                        log.error("step %d on the %s tier (%s) could not be loaded by every "
+                                  "rank and could not be set aside (%s); left as it is",
+                                  s, tier.name, tier.url, exc)
+                        continue
+                    log.warning("step %d on the %s tier could not be loaded by every rank; the"
+                                " job resumes from step %d. Set aside, not deleted: %s (check "
+                                "it with `trainkit ckpt verify`; rename it back to use it, or "
+                                "delete it)", s, tier.name, step, where)
                 gone.append((tier.name, s))
+        self._saved.clear()     # the job's timeline restarts at the resume point
         return gone
 
     # -- draining -----------------------------------------------------------------------

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from trainkit.checkpoint.format.layout import COMMIT_FILE, step_dirname
 from trainkit.checkpoint.tiers import Tier
 
-__all__ = ["GcPlan", "plan_gc", "apply_gc", "tier_state"]
+__all__ = ["GcPlan", "plan_gc", "apply_gc", "tier_state", "set_aside"]
 
 log = logging.getLogger(__name__)
 
@@ -75,3 +75,18 @@ def apply_gc(tier: Tier, plan: GcPlan) -> None:
         tier.remove(step)
         log.info("gc: removed the uncommitted leftovers of step %d from the %s tier",
                  step, tier.name)
+
+
+def set_aside(tier: Tier, step: int) -> str:
+    """Take a committed step out of use without destroying anything; returns where it
+    went. A tier that can rename (``set_aside``: POSIX) moves the whole step directory
+    to ``step_N.corrupt``; any other keeps the commit record as ``zarr.json.corrupt``
+    next to the data, then uncommits the step (a later save of the same step replaces
+    that data)."""
+    own = getattr(tier, "set_aside", None)
+    if own is not None:
+        return own(step)
+    rel = f"{step_dirname(step)}/{COMMIT_FILE}"
+    tier.write(f"{rel}.corrupt", memoryview(tier.read(rel)))
+    tier.unpublish(step)
+    return f"{tier.url}/{rel}.corrupt"
