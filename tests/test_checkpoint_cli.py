@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -96,13 +98,16 @@ def test_ls_shows_every_tier_and_gc_applies_retention(tmp_path):
     assert [(r["step"], r["tier"]) for r in rows][:2] == [(1, "local"), (1, "persistent")]
     assert len(rows) == 10 and all(r["committed"] for r in rows)
     (tmp_path / "p" / "step_0000000000").mkdir()          # leftovers of an interrupted save
+    os.utime(tmp_path / "p" / "step_0000000000", (time.time() - 3600,) * 2)   # long dead
     dry = _cli("gc", str(tmp_path / "p"), "--keep", "2", "--keep-every", "3", "--dry-run")
     assert dry.returncode == 0 and "would delete committed steps [1, 2]" in dry.stdout, dry.stdout
     assert "leftovers [0]" in dry.stdout
     assert sorted(p.name for p in (tmp_path / "p").iterdir())[0] == "step_0000000000"
     done = json.loads(_cli("gc", str(tmp_path / "p"), "--keep", "2", "--keep-every", "3",
                            "--json").stdout)
-    assert done == {"dry_run": False, "delete": [1, 2], "leftovers": [0], "kept": [3, 4, 5]}
+    assert {k: done[k] for k in ("dry_run", "delete", "leftovers", "kept")} == {
+        "dry_run": False, "delete": [1, 2], "leftovers": [0], "kept": [3, 4, 5]}
+    assert done["failed"] == [] and done["young_kept"] == []
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
         "step_0000000003", "step_0000000004", "step_0000000005"]
     assert _cli("gc", str(tmp_path / "p"), "--keep", "0").returncode == 2

@@ -4,7 +4,7 @@
                                            steps, tiers, ranks, sizes, commit times
     trainkit ckpt info DIR STEP            the tensor table: rank, or replicated
     trainkit ckpt verify DIR [STEP]        every checksum; exit 1 with a report on a mismatch
-    trainkit ckpt gc DIR --keep N [--keep-every K] [--dry-run]
+    trainkit ckpt gc DIR --keep N [--keep-every K] [--min-age S] [--force] [--dry-run]
                                            apply a retention policy to one tier
     trainkit ckpt export DIR STEP --to out.safetensors   the model part as safetensors
     trainkit ckpt import-dcp SRC DST [--step N]          a DCP checkpoint into a step
@@ -13,7 +13,9 @@ DIR may be a local path or a URL (``s3://...``, via fsspec).
 
 Handlers import the engine lazily, so ``trainkit --help`` stays fast. Every handler
 runs under :func:`_quiet_pipe`: output closed early (``trainkit ckpt info ... | head``)
-ends the command quietly instead of with a ``BrokenPipeError`` traceback.
+ends the command quietly instead of with a ``BrokenPipeError`` traceback, and a bad
+checkpoint (trainkit's errors, ``OSError``, the parse errors of bad files) ends it with
+one line naming the file and the problem and exit status 2 (``--debug``: the traceback).
 """
 
 from __future__ import annotations
@@ -51,9 +53,38 @@ def _quiet_pipe(handler: Callable[[argparse.Namespace], int]
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)
             return 1                  # as Python's docs advise for EPIPE
+        except Exception as exc:  # noqa: BLE001 - sorted below: bad input or a bug
+            if getattr(args, "debug", False) or not isinstance(exc, _bad_input()):
+                raise
+            print(f"trainkit ckpt {getattr(args, 'ckpt_command', '')}: "
+                  f"{_one_line(exc, getattr(args, 'dir', None))}", file=sys.stderr)
+            return 2
 
     run.__name__ = handler.__name__
     return run
+
+
+def _bad_input() -> tuple[type[BaseException], ...]:
+    """What bad files raise: trainkit's own errors, OSError and parse errors. Any other
+    exception of a handler is a programming error and keeps its traceback. (Imported
+    late: the errors module's package pulls in torch.)"""
+    from trainkit.checkpoint.errors import CheckpointError
+
+    return (CheckpointError, OSError, ValueError, TypeError, KeyError, IndexError,
+            RecursionError, MemoryError)
+
+
+def _one_line(exc: BaseException, where: str | None) -> str:
+    """One line naming the file and the problem, for an error out of a bad checkpoint."""
+    from trainkit.checkpoint.errors import CheckpointError
+
+    if isinstance(exc, CheckpointError):
+        text = str(exc)
+    elif isinstance(exc, OSError) and exc.filename:
+        text = f"{exc.filename}: {exc.strerror or exc}"
+    else:
+        text = f"{where or 'the checkpoint'}: malformed ({type(exc).__name__}: {exc})"
+    return " ".join(text.split())[:1000]
 
 
 def register(subparsers: Any) -> None:
@@ -75,12 +106,21 @@ def register(subparsers: Any) -> None:
                                     "those divisible by --keep-every), commit record first so an "
                                     "interrupted gc leaves no committed-but-broken step, and "
                                     "remove the leftovers of interrupted saves older than the "
-                                    "newest committed step.")
+                                    "newest committed step and unchanged for --min-age seconds. "
+                                    "Only real step_NNNNNNNNNN directories are touched; links are "
+                                    "never followed. Reports what was actually removed.")
     gc.add_argument("dir", help="checkpoint directory or URL (any one tier)")
     gc.add_argument("--keep", type=int, required=True, help="newest committed steps to keep")
     gc.add_argument("--keep-every", type=int, default=None,
                     help="never delete steps divisible by this")
     gc.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
+    gc.add_argument("--min-age", type=float, default=300.0,
+                    help="leave uncommitted step directories changed within this many "
+                         "seconds alone: a live job may be writing them (default "
+                         "%(default)s, the Checkpointer's default timeout; pass your job's)")
+    gc.add_argument("--force", action="store_true",
+                    help="also remove young (or, on an object store, undated) uncommitted "
+                         "leftovers and the steps load() set aside (step_N.corrupt)")
     gc.add_argument("--json", action="store_true", help="machine-readable output")
     gc.set_defaults(func=_quiet_pipe(_gc))
 
@@ -223,7 +263,15 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _gc(args: argparse.Namespace) -> int:
     from trainkit.checkpoint import reader
-    from trainkit.checkpoint.tiers.retention import apply_gc, plan_gc, tier_state
+    from trainkit.checkpoint.tiers.local import remove_tree
+    from trainkit.checkpoint.tiers.retention import (
+        GcPlan,
+        apply_gc,
+        plan_gc,
+        set_aside_dirs,
+        tier_state,
+        young_leftovers,
+    )
 
     _require_dir(args.dir)
     tier = reader.as_tier(args.dir)
@@ -234,17 +282,47 @@ def _gc(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"trainkit ckpt gc: {exc}", file=sys.stderr)
         return 2
-    if not args.dry_run:
-        apply_gc(tier, plan)
-    verb = "would delete" if args.dry_run else "deleted"
+    young = () if args.force else young_leftovers(tier, plan.leftovers, args.min_age)
+    plan = GcPlan(plan.tier, plan.delete, tuple(s for s in plan.leftovers if s not in young),
+                  plan.kept)
+    aside = set_aside_dirs(tier)
+    removed_aside: list[str] = []
+    failed: list[tuple[str, str]] = []
+    if args.dry_run:
+        deleted, leftovers = plan.delete, plan.leftovers
+        removed_aside = aside if args.force else []
+    else:
+        result = apply_gc(tier, plan)
+        deleted, leftovers = result.deleted, result.leftovers
+        failed = [(f"step {s}", why) for s, why in result.failed]
+        for name in aside if args.force else []:
+            try:
+                remove_tree(os.path.join(tier.root, name))        # set_aside_dirs: POSIX
+                removed_aside.append(name)
+            except OSError as exc:
+                failed.append((name, str(exc)))
     if args.json:
-        print(json.dumps({"dry_run": args.dry_run, "delete": list(plan.delete),
-                          "leftovers": list(plan.leftovers), "kept": list(plan.kept)}))
-        return 0
-    print(f"{args.dir}: {verb} committed steps {list(plan.delete) or 'none'}; "
-          f"{verb} uncommitted leftovers {list(plan.leftovers) or 'none'}; "
+        print(json.dumps({"dry_run": args.dry_run, "delete": list(deleted),
+                          "leftovers": list(leftovers), "kept": list(plan.kept),
+                          "young_kept": list(young), "set_aside_removed": removed_aside,
+                          "set_aside_kept": [a for a in aside if a not in removed_aside],
+                          "failed": [list(f) for f in failed]}))
+        return 1 if failed else 0
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{args.dir}: {verb} committed steps {list(deleted) or 'none'}; "
+          f"{verb} uncommitted leftovers {list(leftovers) or 'none'}; "
           f"kept {list(plan.kept) or 'none'}")
-    return 0
+    if young:
+        print(f"  left alone: uncommitted steps {list(young)}, changed within {args.min_age:g} s "
+              f"or of unknown age (a live job may be writing them; --force removes them)")
+    if removed_aside:
+        print(f"  {verb} steps set aside by load(): {', '.join(removed_aside)}")
+    elif aside:
+        print(f"  kept steps set aside by load() (verify them; --force removes them): "
+              f"{', '.join(aside)}")
+    for what, why in failed:
+        print(f"trainkit ckpt gc: could not remove {what}: {why}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _info(args: argparse.Namespace) -> int:

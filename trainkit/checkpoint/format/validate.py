@@ -249,4 +249,21 @@ def validate_index(index: Any, record: dict, rank: int, where: str) -> dict:
         if numel and end > blobs[blob]["nbytes"]:
             raise _fail(where, f"{label}: shape {shape}, stride {stride} and offset {offset} "
                                f"reach byte {end} of a {blobs[blob]['nbytes']}-byte blob")
+    _check_refs(index.get("tree"), len(tensors), where)
     return index
+
+
+def _check_refs(tree: Any, ntensors: int, where: str) -> None:
+    """Every ``$tensor`` / ``$pickled`` leaf of the tree names an entry of the table."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if len(node) == 1:
+                ((tag, payload),) = node.items()
+                if tag in ("$tensor", "$pickled"):
+                    _int(payload, where, f"tree {tag}", 0, ntensors - 1)
+                    continue
+            stack.extend(node.values())

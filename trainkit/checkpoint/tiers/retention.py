@@ -18,12 +18,16 @@ The rules (issue #3):
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import dataclass
 
-from trainkit.checkpoint.format.layout import COMMIT_FILE, step_dirname
+from trainkit.checkpoint.format.layout import COMMIT_FILE, parse_step_dirname, step_dirname
 from trainkit.checkpoint.tiers import Tier
+from trainkit.checkpoint.tiers.local import SET_ASIDE_SUFFIX
 
-__all__ = ["GcPlan", "plan_gc", "apply_gc", "tier_state", "set_aside"]
+__all__ = ["GcPlan", "GcResult", "plan_gc", "apply_gc", "tier_state", "set_aside",
+           "newest_write", "young_leftovers", "set_aside_dirs"]
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +68,82 @@ def tier_state(tier: Tier) -> tuple[list[int], list[int]]:
     return committed, uncommitted
 
 
-def apply_gc(tier: Tier, plan: GcPlan) -> None:
+@dataclass(frozen=True)
+class GcResult:
+    """What a GC pass actually removed (a step that could not be removed is in
+    ``failed`` with the reason, never reported as deleted)."""
+
+    deleted: tuple[int, ...]
+    leftovers: tuple[int, ...]
+    failed: tuple[tuple[int, str], ...]
+
+
+def apply_gc(tier: Tier, plan: GcPlan) -> GcResult:
     """Delete what ``plan`` says: the record first (the step stops being committed), then
-    the data."""
-    for step in plan.delete:
-        tier.unpublish(step)
-        tier.remove(step)
-        log.info("gc: step %d deleted from the %s tier (%s)", step, tier.name, tier.url)
-    for step in plan.leftovers:
-        tier.remove(step)
-        log.info("gc: removed the uncommitted leftovers of step %d from the %s tier",
-                 step, tier.name)
+    the data. An OSError on one step is logged and recorded in the result; the others
+    still go (the tier flow simply tries again after the next save)."""
+    deleted, leftovers, failed = [], [], []
+    for step, committed in [(s, True) for s in plan.delete] + [(s, False)
+                                                               for s in plan.leftovers]:
+        try:
+            if committed:
+                tier.unpublish(step)
+            tier.remove(step)
+        except OSError as exc:
+            log.warning("gc: could not remove step %d from the %s tier (%s): %s", step,
+                        tier.name, tier.url, exc)
+            failed.append((step, str(exc)))
+            continue
+        (deleted if committed else leftovers).append(step)
+        log.info("gc: %s step %d from the %s tier (%s)", "deleted" if committed else
+                 "removed the uncommitted leftovers of", step, tier.name, tier.url)
+    return GcResult(tuple(deleted), tuple(leftovers), tuple(failed))
+
+
+def newest_write(tier: Tier, step: int) -> float | None:
+    """When anything in a step directory last changed (the newest mtime below it, links
+    not followed), or None where the tier cannot say (not a POSIX directory)."""
+    root = getattr(tier, "root", None)
+    if root is None:
+        return None
+    top = os.path.join(root, step_dirname(step))
+    try:
+        newest = os.lstat(top).st_mtime
+    except FileNotFoundError:
+        return None
+    for here, dirs, files in os.walk(top, followlinks=False):
+        for name in dirs + files:
+            try:
+                newest = max(newest, os.lstat(os.path.join(here, name)).st_mtime)
+            except FileNotFoundError:
+                continue
+    return newest
+
+
+def young_leftovers(tier: Tier, steps: tuple[int, ...], min_age: float,
+                    now: float | None = None) -> tuple[int, ...]:
+    """The uncommitted ``steps`` that may still be being written by a live job: changed
+    within ``min_age`` seconds, or of unknown age."""
+    now = time.time() if now is None else now
+    out = []
+    for s in steps:
+        t = newest_write(tier, s)
+        if t is None or now - t < min_age:
+            out.append(s)
+    return tuple(out)
+
+
+def set_aside_dirs(tier: Tier) -> list[str]:
+    """Step directories ``load()`` set aside (``step_N.corrupt...``) on a POSIX tier."""
+    root = getattr(tier, "root", None)
+    if root is None:
+        return []
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n.startswith("step_") and SET_ASIDE_SUFFIX in n
+                  and parse_step_dirname(n.split(".", 1)[0]) is not None)
 
 
 def set_aside(tier: Tier, step: int) -> str:
