@@ -333,8 +333,10 @@ def verify_step(where: Tier | str, step: int, *,
     for rank in range(record["world_size"]):
         try:
             index = read_rank_index(tier, step, rank, record)
+            codec.decode(index["tree"], lambda i: None, lambda i: None)   # values well-formed
         except (CheckpointNotFoundError, CorruptCheckpointError) as exc:
-            problems.append(str(exc))
+            problems.append(str(exc) if not isinstance(exc, codec.MalformedValueError) else
+                            f"step {step}, rank {rank}: the index's state tree: {exc}")
             continue
         for array, info in rank_arrays(index).items():
             rel = f"{info['path']}/zarr.json"
