@@ -54,9 +54,9 @@ def step_rows(where: Tier | str, tier_name: str) -> list[dict]:
         rows.append({"step": step, "tier": tier_name, "committed": True,
                      "world_size": record["world_size"],
                      "bytes": sum(size for size, _ in record["files"].values()),
-                     "tensors": sum(r["ntensors"] for r in record["ranks"]),
+                     "tensors": sum(r.get("ntensors", 0) for r in record["ranks"]),
                      "replicated_blobs": len(record.get("replicated", [])),
-                     "committed_at": record["committed_at"]})
+                     "committed_at": str(record.get("committed_at", "?"))})
     return rows
 
 
