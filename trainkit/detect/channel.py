@@ -6,7 +6,8 @@ heartbeats and still answers stack requests through this thread.
 
 Wire format: newline-delimited JSON. Rank to aggregator::
 
-    {"t": "hello", "rank": 0, "world": 4, "host": ..., "local_rank": 0, "attempt": 0, "pid": ...}
+    {"t": "hello", "rank": 0, "world": 4, "host": ..., "local_rank": 0, "attempt": 0, "pid": ...,
+     "secret": TRAINKIT_AGG_SECRET}                           # first line, else dropped
     {"t": "b", "now": 1700000000.1, "ev": [EVENT, ...]}      # batch, doubles as heartbeat
     {"t": "group", "name": "0", "ranks": [0, 1, 2, 3]}
     {"t": "stack", "text": "..."}       {"t": "exit", "error": "...", "comm_error": false}
@@ -264,6 +265,7 @@ def _read_line(sock: socket.socket, timeout: float) -> str:
     while b"\n" not in buf:
         chunk = sock.recv(4096)
         if not chunk:
-            raise ConnectionError("connection closed during handshake")
+            raise ConnectionError("connection closed during handshake (the aggregator drops a "
+                                  "hello without the job's TRAINKIT_AGG_SECRET)")
         buf += chunk
     return buf.split(b"\n", 1)[0].decode()

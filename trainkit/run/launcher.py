@@ -13,6 +13,7 @@ Modes:
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import socket
 import subprocess
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainkit.run.agent import NodeAgent, terminate_tree
-from trainkit.run.control import Control, connect_store, host_store
+from trainkit.rundir import AGG_SECRET_ENV
+from trainkit.run.control import AGG_SECRET_KEY, Control, connect_store, host_store
 from trainkit.run.coordinator import Coordinator, CoordinatorConfig
 from trainkit.run.detector import start_aggregator
 from trainkit.run.events import EventLog
@@ -112,7 +114,10 @@ def _coordinate(opts: RunOptions, args: TorchrunArgs, run_dir: Path, node_id: st
     children: list[subprocess.Popen] = []
     aggregator = None
     if opts.detect:
+        user_secret = bool(os.environ.get(AGG_SECRET_ENV))
         aggregator = start_aggregator(run_dir, host=host, hang_timeout=opts.hang_timeout)
+        if aggregator is not None and args.rdzv_endpoint is not None and not user_secret:
+            control.put(AGG_SECRET_KEY, aggregator.secret)   # for agents on other hosts
         if aggregator is None:
             events.log("warning", reason="trainkit.detect is not available: hangs and slowness "
                        "go unseen, only process exits are handled")

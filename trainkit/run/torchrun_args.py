@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainkit.errors import TrainkitError
+
 # torchrun options trainkit sets itself for every generation.
 _OWNED = {"--nnodes", "--rdzv-id", "--rdzv-backend", "--rdzv-conf", "--standalone",
           "--node-rank", "--master-addr", "--master-port"}
@@ -17,7 +19,7 @@ _OWNED = {"--nnodes", "--rdzv-id", "--rdzv-backend", "--rdzv-conf", "--standalon
 _FLAGS = {"--standalone"}
 
 
-class RunArgumentError(ValueError):
+class RunArgumentError(TrainkitError, ValueError):
     """Bad arguments to ``trainkit run``; the message says which and why."""
 
 
