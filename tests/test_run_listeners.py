@@ -15,7 +15,7 @@ import pytest
 
 from distributed import subprocess_env
 
-pytestmark = [pytest.mark.timeout(150),
+pytestmark = [pytest.mark.timeout(150), pytest.mark.slow,
               pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs /proc/net/tcp")]
 
 JOB = textwrap.dedent("""

@@ -62,6 +62,9 @@ __all__ = ["Channel"]
 
 _FLUSH_S = 0.1
 _MAX_BACKLOG = 200_000
+# Events per batch line: a backlog drained after a stall goes out as several lines, each
+# far below the aggregator's 1 MiB line cap (an event is well under 200 bytes).
+_MAX_BATCH_EVENTS = 2_000
 
 
 class Channel:
@@ -171,7 +174,10 @@ class Channel:
             now = time.time()
             lines = []
             if events or now - last_beat >= self.heartbeat_s:
-                lines.append(json.dumps({"t": "b", "now": now, "ev": events}, separators=(",", ":")))
+                for i in range(0, max(len(events), 1), _MAX_BATCH_EVENTS):
+                    lines.append(json.dumps({"t": "b", "now": now,
+                                             "ev": events[i:i + _MAX_BATCH_EVENTS]},
+                                            separators=(",", ":")))
                 last_beat = now
             lines.extend(json.dumps(c, separators=(",", ":")) for c in controls)
             if lines and not self._sendall(("\n".join(lines) + "\n").encode()):
