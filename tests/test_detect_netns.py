@@ -138,7 +138,7 @@ class _Job:
     def __init__(self, fab: _Fabric, run_dir, script_args: list[str], *, hang_timeout: float = 20):
         self.fab, self.run_dir = fab, run_dir
         self.procs: list[subprocess.Popen] = []
-        env = subprocess_env()
+        env = subprocess_env(TRAINKIT_AGG_SECRET="netns-job-secret")
         self.agg = subprocess.Popen(["ip", "netns", "exec", fab.switch, sys.executable, "-m",
                                      "trainkit.detect.aggregator", "--run-dir", str(run_dir),
                                      "--host", fab.switch_ip, "--port", "0", "--hang-timeout",

@@ -120,3 +120,9 @@ def test_fault_id_is_canonical():
     assert f.fault_id == "rank=1,step=7,kind=delay_peer:2:50"
     assert parse_faults(f.fault_id)[0] == f
     assert isinstance(f, FaultSpec)
+
+
+def test_separators_only_is_refused():
+    for text in (";;;", " ; ", ";"):
+        with pytest.raises(FaultSpecError, match="names no fault"):
+            parse_faults(text)

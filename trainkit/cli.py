@@ -7,6 +7,12 @@ is lazy: ``trainkit --help`` imports no subcommand, and ``trainkit merge ...``
 imports only the merge CLI. So a missing optional dependency (scipy for
 ``plan``, say) costs nothing until its subcommand is used, and then it is one
 line naming the extra to install, exit status 2.
+
+Bad input never looks like a crash: a :class:`trainkit.errors.TrainkitError` (raised
+where a file or value is parsed, naming it) or an ``OSError`` (a path that cannot be
+read or written) from any subcommand is printed as one line, exit status 2. Anything
+else is a bug and keeps its traceback. ``--debug``, before or after the subcommand,
+shows the traceback of the one-line errors too.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from trainkit import __version__
+from trainkit.errors import TrainkitError
 
 __all__ = ["SUBCOMMANDS", "EXTRAS", "build_parser", "main"]
 
@@ -74,6 +81,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Keeps large PyTorch training jobs alive and fast.",
     )
     parser.add_argument("--version", action="version", version=f"trainkit {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also accepted after the subcommand)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in SUBCOMMANDS.items():
         if name == command:
@@ -89,12 +98,31 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return first if first in SUBCOMMANDS else None
 
 
+def _take_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """Remove ``--debug`` from the options before a ``--`` (what follows belongs to torchrun
+    and the training script)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    head = [a for a in argv[:end] if a != "--debug"]
+    return head + argv[end:], len(head) != end
+
+
+def _one_line(command: str | None, exc: BaseException) -> str:
+    """The report of a bad-input error: the message names the file and the problem."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    text = " | ".join(line.strip() for line in text.splitlines() if line.strip())
+    return f"trainkit{' ' + command if command else ''}: error: {text}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = _take_debug(list(sys.argv[1:] if argv is None else argv))
     command = _command_of(argv)
     try:
         parser = build_parser(command)
         args = parser.parse_args(argv)
+        args.debug = debug          # subcommands that report errors themselves re-raise on it
         func = getattr(args, "func", None)
         if func is None:
             parser.print_help()
@@ -108,6 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise report from None
     except _Unavailable as exc:
         print(exc, file=sys.stderr)
+        return 2
+    except (TrainkitError, OSError) as exc:
+        if debug or isinstance(exc, BrokenPipeError):
+            raise
+        print(_one_line(command, exc), file=sys.stderr)
         return 2
 
 

@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainkit.errors import TrainkitError
 from trainkit.rundir import FAULT_ENV, FAULTS_DIR, local_identity
 
 __all__ = [
@@ -55,7 +56,7 @@ __all__ = [
 FAULT_KINDS = ("hang", "hang_comm", "crash", "slow", "delay_peer")
 
 
-class FaultSpecError(ValueError):
+class FaultSpecError(TrainkitError, ValueError):
     """A ``TRAINKIT_FAULT`` value (or API argument) that does not parse."""
 
 
@@ -138,7 +139,8 @@ def _parse_kind(value: str, part: str) -> dict:
 
 
 def parse_faults(text: str | None) -> tuple[FaultSpec, ...]:
-    """Parse the ``TRAINKIT_FAULT`` contract format; ``None``/empty gives no faults.
+    """Parse the ``TRAINKIT_FAULT`` contract format; ``None``/empty gives no faults, and a
+    value of separators only (``";;;"``) is refused.
 
     >>> parse_faults("rank=2,step=50,kind=hang")[0].rank
     2
@@ -182,6 +184,9 @@ def parse_faults(text: str | None) -> tuple[FaultSpec, ...]:
         if spec.kind == "delay_peer" and spec.rank is not None and spec.peer == spec.rank:
             raise FaultSpecError(f"{FAULT_ENV}: delay_peer cannot delay a rank to itself in {part!r}")
         specs.append(spec)
+    if not specs:   # only separators: a typo, not a deliberate "no faults" (that is unset/empty)
+        raise FaultSpecError(f"{FAULT_ENV}={text!r} names no fault; unset it (or leave it empty) "
+                             "for none")
     return tuple(specs)
 
 

@@ -11,6 +11,7 @@ Environment variables (set by ``trainkit run`` for its workers, or by a user):
 | variable | meaning |
 |---|---|
 | ``TRAINKIT_AGGREGATOR`` | ``host:port`` of a running aggregator; when unset, rank 0 starts one |
+| ``TRAINKIT_AGG_SECRET`` | the job's aggregator secret, made by whoever starts the aggregator; every rank's hello carries it |
 | ``TRAINKIT_RUN_DIR`` | run directory (findings, markers) |
 | ``TRAINKIT_HANG_TIMEOUT`` | seconds, overrides the monitor's ``hang_timeout`` |
 | ``TRAINKIT_DETECT`` | ``0`` disables the monitor entirely |
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "AGGREGATOR_ENV", "RUN_DIR_ENV", "HANG_TIMEOUT_ENV", "DETECT_ENV", "HOSTNAME_ENV",
+    "AGGREGATOR_ENV", "AGG_SECRET_ENV", "RUN_DIR_ENV", "HANG_TIMEOUT_ENV", "DETECT_ENV", "HOSTNAME_ENV",
     "NODE_ENV", "NODE_INDEX_ENV", "GENERATION_ENV", "STACK_SIGNAL_ENV",
     "FAULT_ENV", "MEMORY_DIR_ENV", "WARM_GO_ENV",
     "AGGREGATOR_ADDR_FILE", "DIAGNOSIS_FILE", "TIMELINE_FILE", "EVENTS_FILE", "LOGS_DIR",
@@ -56,6 +57,7 @@ __all__ = [
 ]
 
 AGGREGATOR_ENV = "TRAINKIT_AGGREGATOR"
+AGG_SECRET_ENV = "TRAINKIT_AGG_SECRET"
 RUN_DIR_ENV = "TRAINKIT_RUN_DIR"
 HANG_TIMEOUT_ENV = "TRAINKIT_HANG_TIMEOUT"
 DETECT_ENV = "TRAINKIT_DETECT"

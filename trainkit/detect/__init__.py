@@ -15,10 +15,11 @@ from __future__ import annotations
 from trainkit._lazy import lazy_getattr
 from trainkit.detect.knobs import ClassifierConfig
 from trainkit.detect.report import load_findings
-from trainkit.rundir import (AGGREGATOR_ENV, DETECT_ENV, FINDING_CLASSES, FINDING_FIELDS,
+from trainkit.rundir import (AGG_SECRET_ENV, AGGREGATOR_ENV, DETECT_ENV, FINDING_CLASSES, FINDING_FIELDS,
                              HANG_TIMEOUT_ENV, RUN_DIR_ENV, Finding)
 
 __all__ = [
+    "AGG_SECRET_ENV",
     "AGGREGATOR_ENV",
     "DETECT_ENV",
     "HANG_TIMEOUT_ENV",
@@ -29,6 +30,7 @@ __all__ = [
     "FINDING_FIELDS",
     "Finding",
     "MonitoredProcessGroup",
+    "job_secret",
     "load_findings",
     "start_aggregator",
     "unmonitored",
@@ -37,6 +39,7 @@ __all__ = [
 _LAZY = {
     "CollectiveMonitor": "trainkit.detect.monitor",
     "start_aggregator": "trainkit.detect.monitor",
+    "job_secret": "trainkit.detect.monitor",
     "MonitoredProcessGroup": "trainkit.detect.probe",
     "unmonitored": "trainkit.detect.probe",
 }

@@ -11,7 +11,14 @@ collectives to ``DIR/timeline.jsonl`` for ``trainkit diagnose --plot``.
 
 Once listening it writes ``DIR/aggregator.json`` (``host``, ``port``, ``pid``).
 A launcher may report exit codes it sees with a line
-``{"t": "exit_code", "rank": R, "code": C}`` on any connection.
+``{"t": "exit_code", "rank": R, "code": C}`` on any authenticated connection.
+
+Who may talk to it: whoever starts it makes a per-job secret and hands it over in
+``TRAINKIT_AGG_SECRET`` (:func:`trainkit.detect.monitor.job_secret`); every connection's first line
+must be a ``hello`` carrying it (compared with :func:`hmac.compare_digest`). Anything
+else, a wrong secret, a line over 1 MiB, or a connection silent for 10 s before its
+hello, is dropped without a finding. Each message is validated field by field; a
+malformed one is dropped and logged, never fatal.
 
 Who calls what: one aggregator per job, in its own process and on one thread (a
 selector loop), so timelines and classifiers need no locks. Per connection: the rank's
@@ -31,7 +38,9 @@ fresh timeline.
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
+import math
 import os
 import selectors
 import signal
@@ -51,12 +60,23 @@ from trainkit.rundir import Finding
 __all__ = ["Aggregator", "main"]
 
 _TICK_S = 0.1
+MAX_LINE = 1 << 20          # bytes; a longer line drops the connection
+_HELLO_TIMEOUT_S = 10.0     # an unauthenticated connection is closed after this
+_MAX_RANK = 1 << 24
+_MAX_ATTEMPT = 1 << 31
+
+
+class BadMessage(ValueError):
+    """A message from a connection that does not follow the protocol."""
 
 
 class _Conn:
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        self.inbuf = b""
+        self.inbuf = bytearray()
+        self.scanned = 0            # bytes of inbuf already searched for a newline
+        self.opened = time.monotonic()
+        self.authenticated = False
         self.rank: int | None = None
         self.attempt = 0
         self.offset = 0.0
@@ -68,7 +88,12 @@ class Aggregator:
     def __init__(self, run_dir: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 0,
                  advertise: str | None = None, cfg: ClassifierConfig | None = None,
                  hang_timeout_from_ranks: bool = False, standalone: bool = False,
-                 linger_s: float = 2.0, first_client_timeout: float = 300.0):
+                 linger_s: float = 2.0, first_client_timeout: float = 300.0,
+                 secret: str | None = None):
+        secret = secret if secret is not None else os.environ.get(rundir.AGG_SECRET_ENV, "")
+        if not secret:
+            raise ValueError(f"the aggregator needs a per-job secret: set {rundir.AGG_SECRET_ENV}")
+        self._secret = secret.encode()
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg or ClassifierConfig()
@@ -155,6 +180,9 @@ class Aggregator:
         return not self.conns and not busy and now - self.last_change > self.linger_s
 
     def tick(self, now: float) -> None:
+        stale = time.monotonic() - _HELLO_TIMEOUT_S
+        for conn in [c for c in self.conns.values() if not c.authenticated and c.opened < stale]:
+            self._drop(conn, "no hello")
         tl = self.timeline
         completed, tl.completed = tl.completed, []
         self.n_completed += len(completed)
@@ -219,20 +247,70 @@ class Aggregator:
         if not chunk:
             self._disconnected(conn)
             return
-        conn.inbuf += chunk
-        *lines, conn.inbuf = conn.inbuf.split(b"\n")
-        for line in lines:
-            if not line.strip():
-                continue
+        buf = conn.inbuf
+        buf += chunk
+        start, end = 0, buf.find(b"\n", conn.scanned)   # only the new bytes are searched
+        while end != -1:
+            if end - start > MAX_LINE:
+                self._drop(conn, f"a line over {MAX_LINE} bytes")
+                return
+            line = bytes(buf[start:end])
+            start = end + 1
+            if line.strip() and not self._line(conn, line):
+                return
+            if conn.sock.fileno() < 0:
+                return
+            end = buf.find(b"\n", start)
+        del buf[:start]
+        conn.scanned = len(buf)
+        if len(buf) > MAX_LINE:
+            self._drop(conn, f"a line over {MAX_LINE} bytes")
+
+    def _line(self, conn: _Conn, line: bytes) -> bool:
+        """Handle one line; False when the connection was dropped for it."""
+        try:
+            message = json.loads(line)
+        except (ValueError, RecursionError):
+            message = None
+        if not conn.authenticated:
+            if not (isinstance(message, dict) and message.get("t") == "hello"
+                    and self._authentic(message)):
+                self._drop(conn, "not an authenticated hello")
+                return False
             try:
-                message = json.loads(line)
-            except ValueError:
-                continue
-            try:
-                self._handle(conn, message)
-            except (KeyError, TypeError, ValueError, IndexError) as exc:
-                print(f"[trainkit.detect] bad message from rank {conn.rank}: {exc}",
-                      file=sys.stderr, flush=True)
+                self._hello(conn, message)
+            except (BadMessage, KeyError, TypeError, ValueError) as exc:
+                self._drop(conn, f"bad hello: {type(exc).__name__}: {exc}")
+                return False
+            return True
+        if not isinstance(message, dict):
+            print(f"[trainkit.detect] dropped a message from rank {conn.rank} that is not a "
+                  "JSON object", file=sys.stderr, flush=True)
+            return True
+        try:
+            self._handle(conn, message)
+        except (BadMessage, KeyError, TypeError, ValueError, IndexError, AttributeError,
+                OverflowError) as exc:
+            print(f"[trainkit.detect] bad message from rank {conn.rank}: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return True
+
+    def _authentic(self, hello: dict[str, Any]) -> bool:
+        given = hello.get("secret")
+        return isinstance(given, str) and hmac.compare_digest(given.encode(), self._secret)
+
+    def _drop(self, conn: _Conn, why: str) -> None:
+        """Close a connection that broke the protocol; it leaves no finding."""
+        try:
+            peer = conn.sock.getpeername()
+        except OSError:
+            peer = "?"
+        print(f"[trainkit.detect] dropped connection from {peer} (rank {conn.rank}): {why}",
+              file=sys.stderr, flush=True)
+        if conn.authenticated:
+            self._disconnected(conn)
+        else:
+            self._close(conn)
 
     def _close(self, conn: _Conn) -> None:
         self.conns.pop(conn.sock, None)
@@ -263,74 +341,114 @@ class Aggregator:
             self._hello(conn, msg)
             return
         if kind == "exit_code":
-            info = self.timeline.ranks.get(int(msg["rank"]))
+            info = self.timeline.ranks.get(_int(msg["rank"], 0, _MAX_RANK))
             if info is not None:
-                info.exit_code = int(msg["code"])
+                info.exit_code = _int(msg["code"], -(1 << 31), 1 << 31)
             return
         info = self._info(conn)
         if info is None:
             return
         info.last_seen = time.time()
         if kind == "b":
-            self._batch(conn, info, msg["ev"])
+            self._batch(conn, info, _list(msg["ev"]))
         elif kind == "clock":
-            conn.offset = float(msg["offset"])
+            conn.offset = _float(msg["offset"])
         elif kind == "group":
-            self.timeline.groups[str(msg["name"])] = [int(r) for r in msg["ranks"]]
+            self.timeline.groups[str(msg["name"])] = [_int(r, 0, _MAX_RANK)
+                                                      for r in _list(msg["ranks"])]
         elif kind == "stack":
             info.stack, info.stack_time = str(msg["text"]), time.time()
         elif kind == "exit":
             info.exit_error = str(msg.get("error"))
             info.comm_error = bool(msg.get("comm_error"))
         elif kind == "probe_result":
-            self.timeline.probe_results.setdefault(int(msg["id"]), {}).update(
-                {str(k): float(v) for k, v in msg["rtt"].items()})
+            self.timeline.probe_results.setdefault(_int(msg["id"]), {}).update(
+                {str(k): _float(v) for k, v in _dict(msg["rtt"]).items()})
         elif kind == "peer_probe_result":
-            self.timeline.peer_probe_results.setdefault(int(msg["id"]), {})[info.rank] = {
-                int(k): dict(v) for k, v in msg["results"].items()}
+            self.timeline.peer_probe_results.setdefault(_int(msg["id"]), {})[info.rank] = {
+                _int(int(k), 0, _MAX_RANK): _dict(v) for k, v in _dict(msg["results"]).items()}
         elif kind == "bye":
             info.bye = True
 
     def _hello(self, conn: _Conn, msg: dict[str, Any]) -> None:
-        attempt = int(msg.get("attempt", 0))
+        if not self._authentic(msg):          # also a second hello on a live connection
+            raise BadMessage("hello without the job's secret")
+        attempt = _int(msg.get("attempt", 0), 0, _MAX_ATTEMPT)
+        rank = _int(msg["rank"], 0, _MAX_RANK)
+        world = _int(msg["world"], 1, _MAX_RANK + 1) if msg.get("world") is not None else None
+        local_rank = _int(msg["local_rank"], 0, _MAX_RANK) if msg.get("local_rank") is not None \
+            else None
+        pid = _int(msg["pid"], 1, 1 << 31) if msg.get("pid") is not None else None
+        node = str(msg["node"])[:256] if msg.get("node") is not None else None
+        timeout = _float(msg["hang_timeout"]) if msg.get("hang_timeout") else None
+        if timeout is not None and not timeout > 0:
+            raise BadMessage(f"hang_timeout {timeout} is not > 0")
+        conn.authenticated = True
         tl = self.timeline
         if attempt > tl.attempt or (attempt == tl.attempt and not self.ever_connected):
             if attempt != tl.attempt:
                 self.timeline = tl = Timeline(attempt, self.local_host)
                 self.classifiers = make_classifiers(self.cfg)
-        if self.hang_timeout_from_ranks and msg.get("hang_timeout"):
-            timeout = float(msg["hang_timeout"])
+        if self.hang_timeout_from_ranks and timeout is not None:
             if timeout != self.cfg.hang_timeout:
                 self.cfg = replace(self.cfg, hang_timeout=timeout)
                 for clf in self.classifiers:
                     clf.cfg = self.cfg
-        conn.rank, conn.attempt = int(msg["rank"]), attempt
+        conn.rank, conn.attempt = rank, attempt
         self.ever_connected = True
         self.last_change = time.time()
         if attempt == tl.attempt:
-            tl.world = int(msg.get("world") or tl.world or 0) or None
-            tl.ranks[conn.rank] = RankInfo(rank=conn.rank, host=str(msg.get("host", "?")),
-                                           local_rank=msg.get("local_rank"), attempt=attempt,
-                                           node=msg.get("node"), pid=msg.get("pid"),
+            tl.world = world or tl.world or None
+            tl.ranks[conn.rank] = RankInfo(rank=conn.rank, host=str(msg.get("host", "?"))[:256],
+                                           local_rank=local_rank, attempt=attempt,
+                                           node=node, pid=pid,
                                            peer_probe=_probe_address(conn, msg.get("peer_probe")))
         self._send(conn, {"t": "welcome", "time": time.time()})
 
     def _batch(self, conn: _Conn, info: RankInfo, events: list) -> None:
         tl, rank, off = self.timeline, info.rank, conn.offset
         for ev in events:
-            tag = ev[0]
+            tag = _list(ev)[0]
             if tag == "i":
                 _, group, seq, op, nbytes, dtype, t, step, _peer = ev
-                tl.on_issue(rank, group, int(seq), op, int(nbytes), dtype, t + off, step)
+                tl.on_issue(rank, str(group), _int(seq), str(op), _int(nbytes), str(dtype),
+                            _float(t) + off, None if step is None else _int(step))
             elif tag == "d":
                 _, group, seq, t, ok = ev
-                tl.on_done(rank, group, int(seq), t + off, bool(ok))
+                tl.on_done(rank, str(group), _int(seq), _float(t) + off, bool(ok))
             elif tag == "w":
                 _, group, seq, t = ev
-                tl.on_wait(rank, group, int(seq), t + off)
+                tl.on_wait(rank, str(group), _int(seq), _float(t) + off)
             elif tag == "s":
-                info.step = int(ev[1])
-                info.steps.append((int(ev[1]), ev[2] + off))
+                _, step, t = ev
+                info.step = _int(step)
+                info.steps.append((info.step, _float(t) + off))
+
+
+def _int(value: Any, lo: int = -(1 << 62), hi: int = 1 << 62) -> int:
+    """An integer of the protocol (a JSON int, not a bool) within [lo, hi)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value < hi:
+        raise BadMessage(f"expected an integer in [{lo}, {hi}), got {str(value)[:40]!r}")
+    return value
+
+
+def _float(value: Any) -> float:
+    """A finite number of the protocol."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadMessage(f"expected a finite number, got {str(value)[:40]!r}")
+    return float(value)
+
+
+def _list(value: Any) -> list:
+    if not isinstance(value, list):
+        raise BadMessage(f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def _dict(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise BadMessage(f"expected an object, got {type(value).__name__}")
+    return value
 
 
 def _probe_address(conn: _Conn, advertised: Any) -> tuple[str, int] | None:
@@ -381,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         agg = Aggregator(args.run_dir, host=args.host, port=args.port, advertise=args.advertise,
                          cfg=cfg, hang_timeout_from_ranks=args.hang_timeout is None,
                          standalone=args.standalone, linger_s=args.linger)
+    except ValueError as exc:
+        print(f"aggregator: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"aggregator: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2

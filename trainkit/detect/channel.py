@@ -6,7 +6,8 @@ heartbeats and still answers stack requests through this thread.
 
 Wire format: newline-delimited JSON. Rank to aggregator::
 
-    {"t": "hello", "rank": 0, "world": 4, "host": ..., "local_rank": 0, "attempt": 0, "pid": ...}
+    {"t": "hello", "rank": 0, "world": 4, "host": ..., "local_rank": 0, "attempt": 0, "pid": ...,
+     "secret": TRAINKIT_AGG_SECRET}                           # first line, else dropped
     {"t": "b", "now": 1700000000.1, "ev": [EVENT, ...]}      # batch, doubles as heartbeat
     {"t": "group", "name": "0", "ranks": [0, 1, 2, 3]}
     {"t": "stack", "text": "..."}       {"t": "exit", "error": "...", "comm_error": false}
@@ -61,6 +62,9 @@ __all__ = ["Channel"]
 
 _FLUSH_S = 0.1
 _MAX_BACKLOG = 200_000
+# Events per batch line: a backlog drained after a stall goes out as several lines, each
+# far below the aggregator's 1 MiB line cap (an event is well under 200 bytes).
+_MAX_BATCH_EVENTS = 2_000
 
 
 class Channel:
@@ -170,7 +174,10 @@ class Channel:
             now = time.time()
             lines = []
             if events or now - last_beat >= self.heartbeat_s:
-                lines.append(json.dumps({"t": "b", "now": now, "ev": events}, separators=(",", ":")))
+                for i in range(0, max(len(events), 1), _MAX_BATCH_EVENTS):
+                    lines.append(json.dumps({"t": "b", "now": now,
+                                             "ev": events[i:i + _MAX_BATCH_EVENTS]},
+                                            separators=(",", ":")))
                 last_beat = now
             lines.extend(json.dumps(c, separators=(",", ":")) for c in controls)
             if lines and not self._sendall(("\n".join(lines) + "\n").encode()):
@@ -264,6 +271,7 @@ def _read_line(sock: socket.socket, timeout: float) -> str:
     while b"\n" not in buf:
         chunk = sock.recv(4096)
         if not chunk:
-            raise ConnectionError("connection closed during handshake")
+            raise ConnectionError("connection closed during handshake (the aggregator drops a "
+                                  "hello without the job's TRAINKIT_AGG_SECRET)")
         buf += chunk
     return buf.split(b"\n", 1)[0].decode()

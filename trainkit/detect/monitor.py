@@ -14,6 +14,14 @@ run``), or else global rank 0 starts a detached one (its own session, so
 torchrun's teardown of the workers does not kill it before it has written its
 finding) and publishes the address through the default group's store.
 
+The aggregator only listens to ranks that know the job's secret,
+``TRAINKIT_AGG_SECRET``: whoever starts the aggregator makes it (:func:`job_secret`)
+and hands it to the ranks through the environment (``trainkit run``), or, when rank 0
+started it and the variable was not set for the job, through the default group's
+store (as unauthenticated as torch's TCPStore is; set the variable on every host to
+keep it off the network). A self-started aggregator listens on loopback when the job
+runs on one host, else on the interface that routes to ``MASTER_ADDR``.
+
 A monitor whose aggregator is unreachable warns once and lets training run
 unmonitored; monitoring never blocks or crashes training. ``start()`` raises
 only for a malformed ``TRAINKIT_FAULT`` (a clear error at start-up).
@@ -24,6 +32,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -38,17 +47,26 @@ from trainkit import rundir
 from trainkit.detect import knobs
 from trainkit.detect.channel import Channel
 from trainkit.detect.linkprobe import LinkProbe
-from trainkit.detect.peerprobe import (PeerProbeServer, advertised_host, peers_to_probe,
-                                       probe_peers)
+from trainkit.detect.peerprobe import (PeerProbeServer, advertised_host, listen_host,
+                                       peers_to_probe, probe_peers)
 from trainkit.detect.probe import MonitoredProcessGroup, register_group, unregister_group
 from trainkit.detect.recorder import Recorder
 from trainkit.detect.stacks import StackDumper
 from trainkit.faults import FaultInjector
 from trainkit.rundir import local_identity
 
-__all__ = ["CollectiveMonitor", "start_aggregator"]
+__all__ = ["CollectiveMonitor", "job_secret", "start_aggregator"]
 
 _STORE_KEY = "trainkit/detect/aggregator"
+
+
+def job_secret() -> str:
+    """The job's aggregator secret: ``TRAINKIT_AGG_SECRET``, made (and put in this
+    process's environment, so children inherit it) when unset."""
+    secret = os.environ.get(rundir.AGG_SECRET_ENV)
+    if not secret:
+        secret = os.environ[rundir.AGG_SECRET_ENV] = secrets.token_urlsafe(32)
+    return secret
 
 
 def start_aggregator(run_dir: str | os.PathLike, *, hang_timeout: float, host: str = "127.0.0.1",
@@ -57,7 +75,9 @@ def start_aggregator(run_dir: str | os.PathLike, *, hang_timeout: float, host: s
     """Start a detached aggregator process; returns (host, port, pid) once it listens.
 
     The process gets its own session (``start_new_session``), so killing the
-    launcher's or torchrun's process group does not take it down.
+    launcher's or torchrun's process group does not take it down. It accepts only
+    ranks whose hello carries :func:`job_secret` (handed over in its environment,
+    never on its command line, which other users can read).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -71,6 +91,7 @@ def start_aggregator(run_dir: str | os.PathLike, *, hang_timeout: float, host: s
     log = open(run_dir / "aggregator.log", "ab")
     env = dict(os.environ)
     env.pop(rundir.AGGREGATOR_ENV, None)
+    env[rundir.AGG_SECRET_ENV] = job_secret()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                             start_new_session=True, env=env, close_fds=True)
     log.close()
@@ -139,6 +160,7 @@ class CollectiveMonitor:
         self._stacks: StackDumper | None = None
         self._peer_probe: PeerProbeServer | None = None
         self._prev_excepthook: Any = None
+        self._secret = ""
         self._started = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -186,10 +208,11 @@ class CollectiveMonitor:
         host, local_rank, attempt, node = local_identity()
         hello = {"rank": rank, "world": world, "host": host, "local_rank": local_rank,
                  "attempt": attempt, "node": node, "pid": os.getpid(),
-                 "hang_timeout": self.hang_timeout}
+                 "hang_timeout": self.hang_timeout, "secret": self._secret}
         try:
-            probe_host = advertised_host()
-            self._peer_probe = PeerProbeServer(probe_host or "0.0.0.0")
+            bind = listen_host()
+            self._peer_probe = PeerProbeServer(bind)
+            probe_host = bind if bind not in ("0.0.0.0", "") else advertised_host()
             hello["peer_probe"] = [probe_host, self._peer_probe.port]
         except OSError as exc:
             warnings.warn(f"trainkit.detect: no peer-probe server ({exc}); communication hangs "
@@ -209,26 +232,34 @@ class CollectiveMonitor:
     def _find_aggregator(self, rank: int) -> tuple[str, int]:
         text = os.environ.get(rundir.AGGREGATOR_ENV)
         if text:
+            # Without the secret the aggregator drops the hello, and the channel's warning
+            # says so (one warning, as for an unreachable one).
+            self._secret = os.environ.get(rundir.AGG_SECRET_ENV, "")
             return knobs.parse_address(text)
         store = c10d._get_default_store()
         key = f"{_STORE_KEY}/{local_identity()[2]}"   # per restart attempt: never a stale one
         if rank == 0:
             try:
-                master = os.environ.get("MASTER_ADDR", "127.0.0.1")
-                bind = "127.0.0.1" if master in ("127.0.0.1", "localhost", "::1") else "0.0.0.0"
+                given = os.environ.get(rundir.AGG_SECRET_ENV)
+                self._secret = job_secret()
                 host, port, pid = start_aggregator(self.run_dir, hang_timeout=self.hang_timeout,
-                                                   host=bind, extra_args=self.aggregator_args)
+                                                   host=listen_host(),
+                                                   extra_args=self.aggregator_args)
                 self.aggregator_pid = pid
                 value = f"{host}:{port}"
             except Exception as exc:  # noqa: BLE001 - tell the other ranks, then give up
                 store.set(key, "error:" + str(exc))
                 raise
+            # Made here: the other ranks cannot have it in their environment.
+            store.set(f"{key}/secret", "" if given else self._secret)
             store.set(key, value)
         else:
             store.wait([key], _timedelta(60.0))
             value = store.get(key).decode()
             if value.startswith("error:"):
                 raise RuntimeError(f"rank 0 could not start the aggregator: {value[6:]}")
+            published = store.get(f"{key}/secret").decode()
+            self._secret = published or os.environ.get(rundir.AGG_SECRET_ENV, "")
         return knobs.parse_address(value)
 
     def close(self) -> None:

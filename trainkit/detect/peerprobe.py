@@ -26,6 +26,7 @@ which on a cluster is the data-plane interface gloo/NCCL bootstrap over.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import threading
@@ -33,7 +34,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["PeerProbeServer", "advertised_host", "localise", "peers_to_probe", "probe_peers"]
+__all__ = ["PeerProbeServer", "advertised_host", "listen_host", "localise", "peers_to_probe",
+           "probe_peers"]
 
 _TOKEN = b"trainkit-peer-probe\n"
 _MAX_ALL_PAIRS = 64
@@ -54,10 +56,37 @@ def advertised_host() -> str | None:
     return None if host in ("0.0.0.0", "") else host
 
 
+_LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+
+
+def is_loopback(host: str) -> bool:
+    """A loopback literal or name (no lookup: a host name is not assumed to be local)."""
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def listen_host() -> str:
+    """Where trainkit's own listeners of a rank bind (peer-probe server, self-started aggregator).
+
+    Loopback when the job is on one host (``MASTER_ADDR`` unset or loopback, or
+    ``LOCAL_WORLD_SIZE == WORLD_SIZE``); else this host's address on the route to
+    ``MASTER_ADDR``, the rendezvous interface; all interfaces only when that cannot be told.
+    """
+    master = os.environ.get("MASTER_ADDR")
+    local, world = os.environ.get("LOCAL_WORLD_SIZE"), os.environ.get("WORLD_SIZE")
+    if not master or is_loopback(master) or (local and local == world):
+        return "127.0.0.1"
+    return advertised_host() or "0.0.0.0"
+
+
 class PeerProbeServer:
     """An echo server on a daemon thread: reads the token, writes it back, closes."""
 
-    def __init__(self, host: str = "0.0.0.0", *, io_timeout: float = 2.0):
+    def __init__(self, host: str = "127.0.0.1", *, io_timeout: float = 2.0):
         self.io_timeout = io_timeout
         self._sock = socket.create_server((host, 0), backlog=64)
         self._sock.settimeout(0.5)

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from trainkit import rundir
+from trainkit.errors import TrainkitError
 from trainkit.rundir import JsonlError, read_fault_markers, read_jsonl
 
 __all__ = ["DiagnoseError", "load_findings", "format_events", "format_findings", "plot_timeline"]
 
 
-class DiagnoseError(Exception):
+class DiagnoseError(TrainkitError):
     """A run directory that cannot be diagnosed (missing, or without findings file)."""
 
 

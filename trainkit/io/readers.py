@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import pickle
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from trainkit.errors import InputError
 from trainkit.io.safetensors_format import DTYPE_TO_TORCH, TensorMeta, read_header
 
 __all__ = [
@@ -65,12 +67,10 @@ class SafetensorsReader:
         self._data_offset, header = read_header(self.path)
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._entries: dict[str, tuple[TensorMeta, int, int]] = {}
-        for name, info in header.items():
-            dtype = DTYPE_TO_TORCH.get(info["dtype"])
-            if dtype is None:
-                raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        for name, info in header.items():    # validated by read_header
             begin, end = info["data_offsets"]
-            self._entries[name] = (TensorMeta(tuple(info["shape"]), dtype), begin, end)
+            self._entries[name] = (TensorMeta(tuple(info["shape"]), DTYPE_TO_TORCH[info["dtype"]]),
+                                   begin, end)
         self._map: mmap.mmap | None = None
 
     def _mapped(self) -> mmap.mmap:
@@ -126,7 +126,7 @@ class ShardedSafetensorsReader:
         self.description = str(self.directory)
         index = self.directory / self.INDEX
         if index.exists():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            weight_map = _weight_map(index)
             shard_names = sorted(set(weight_map.values()))
         elif (self.directory / self.SINGLE).exists():
             shard_names = [self.SINGLE]
@@ -159,6 +159,21 @@ class ShardedSafetensorsReader:
 
     def files(self) -> list[Path]:
         return [s.path for s in self._shards.values()]
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index: tensor name -> a shard file of the same directory."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise InputError(f"{index}: not a shard index with a weight_map "
+                         f"({type(exc).__name__}: {exc})") from None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v and "/" not in v and "\\" not in v
+            and v not in (".", "..") for k, v in weight_map.items()):
+        raise InputError(f"{index}: weight_map must map tensor names to shard file names "
+                         "in the same directory")
+    return weight_map
 
 
 def flatten_state(state: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
@@ -202,15 +217,32 @@ class TorchFileReader(DictReader):
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            obj = _load_weights_only(self.path)
+        except pickle.UnpicklingError:
+            raise InputError(f"refused: {self.path} is not a weights-only torch file") from None
+        except (RuntimeError, ValueError, EOFError, KeyError, TypeError, IndexError,
+                RecursionError, AttributeError) as exc:
+            detail = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise InputError(f"{self.path}: not a readable torch file ({detail})") from None
         if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
             obj = obj["state_dict"]
         if not isinstance(obj, Mapping):
-            raise ValueError(f"{self.path}: expected a state dict, found {type(obj).__name__}")
+            raise InputError(f"{self.path}: expected a state dict, found {type(obj).__name__}")
         super().__init__(dict(flatten_state(obj)), str(self.path))
 
     def files(self) -> list[Path]:
         return [self.path]
+
+
+def _load_weights_only(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, memory-mapped unless the file predates the zip format."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap can only be used" not in str(exc):
+            raise
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class InputSpec:

@@ -69,6 +69,9 @@ def _run(args: argparse.Namespace) -> int:
     from trainkit.merge.plan import MergeInputError
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"trainkit merge: error: output {out} exists and is not a directory", file=sys.stderr)
+        return 2
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         print(f"trainkit merge: error: output directory {out} is not empty (use --overwrite)", file=sys.stderr)
         return 2
@@ -96,7 +99,9 @@ def _run(args: argparse.Namespace) -> int:
             progress=progress,
             command=shlex.join(["trainkit", *sys.argv[1:]]) if sys.argv else None,
         )
-    except (MergeInputError, ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
+    except (MergeInputError, ValueError, OSError, RuntimeError, TypeError) as exc:
+        if getattr(args, "debug", False):
+            raise
         print(f"trainkit merge: error: {exc}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - t0

@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 from trainkit import __version__
+from trainkit.errors import InputError
 from trainkit.io.readers import InputSpec, TensorReader, open_reader, parse_input_spec
 from trainkit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, plan_shards
 from trainkit.merge.engine import MergeStats, run_merge
 from trainkit.merge.methods import MergeConfig
 from trainkit.merge.plan import plan_merge
 
-__all__ = ["merge_files", "open_input", "sha256_file", "WEIGHT_SUFFIXES"]
+__all__ = ["check_output", "merge_files", "open_input", "sha256_file", "WEIGHT_SUFFIXES"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -102,6 +103,7 @@ def merge_files(
     record.
     """
     final = Path(out)
+    check_output(final, [base, *models])
     final.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
@@ -112,6 +114,19 @@ def merge_files(
         raise
     _publish(stage, final)
     return record
+
+
+def check_output(out: Path, inputs: list[str | Path]) -> None:
+    """Refuse an output that is an existing file, or that is or contains an input: an
+    ``--overwrite`` would replace the input (and delete its weights) when published."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} exists and is not a directory")
+    target = out.resolve()
+    for text in inputs:
+        path = parse_input_spec(str(text)).path.resolve()
+        if path == target or target in path.parents:
+            raise InputError(f"refused: output {out} {'is' if path == target else 'contains'} "
+                             f"the input {text}; write the merge somewhere else")
 
 
 def _publish(stage: Path, final: Path) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trainkit.errors import InputError
 from trainkit.io.readers import TensorReader
 from trainkit.merge.kernel import compute_dtype
 from trainkit.merge.methods import MergeConfig
@@ -20,7 +21,7 @@ EMBEDDING_MARKERS = ("embed", "lm_head", "wte", "word_embeddings", "shared.weigh
 _MAX_LISTED = 40
 
 
-class MergeInputError(ValueError):
+class MergeInputError(InputError):
     """Bad merge inputs; ``problems`` lists every one found."""
 
     def __init__(self, problems: list[str]):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainkit import rundir
-from trainkit.run.control import Control
+from trainkit.run.control import AGG_SECRET_KEY, Control
 from trainkit.run.torchrun_args import TorchrunArgs, generation_command, warm_start_supported
 
 _EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
@@ -163,6 +163,8 @@ class NodeAgent:
         })
         if plan.get("aggregator"):
             env[rundir.AGGREGATOR_ENV] = plan["aggregator"]
+            if not env.get(rundir.AGG_SECRET_ENV):   # an agent on another host than the launcher
+                env[rundir.AGG_SECRET_ENV] = self.control.get(AGG_SECRET_KEY) or ""
         return env
 
     def _launch(self, gen: int, plan: dict, rdzv_id: str, *, warm_go: Path | None) -> _Launch:

@@ -13,6 +13,7 @@ Modes:
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import socket
 import subprocess
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainkit.run.agent import NodeAgent, terminate_tree
-from trainkit.run.control import Control, connect_store, host_store
+from trainkit.rundir import AGG_SECRET_ENV
+from trainkit.run.control import AGG_SECRET_KEY, Control, bind_host, connect_store, host_store
 from trainkit.run.coordinator import Coordinator, CoordinatorConfig
 from trainkit.run.detector import start_aggregator
 from trainkit.run.events import EventLog
@@ -112,7 +114,11 @@ def _coordinate(opts: RunOptions, args: TorchrunArgs, run_dir: Path, node_id: st
     children: list[subprocess.Popen] = []
     aggregator = None
     if opts.detect:
-        aggregator = start_aggregator(run_dir, host=host, hang_timeout=opts.hang_timeout)
+        user_secret = bool(os.environ.get(AGG_SECRET_ENV))
+        aggregator = start_aggregator(run_dir, host=bind_host(host) or "0.0.0.0",
+                                      hang_timeout=opts.hang_timeout)
+        if aggregator is not None and args.rdzv_endpoint is not None and not user_secret:
+            control.put(AGG_SECRET_KEY, aggregator.secret)   # for agents on other hosts
         if aggregator is None:
             events.log("warning", reason="trainkit.detect is not available: hangs and slowness "
                        "go unseen, only process exits are handled")
@@ -129,9 +135,10 @@ def _coordinate(opts: RunOptions, args: TorchrunArgs, run_dir: Path, node_id: st
     # (address, pid): by pid here, so ranks would move between nodes at every restart and
     # the node-local checkpoint tiers would hold other ranks' shards. A loopback address
     # per local node (127.0.0.k) keeps each node's ranks where they were.
-    pin = opts.local_nodes > 1 and opts.local_nodes < 250 and not any(
-        a.split("=", 1)[0] in ("--local-addr", "--local_addr") for a in torchrun_argv)
-    if pin:
+    own_addr = any(a.split("=", 1)[0] in ("--local-addr", "--local_addr") for a in torchrun_argv)
+    pin = opts.local_nodes > 1 and opts.local_nodes < 250 and not own_addr
+    # A one-host job's workers bootstrap on loopback too (torchrun_main binds their store there).
+    if pin or (args.rdzv_endpoint is None and not own_addr):
         args = dataclasses.replace(args, passthrough=("--local-addr=127.0.0.1", *args.passthrough))
     agent = NodeAgent(Control(connect_store(host, port)), node_id, args, run_dir=run_dir,
                       endpoint=endpoint)

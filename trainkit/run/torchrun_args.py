@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainkit.errors import TrainkitError
+
 # torchrun options trainkit sets itself for every generation.
 _OWNED = {"--nnodes", "--rdzv-id", "--rdzv-backend", "--rdzv-conf", "--standalone",
           "--node-rank", "--master-addr", "--master-port"}
@@ -17,7 +19,7 @@ _OWNED = {"--nnodes", "--rdzv-id", "--rdzv-backend", "--rdzv-conf", "--standalon
 _FLAGS = {"--standalone"}
 
 
-class RunArgumentError(ValueError):
+class RunArgumentError(TrainkitError, ValueError):
     """Bad arguments to ``trainkit run``; the message says which and why."""
 
 
@@ -125,10 +127,12 @@ def generation_command(python: str, args: TorchrunArgs, *, nnodes: int, endpoint
     The rendezvous store is hosted by the trainkit coordinator, so every agent joins as a
     client (``is_host=false``); the member count is fixed per generation, so the
     rendezvous closes as soon as everybody joined instead of waiting for ``last_call``.
+    It runs torchrun through :mod:`trainkit.run.torchrun_main`, which binds the workers'
+    bootstrap store to the node's address instead of every interface.
     """
     conf = ",".join(filter(None, [args.rdzv_conf, rdzv_conf, "is_host=false"]))
     entry = ["-m", "trainkit.run.warm", args.script] if warm else [args.script]
-    return [python, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
+    return [python, "-m", "trainkit.run.torchrun_main", f"--nnodes={nnodes}",
             "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}",
             f"--rdzv-conf={conf}", "--max-restarts=0", *args.passthrough,
             *entry, *args.script_args]

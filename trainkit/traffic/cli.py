@@ -72,6 +72,7 @@ def _options(method: str, args: argparse.Namespace, hm: HashModel) -> dict[str, 
 
 
 def _plan_one(args, topo, flows, hm) -> int:
+    from trainkit.traffic.errors import TrafficError
     from trainkit.traffic.planners import lower_bound, plan
     from trainkit.traffic.steering import nccl_settings, write_plan
 
@@ -87,7 +88,10 @@ def _plan_one(args, topo, flows, hm) -> int:
     print(f"nccl              {' '.join(f'{k}={v}' for k, v in nccl_settings(p).items())}")
     print(f"planning time     {p.seconds * 1e3:.1f} ms")
     if args.out:
-        write_plan(p, args.out, hash_model=hm)
+        try:
+            write_plan(p, args.out, hash_model=hm)
+        except OSError as exc:
+            raise TrafficError("--out", f"cannot write {args.out}: {exc.strerror or exc}") from None
         print(f"wrote {args.out}")
     return 0
 
@@ -125,5 +129,7 @@ def main(args: argparse.Namespace) -> int:
         topo, flows, hm = _inputs(args)
         return _compare(args, topo, flows, hm) if args.action == "compare" else _plan_one(args, topo, flows, hm)
     except TrafficError as exc:
+        if getattr(args, "debug", False):
+            raise
         print(f"trainkit plan: error: {exc}", file=sys.stderr)
         return 2

@@ -6,10 +6,12 @@ input the same way, so the CLI can print one clean line instead of a traceback.
 
 from __future__ import annotations
 
+from trainkit.errors import TrainkitError
+
 __all__ = ["TrafficError", "TopologyError", "JobError", "UnroutableError"]
 
 
-class TrafficError(ValueError):
+class TrafficError(TrainkitError, ValueError):
     """Bad traffic-planning input. ``field`` names the offending field."""
 
     def __init__(self, field: str, message: str) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from trainkit import _units
 from trainkit.traffic.collectives import Flows, collective, combine
 from trainkit.traffic.errors import JobError, TopologyError, TrafficError
+from trainkit.traffic.limits import LIMITS, check_limit
 from trainkit.traffic.topology import LeafSpine
 
 __all__ = ["load_mapping", "load_topology", "load_job", "job_from_dict", "parse_hosts", "parse_size"]
@@ -65,13 +66,19 @@ def parse_hosts(value: Any, *, field: str = "hosts") -> list[int]:
     if isinstance(value, list):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise JobError(field, "list entries must be integer NIC indices")
+        check_limit(field, len(value), "nics", JobError)
         return value
     if isinstance(value, dict):
         unknown = set(value) - {"start", "count", "stride"}
         if unknown or "count" not in value:
             raise JobError(field, "expects {start, count, stride} with count required")
-        start, stride = int(value.get("start", 0)), int(value.get("stride", 1))
-        return [start + k * stride for k in range(int(value["count"]))]
+        try:
+            start, stride = int(value.get("start", 0)), int(value.get("stride", 1))
+            count = int(value["count"])
+        except (TypeError, ValueError, OverflowError):
+            raise JobError(field, "start, count and stride must be integers") from None
+        check_limit(field, count, "nics", JobError)
+        return [start + k * stride for k in range(count)]
     if isinstance(value, str):
         out: list[int] = []
         for part in value.split(","):
@@ -80,9 +87,16 @@ def parse_hosts(value: Any, *, field: str = "hosts") -> list[int]:
                 raise JobError(field, f"cannot parse {part!r}; use e.g. '0-127,256-383'")
             lo = int(m.group(1))
             hi = int(m.group(2)) if m.group(2) else lo
+            check_limit(field, len(out) + max(0, hi - lo + 1), "nics", JobError)
             out.extend(range(lo, hi + 1))
         return out
     raise JobError(field, f"unsupported hosts value {value!r}")
+
+
+def _channels(value: Any, field: str) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        check_limit(field, value, "channels", JobError)
+    return value      # other types are refused by collective(), naming the field
 
 
 def job_from_dict(data: dict[str, Any]) -> Flows:
@@ -104,7 +118,8 @@ def job_from_dict(data: dict[str, Any]) -> Flows:
         try:
             flows.append(collective(
                 job["collective"], hosts=parse_hosts(job["hosts"], field=f"{where}.hosts"),
-                nbytes=parse_size(job["nbytes"], field=f"{where}.nbytes"), channels=job.get("channels", 1),
+                nbytes=parse_size(job["nbytes"], field=f"{where}.nbytes"),
+                channels=_channels(job.get("channels", 1), f"{where}.channels"),
             ))
         except JobError as exc:
             if exc.field.startswith("job["):

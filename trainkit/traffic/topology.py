@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from trainkit.traffic.errors import TopologyError
+from trainkit.traffic.limits import check_limit
 
 __all__ = ["LeafSpine", "LinkSpec", "parse_link", "LAYOUTS"]
 
@@ -97,6 +98,9 @@ class LeafSpine:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise TopologyError(name, f"must be a positive integer, got {value!r}")
+            check_limit(name, int(value), name, TopologyError)
+        check_limit("hosts_per_leaf", self.leaves * self.hosts_per_leaf * self.nics_per_host, "nics",
+                    TopologyError)
         for name in ("host_gbps", "uplink_gbps"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
