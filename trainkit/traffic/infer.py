@@ -9,8 +9,11 @@ same: the fabric is not involved, and the finding is a host or NIC problem.
 Which of those links is bad is network tomography over the plan's paths:
 
 - every flow of the plan that no finding names counts as healthy, and the
-  directed links it crosses are exonerated (a degraded link slows every flow
-  over it: the detector compares each flow with its peers);
+  directed links where it was (near) its bottleneck in the plan are exonerated
+  (a degraded link there would have slowed it: the detector compares each flow
+  with its peers); a link it crossed with room to spare could hide a mild fault;
+- a cable explains a finding through either direction (a degradation acts on
+  the cable, as ``--degrade`` does);
 - of the remaining suspects, the smallest set that explains every finding is
   chosen greedily; links that explain exactly the same findings cannot be told
   apart and are implicated together ("one of k"), each with 1/k of the confidence.
@@ -44,6 +47,7 @@ __all__ = ["DOWN_BELOW", "HostProblem", "Inference", "InferredLink", "LINK_CLASS
 DOWN_BELOW = 0.1          # a cable slower than this fraction of its capacity is as good as down
 LINK_CLASSES = ("slow_link", "hang_comm")
 _DEFAULT_FACTOR = 0.5     # slow, but the evidence gives no ratio
+TIGHT = 0.9               # a healthy flow clears a link carrying it at >= this share of its bottleneck
 
 DirLink = tuple[str, int, int, int]   # ("up" | "down", leaf, spine, parallel link or -1)
 
@@ -172,23 +176,37 @@ def rank_hosts(findings: Iterable[Finding]) -> dict[int, str]:
 class _Paths:
     nic: dict[tuple[int, int], set[DirLink]]
     leaf: dict[tuple[int, int], set[DirLink]]   # aggregated (leaf-pair) rows only
+    # the links that were (near) the flow's bottleneck: a degradation there would have shown
+    nic_tight: dict[tuple[int, int], set[DirLink]]
+    leaf_tight: dict[tuple[int, int], set[DirLink]]
 
 
 def _paths(p: Plan) -> _Paths:
     nic: dict[tuple[int, int], set[DirLink]] = defaultdict(set)
     leaf: dict[tuple[int, int], set[DirLink]] = defaultdict(set)
+    nic_t: dict[tuple[int, int], set[DirLink]] = defaultdict(set)
+    leaf_t: dict[tuple[int, int], set[DirLink]] = defaultdict(set)
+    cap = p.topology.link_gbps() * 1e9 / 8
     for ph in p.phases:
         a, t = ph.assignment, ph.table
-        fab = np.flatnonzero(a.spine >= 0)
-        for i in fab.tolist():
+        with np.errstate(divide="ignore", invalid="ignore"):
+            up_t, down_t = ph.up_bytes / cap, ph.down_bytes / cap
+        per_row: dict[int, list[tuple[DirLink, float]]] = defaultdict(list)
+        for i in np.flatnonzero(a.spine >= 0).tolist():
             row = int(a.row[i])
             sl, dl, s = int(t.src_leaf[row]), int(t.dst_leaf[row]), int(a.spine[i])
-            links = {("up", sl, s, int(a.up_link[i])), ("down", dl, s, int(a.down_link[i]))}
+            ul, dk = int(a.up_link[i]), int(a.down_link[i])
+            per_row[row] += [(("up", sl, s, ul), float(up_t[sl, s, max(ul, 0)])),
+                             (("down", dl, s, dk), float(down_t[dl, s, max(dk, 0)]))]
+        for row, links in per_row.items():
             if t.src[row] >= 0:
-                nic[(int(t.src[row]), int(t.dst[row]))] |= links
+                key, full, tight = (int(t.src[row]), int(t.dst[row])), nic, nic_t
             else:
-                leaf[(sl, dl)] |= links
-    return _Paths(dict(nic), dict(leaf))
+                key, full, tight = (int(t.src_leaf[row]), int(t.dst_leaf[row])), leaf, leaf_t
+            slowest = max(v for _, v in links)
+            full[key] |= {d for d, _ in links}
+            tight[key] |= {d for d, v in links if v >= TIGHT * slowest}
+    return _Paths(dict(nic), dict(leaf), dict(nic_t), dict(leaf_t))
 
 
 def _all_between(topo: LeafSpine, la: int, lb: int) -> set[DirLink]:
@@ -218,19 +236,20 @@ class _Mapped:
     on_path: bool          # the plan routed this pair (else: every link between the leaves)
 
 
-def _nic_of(rank: int, host: str, placement: Placement, topo: LeafSpine, job_nics: Sequence[int]) -> int:
-    """The rank's NIC: the job's NIC for that rank when it sits on the host's leaf, else the host's."""
-    leaf = placement.leaf(host)
-    if 0 <= rank < len(job_nics) and int(topo.leaf_of(int(job_nics[rank]))) == leaf:
-        return int(job_nics[rank])
-    return int(placement.nic(host))  # type: ignore[arg-type]
+def _local_ranks(f: Finding) -> dict[int, int]:
+    """rank -> local rank, where the finding's ``ids`` say."""
+    out = {}
+    for ident in f.ids:
+        rank, local = ident.get("rank"), ident.get("local_rank")
+        if isinstance(rank, int) and isinstance(local, int):
+            out[rank] = local
+    return out
 
 
-def _map(findings: Sequence[Finding], topo: LeafSpine, placement: Placement, running: Plan | None,
+def _map(findings: Sequence[Finding], topo: LeafSpine, placement: Placement,
          paths: _Paths | None, hosts_of: Mapping[int, str]
          ) -> tuple[list[_Mapped], list[HostProblem], list[str]]:
     mapped, host_problems, skipped = [], [], []
-    job_nics = running.flows.nics.tolist() if running is not None else []
     for n, f in enumerate(findings):
         if f.cls not in LINK_CLASSES:
             continue
@@ -256,7 +275,8 @@ def _map(findings: Sequence[Finding], topo: LeafSpine, placement: Placement, run
             host_problems.append(HostProblem(n, (a, b), tuple(dict.fromkeys((ha, hb))), la,
                                              float(f.confidence)))
             continue
-        na, nb = _nic_of(a, ha, placement, topo, job_nics), _nic_of(b, hb, placement, topo, job_nics)
+        local = _local_ranks(f)
+        na, nb = int(placement.nic(ha, local.get(a))), int(placement.nic(hb, local.get(b)))  # type: ignore[arg-type]
         cand: set[DirLink] = set()
         if paths is not None:
             cand = paths.nic.get((na, nb), set()) | paths.nic.get((nb, na), set())
@@ -274,10 +294,10 @@ def _exonerated(paths: _Paths, mapped: list[_Mapped]) -> set[DirLink]:
     slow_nics = {frozenset(m.nics) for m in mapped}
     slow_leaves = {frozenset(m.leaves) for m in mapped}
     out: set[DirLink] = set()
-    for (s, d), links in paths.nic.items():
+    for (s, d), links in paths.nic_tight.items():
         if frozenset((s, d)) not in slow_nics:
             out |= links
-    for (s, d), links in paths.leaf.items():
+    for (s, d), links in paths.leaf_tight.items():
         if frozenset((s, d)) not in slow_leaves:
             out |= links
     return out
@@ -296,7 +316,7 @@ def infer_links(
     """
     hosts_of = {**(hosts or {}), **rank_hosts(findings)}
     paths = _paths(running) if running is not None else None
-    mapped, host_problems, skipped = _map(findings, topo, placement, running, paths, hosts_of)
+    mapped, host_problems, skipped = _map(findings, topo, placement, paths, hosts_of)
     notes: list[str] = []
     cleared = _exonerated(paths, mapped) if (paths is not None and exonerate) else set()
     suspects: dict[int, set[DirLink]] = {}
@@ -313,27 +333,27 @@ def infer_links(
             notes.append(f"finding {m.index} (ranks {m.ranks[0]}-{m.ranks[1]}): the plan routes no traffic "
                          f"between leaf{m.leaves[0]} and leaf{m.leaves[1]}; every cable between them is a suspect")
     by_index = {m.index: m for m in mapped}
-    todo = set(suspects)
-    chosen: list[tuple[frozenset[int], list[DirLink]]] = []
+    # A cable explains a finding through either direction (--degrade acts on the cable).
+    cable_sets = {i: {_cable(d, topo) for d in links} for i, links in suspects.items()}
+    dirs: dict[tuple[int, int, int | None], set[str]] = defaultdict(set)
+    for links in suspects.values():
+        for d in links:
+            dirs[_cable(d, topo)].add(d[0])
+    todo = set(cable_sets)
+    cables: dict[tuple[int, int, int | None], dict[str, Any]] = {}
     while todo:
-        cover: dict[DirLink, frozenset[int]] = {}
+        cover: dict[tuple[int, int, int | None], frozenset[int]] = {}
         for i in todo:
-            for d in suspects[i]:
-                cover.setdefault(d, frozenset(j for j in todo if d in suspects[j]))
+            for cab in cable_sets[i]:
+                cover.setdefault(cab, frozenset(j for j in todo if cab in cable_sets[j]))
         best = max(len(c) for c in cover.values())
         # the signature covering the most findings; ties broken by the larger total slowdown, then order
         sigs = {c for c in cover.values() if len(c) == best}
         sig = max(sigs, key=lambda c: (sum(min(by_index[i].slowdown or 1.0, 1e6) for i in c), -min(c)))
-        chosen.append((sig, sorted(d for d, c in cover.items() if c == sig)))
-        todo -= sig
-    cables: dict[tuple[int, int, int | None], dict[str, Any]] = {}
-    for sig, links in chosen:
-        group = {_cable(d, topo) for d in links}
+        group = sorted(cab for cab, c in cover.items() if c == sig)
         for cab in group:
-            entry = cables.setdefault(cab, {"findings": set(), "tied": len(group), "dirs": set()})
-            entry["findings"] |= sig
-            entry["tied"] = min(entry["tied"], len(group))
-            entry["dirs"] |= {d[0] for d in links if _cable(d, topo) == cab}
+            cables[cab] = {"findings": set(sig), "tied": len(group), "dirs": dirs[cab]}
+        todo -= sig
     out: list[InferredLink] = []
     for (leaf, spine, k), entry in sorted(cables.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
         idx = tuple(sorted(entry["findings"]))

@@ -8,6 +8,7 @@ topology (a ``[placement]`` table in the topology file, or a file of its own)::
     [placement]
     node0 = { leaf = 0 }
     node1 = { leaf = 1, nic = 2 }     # nic: the topology's NIC index (optional)
+    node2 = { leaf = 2, nic = [4, 5] } # one NIC per local rank
     "gpu-host-17" = "leaf3"           # shorthand: the leaf alone
 
 Or as an array, one table per host (``[[placement]]`` with ``host``, ``leaf``,
@@ -39,11 +40,17 @@ class PlacementError(TrafficError):
 
 @dataclass(frozen=True, slots=True)
 class HostPlace:
-    """Where one host is cabled: its leaf and the topology NIC index it uses."""
+    """Where one host is cabled: its leaf and the topology NIC indices it uses
+    (one per local rank; a host with one NIC serves all its ranks through it)."""
 
     leaf: int
-    nic: int
+    nics: tuple[int, ...]
     nic_given: bool = False
+
+    def nic(self, local_rank: int | None = None) -> int:
+        if local_rank is not None and 0 <= local_rank < len(self.nics):
+            return self.nics[local_rank]
+        return self.nics[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +64,15 @@ class Placement:
         place = self.hosts.get(host)
         return None if place is None else place.leaf
 
-    def nic(self, host: str) -> int | None:
+    def nic(self, host: str, local_rank: int | None = None) -> int | None:
+        """The NIC of ``host`` (of its ``local_rank``-th rank, when it lists one per rank)."""
         place = self.hosts.get(host)
-        return None if place is None else place.nic
+        return None if place is None else place.nic(local_rank)
 
     def to_dict(self) -> dict[str, Any]:
-        return {h: {"leaf": p.leaf, **({"nic": p.nic} if p.nic_given else {})} for h, p in self.hosts.items()}
+        def nic(p: HostPlace) -> dict[str, Any]:
+            return {"nic": p.nics[0] if len(p.nics) == 1 else list(p.nics)} if p.nic_given else {}
+        return {h: {"leaf": p.leaf, **nic(p)} for h, p in self.hosts.items()}
 
 
 _LEAF_RE = re.compile(r"^\s*(?:leaf)?(\d+)\s*$")
@@ -97,7 +107,7 @@ def placement_from_mapping(data: Any, topo: LeafSpine, *, source: str = "placeme
     if not entries:
         raise PlacementError(source, "the placement names no host")
     seen: set[str] = set()
-    parsed: list[tuple[str, int, int | None]] = []
+    parsed: list[tuple[str, int, tuple[int, ...] | None]] = []
     for host, value in entries:
         where = f"{source}: host {host!r}"
         if host in seen:
@@ -114,28 +124,31 @@ def placement_from_mapping(data: Any, topo: LeafSpine, *, source: str = "placeme
             leaf, nic = _leaf_value(value, where), None
         if not 0 <= leaf < topo.leaves:
             raise PlacementError(where, f"unknown leaf {leaf}: the topology has leaves 0-{topo.leaves - 1}")
-        if nic is not None:
-            if not isinstance(nic, int) or isinstance(nic, bool) or not 0 <= nic < topo.nics:
-                raise PlacementError(where, f"nic must be a NIC index 0-{topo.nics - 1}, got {nic!r}")
-            if int(topo.leaf_of(nic)) != leaf:
-                raise PlacementError(where, f"nic {nic} sits on leaf{int(topo.leaf_of(nic))}, not leaf{leaf}")
-        parsed.append((host, leaf, nic))
+        nics = None if nic is None else tuple(nic) if isinstance(nic, list) else (nic,)
+        for one in nics or ():
+            if not isinstance(one, int) or isinstance(one, bool) or not 0 <= one < topo.nics:
+                raise PlacementError(where, f"nic must be a NIC index 0-{topo.nics - 1} (or a list), got {nic!r}")
+            if int(topo.leaf_of(one)) != leaf:
+                raise PlacementError(where, f"nic {one} sits on leaf{int(topo.leaf_of(one))}, not leaf{leaf}")
+        if nics == ():
+            raise PlacementError(where, "nic list is empty")
+        parsed.append((host, leaf, nics))
     used: dict[int, str] = {}
-    for host, _, nic in parsed:
-        if nic is not None:
-            if nic in used:
-                raise PlacementError(f"{source}: host {host!r}", f"nic {nic} is already {used[nic]!r}'s")
-            used[nic] = host
+    for host, _, nics in parsed:
+        for one in nics or ():
+            if one in used:
+                raise PlacementError(f"{source}: host {host!r}", f"nic {one} is already {used[one]!r}'s")
+            used[one] = host
     free = {leaf: [n for n in range(topo.nics) if int(topo.leaf_of(n)) == leaf and n not in used]
             for leaf in range(topo.leaves)}
     hosts: dict[str, HostPlace] = {}
-    for host, leaf, nic in parsed:
-        if nic is None:
+    for host, leaf, nics in parsed:
+        if nics is None:
             if not free[leaf]:
                 raise PlacementError(f"{source}: host {host!r}", f"leaf{leaf} has no free NIC left")
-            hosts[host] = HostPlace(leaf, free[leaf].pop(0))
+            hosts[host] = HostPlace(leaf, (free[leaf].pop(0),))
         else:
-            hosts[host] = HostPlace(leaf, nic, True)
+            hosts[host] = HostPlace(leaf, nics, True)
     return Placement(hosts, source)
 
 
