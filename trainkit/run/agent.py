@@ -163,6 +163,7 @@ class NodeAgent:
         })
         if plan.get("aggregator"):
             env[rundir.AGGREGATOR_ENV] = plan["aggregator"]
+        env.update(plan.get("env") or {})   # --traffic-plan: NCCL settings and TRAINKIT_PLAN
         return env
 
     def _launch(self, gen: int, plan: dict, rdzv_id: str, *, warm_go: Path | None) -> _Launch:
