@@ -346,8 +346,6 @@ def render(report: dict) -> str:
             f"{g['fabric_ratio']:.2f} | {g['sim_over_spray']:.2f} | {sp['fabric_ratio']:.4f} | "
             f"{sp['sim_over_spray']:.4f} | {sp['subflows']['mean']:.1f} ({sp['subflows']['max']:.0f}) |"
         )
-    if "loop" in report:
-        lines += ["", render_loop(report["loop"])]
     worst = max(r["split"]["sim_over_spray"] for r in report["baselines"])
     lines += ["", f"split completion / ideal spraying, worst over these scenarios: {worst:.4f}.", "",
               "| GPUs | ring plan | ring re-plan | all-to-all plan | all-to-all re-plan | halving-doubling plan "
@@ -361,6 +359,8 @@ def render(report: dict) -> str:
     lines += ["", "| GPUs | collective | LP (HiGHS) time | split / LP |", "|---|---|---|---|"]
     for r in report["lp_scale"]["runs"]:
         lines.append(f"| {r['gpus']} | {r['collective']} | {r['lp_seconds']:.1f} s | {r['split_over_lp']:.9f} |")
+    if "loop" in report:
+        lines += ["", render_loop(report["loop"])]
     return "\n".join(lines)
 
 
