@@ -16,19 +16,12 @@ import json
 import subprocess
 import sys
 import textwrap
+
 import pytest
 
 from distributed import subprocess_env
 from test_run_e2e import _launch
-
-TOPO = """[topology]
-leaves = 2
-spines = 2
-hosts_per_leaf = 2
-host_gbps = 100
-uplink_gbps = 100
-"""
-JOB = '[[job]]\ncollective = "allreduce_ring"\nhosts = "0-3"\nnbytes = "64MiB"\n'
+from test_traffic_loop import JOB, TOPO
 
 # Generation 0: rank 0 reports a slow link 0-1 (node0 -> node1) the way the aggregator
 # would; nobody can be excluded (--nnodes=2), so the policy keeps the node and the
@@ -87,26 +80,15 @@ def test_run_traffic_plan_hands_the_next_generation_the_plan(tmp_path):
 
 
 # -- a real slow link between network namespaces ------------------------------------------
-from test_detect_netns import _Fabric, _Job, _netns_reason  # noqa: E402
+from test_detect_netns import _Job, netns_fabric  # noqa: E402
 
 import test_detect_netns  # noqa: E402
 
 
 @pytest.fixture
 def fabric4(monkeypatch):
-    reason = _netns_reason()
-    if reason:
-        pytest.skip(reason)
     monkeypatch.setattr(test_detect_netns, "WORLD", 4)   # _Job reads the module's WORLD
-    fab = _Fabric(4)
-    try:
-        try:
-            fab.build()
-        except subprocess.CalledProcessError as exc:
-            pytest.skip(f"could not build the namespace fabric: {exc.stderr.strip()}")
-        yield fab
-    finally:
-        fab.close()
+    yield from netns_fabric(4)
 
 
 def _wait_findings(job: _Job, procs_timeout: float) -> list[dict]:
