@@ -116,12 +116,13 @@ def _netns_reason() -> str | None:
     return None
 
 
-@pytest.fixture
-def fabric():
+def netns_fabric(world: int):
+    """A built :class:`_Fabric` of ``world`` hosts (a generator for fixtures); skips
+    where namespaces are not permitted, removes every namespace afterwards."""
     reason = _netns_reason()
     if reason:
         pytest.skip(reason)
-    fab = _Fabric(WORLD)
+    fab = _Fabric(world)
     try:
         try:
             fab.build()
@@ -130,6 +131,11 @@ def fabric():
         yield fab
     finally:
         fab.close()
+
+
+@pytest.fixture
+def fabric():
+    yield from netns_fabric(WORLD)
 
 
 class _Job:

@@ -165,6 +165,7 @@ class NodeAgent:
             env[rundir.AGGREGATOR_ENV] = plan["aggregator"]
             if not env.get(rundir.AGG_SECRET_ENV):   # an agent on another host than the launcher
                 env[rundir.AGG_SECRET_ENV] = self.control.get(AGG_SECRET_KEY) or ""
+        env.update(plan.get("env") or {})   # --traffic-plan: NCCL settings and TRAINKIT_PLAN
         return env
 
     def _launch(self, gen: int, plan: dict, rdzv_id: str, *, warm_go: Path | None) -> _Launch:

@@ -42,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-warm-start", dest="warm_start", action="store_false",
                    help="do not pre-start the next generation's workers (a restart with the "
                         "same nodes then pays torchrun's and Python's start-up again)")
+    p.add_argument("--traffic-plan", metavar="T,P,J",
+                   help="topology, placement (empty: the topology's [placement] table) and job files: "
+                        "a slow link the policy keeps becomes a new traffic plan (run_dir/plan.gen<G>.json) "
+                        "whose NCCL settings the next generation's workers get")
     p.add_argument("--drill", action="store_true",
                    help="run the fault drill: 3 local nodes x 2 processes, a hang injected on "
                         "node 2, detection, isolation, restart, resume (no torchrun args)")
@@ -72,7 +76,7 @@ def _main(args: argparse.Namespace) -> int:
                       exclude_after=args.exclude_after, spare=args.spare,
                       hang_timeout=args.hang_timeout, detect=args.detect,
                       join_timeout=args.join_timeout, stop_timeout=args.stop_timeout,
-                      warm_start=args.warm_start)
+                      warm_start=args.warm_start, traffic_plan=args.traffic_plan)
     try:
         return run_job(opts, rest)
     except RunArgumentError as exc:

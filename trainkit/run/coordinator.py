@@ -17,9 +17,9 @@ import re
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainkit.rundir import Finding, FindingTail
 from trainkit.run.control import Control
@@ -27,6 +27,9 @@ from trainkit.run.detector import AggregatorHandle
 from trainkit.run.events import EventLog, read_events
 from trainkit.run.findings import fault_from_finding
 from trainkit.run.policy import Decision, Fault, PolicyConfig, PolicyState, decide
+
+if TYPE_CHECKING:
+    from trainkit.run.replan import TrafficReplanner
 
 __all__ = ["FAST_RDZV_CONF", "Coordinator", "CoordinatorConfig"]
 
@@ -51,6 +54,7 @@ class CoordinatorConfig:
     aggregator: AggregatorHandle | None = None
     warm_start: bool = True
     warm_wait: float = 60.0
+    traffic: TrafficReplanner | None = None   # --traffic-plan: re-plan around slow links
 
 
 def _natural_key(name: str) -> list[int | str]:
@@ -72,6 +76,7 @@ class _Outcome:
     fault: Fault | None = None
     finding: Finding | None = None
     decision: Decision | None = None
+    detail: dict[str, Any] = field(default_factory=dict)   # extra fields of the decision event
 
 
 class Coordinator:
@@ -109,10 +114,14 @@ class Coordinator:
                         standby=list(state.standby), reason=f"{len(nodes)} node(s) registered")
         gen = 0
         use_warm, previous = False, state.members
+        env: dict[str, str] = {}
         while True:
             started = time.time()
+            # a new traffic plan changes the workers' environment: the warm ones lack it
+            env, previous_env = (dict(self.cfg.traffic.env) if self.cfg.traffic else {}), env
             if gen and self.cfg.warm_start:
-                use_warm = state.members == previous and self._warm_ready(gen, state.members)
+                use_warm = state.members == previous and env == previous_env \
+                    and self._warm_ready(gen, state.members)
             previous = state.members
             self.control.put(f"tk/gen/{gen}/plan", {
                 "members": list(state.members), "index": index, "time": started,
@@ -120,7 +129,7 @@ class Coordinator:
                 "warm": {"rdzv_id": self._rdzv_id(gen + 1, True)} if self.cfg.warm_start
                 else None,
                 "aggregator": self.cfg.aggregator.address if self.cfg.aggregator else None,
-                "rdzv_conf": FAST_RDZV_CONF})
+                "rdzv_conf": FAST_RDZV_CONF, "env": env})
             self.events.log("generation_start", gen=gen, members=list(state.members),
                             warm=use_warm,
                             reason=f"launching torchrun on {len(state.members)} node(s)"
@@ -138,7 +147,7 @@ class Coordinator:
             self.events.log("decision", gen=gen, action=decision.action,
                             exclude=list(decision.exclude), fault=outcome.fault.kind,
                             culprits=list(outcome.fault.nodes), reason=decision.reason,
-                            restarts=decision.state.restarts)
+                            restarts=decision.state.restarts, **outcome.detail)
             if decision.action == "give_up":
                 self.control.put("tk/final", {"status": "give_up"})
                 self._summary(decision)
@@ -206,6 +215,9 @@ class Coordinator:
                     self.events.log("decision", gen=gen, action="continue", fault=fault.kind,
                                     culprits=list(fault.nodes), reason=decision.reason)
                     state = decision.state
+                    replanned = self._traffic_replan(gen, finding, fault, state)
+                    if replanned is not None:
+                        return replanned
                     continue
                 return _Outcome(status="fault", state=state, fault=fault, finding=finding,
                                 decision=decision)
@@ -221,6 +233,35 @@ class Coordinator:
                     reason=f"node agent(s) {lost} stopped heartbeating"))
             self._check_aggregator(gen)
             time.sleep(0.1)
+
+    def _traffic_replan(self, gen: int, finding: Finding, fault: Fault,
+                        state: PolicyState) -> _Outcome | None:
+        """--traffic-plan: a slow link the policy lets pass becomes the next generation's
+        plan (:mod:`trainkit.run.replan`); a restart, within --max-restarts, once per link set."""
+        traffic = self.cfg.traffic
+        if traffic is None:
+            return None
+        result = traffic.consider(finding)
+        if result is None:
+            return None
+        if result.restart and state.restarts + 1 > self.cfg.policy.max_restarts:
+            self.events.log("traffic_plan", gen=gen, restart=False, **result.event_fields(),
+                            reason=f"{result.reason}; not restarting: --max-restarts="
+                                   f"{self.cfg.policy.max_restarts} exhausted")
+            return None
+        if not result.restart:
+            self.events.log("traffic_plan", gen=gen, restart=False, **result.event_fields(),
+                            reason=result.reason)
+            return None
+        path = traffic.commit(result, gen + 1)
+        self.events.log("traffic_plan", gen=gen, restart=True, plan=str(path), env=traffic.env,
+                        **result.event_fields(), reason=f"{result.reason}: wrote {path.name}")
+        reason = f"{result.reason}; generation {gen + 1} runs under {path.name}"
+        decision = Decision(action="restart", exclude=(), reason=reason,
+                            state=replace(state, restarts=state.restarts + 1))
+        return _Outcome(status="fault", state=state, fault=replace(fault, reason=reason),
+                        finding=finding, decision=decision,
+                        detail={"links": list(result.links), "plan": str(path)})
 
     @staticmethod
     def _same_generation(finding: Finding, gen: int) -> bool:

@@ -48,6 +48,7 @@ class RunOptions:
     join_timeout: float = 120.0
     stop_timeout: float = 30.0
     warm_start: bool = True
+    traffic_plan: str | None = None   # "TOPOLOGY,PLACEMENT,JOB": re-plan around slow links
 
 
 def _free_port(host: str) -> int:
@@ -102,11 +103,25 @@ def run_job(opts: RunOptions, torchrun_argv: list[str]) -> int:
     if not is_coordinator:
         control = Control(connect_store(host, port))
         return NodeAgent(control, node_id, args, run_dir=run_dir, endpoint=endpoint).run()
-    return _coordinate(opts, args, run_dir, node_id, host, port, torchrun_argv)
+    traffic = _traffic_replanner(opts, run_dir)
+    return _coordinate(opts, args, run_dir, node_id, host, port, torchrun_argv, traffic)
+
+
+def _traffic_replanner(opts: RunOptions, run_dir: Path):
+    """--traffic-plan's files, loaded before anything starts: bad input is exit 2."""
+    if not opts.traffic_plan:
+        return None
+    from trainkit.run.replan import TrafficReplanner
+    from trainkit.traffic.errors import TrafficError
+
+    try:
+        return TrafficReplanner(opts.traffic_plan, run_dir)
+    except TrafficError as exc:
+        raise RunArgumentError(f"--traffic-plan: {exc}") from None
 
 
 def _coordinate(opts: RunOptions, args: TorchrunArgs, run_dir: Path, node_id: str, host: str,
-                port: int, torchrun_argv: list[str]) -> int:
+                port: int, torchrun_argv: list[str], traffic=None) -> int:
     events = EventLog(run_dir)
     store = host_store(host, port)
     control = Control(store)
@@ -129,7 +144,7 @@ def _coordinate(opts: RunOptions, args: TorchrunArgs, run_dir: Path, node_id: st
         policy=PolicyConfig(max_restarts=opts.max_restarts, exclude_after=opts.exclude_after,
                             min_nodes=args.min_nodes),
         join_timeout=opts.join_timeout, stop_timeout=opts.stop_timeout,
-        aggregator=aggregator, warm_start=opts.warm_start)
+        aggregator=aggregator, warm_start=opts.warm_start, traffic=traffic)
     agent_rc: list[int] = []
     # Local nodes share one hostname, and torchrun's c10d rendezvous orders ranks by
     # (address, pid): by pid here, so ranks would move between nodes at every restart and

@@ -3,6 +3,7 @@
     trainkit plan --topology topo.toml --job job.toml --method split --out plan.json
     trainkit plan compare --topology topo.toml --job job.toml --plot loads.png
     trainkit plan --topology topo.toml --job job.toml --down leaf3:spine5 --degrade leaf2:spine1=0.5
+    trainkit plan --from-diagnosis runs/x --topology topo.toml --placement hosts.toml --job job.toml
 
 Thin layer: parse, load files, call :func:`trainkit.traffic.plan`, print. Bad
 input becomes one line naming the field and exit status 2.
@@ -45,6 +46,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-simulate", action="store_true", help="compare: skip the flow-level simulation")
     p.add_argument("--sim-tol", type=float, default=1e-3,
                    help="simulator batching tolerance (0 = exact; default 1e-3)")
+    p.add_argument("--from-diagnosis", metavar="RUN_DIR",
+                   help="re-plan around the slow links the run's diagnosis.jsonl implicates")
+    p.add_argument("--placement", metavar="FILE",
+                   help="host -> leaf (and NIC) table; default: the [placement] table of --topology")
+    p.add_argument("--ran-with", default="ecmp", metavar="METHOD",
+                   help="--from-diagnosis: the planner the job ran under when RUN_DIR holds no "
+                        "plan.gen<G>.json (default ecmp: the switches' hashing)")
     p.set_defaults(func=main)
 
 
@@ -126,7 +134,15 @@ def main(args: argparse.Namespace) -> int:
     from trainkit.traffic.errors import TrafficError
 
     try:
+        if args.from_diagnosis:
+            from trainkit.traffic.diagnosis_cli import from_diagnosis
+
+            return from_diagnosis(args)
         topo, flows, hm = _inputs(args)
+        if topo.self_balancing and args.action != "compare":
+            from trainkit.traffic.diagnosis_cli import not_useful
+
+            return not_useful(args, topo)
         return _compare(args, topo, flows, hm) if args.action == "compare" else _plan_one(args, topo, flows, hm)
     except TrafficError as exc:
         if getattr(args, "debug", False):

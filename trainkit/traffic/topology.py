@@ -80,6 +80,8 @@ class LeafSpine:
     hosts_per_leaf*nics_per_host hosts sits on that group's leaf r).
     ports_per_leaf: optional switch radix, checked against hosts and uplinks.
     impaired: down (factor 0) or degraded cables.
+    spraying, adaptive_routing: the fabric spreads packets itself (packet spraying,
+    NIC multipath, adaptive routing), so per-flow planning has nothing to steer.
     """
 
     leaves: int
@@ -92,6 +94,8 @@ class LeafSpine:
     layout: str = "default"
     ports_per_leaf: int | None = None
     impaired: tuple[LinkSpec, ...] = field(default=())
+    spraying: bool = False
+    adaptive_routing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("leaves", "spines", "hosts_per_leaf", "nics_per_host", "links_per_spine"):
@@ -105,6 +109,9 @@ class LeafSpine:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise TopologyError(name, f"must be a positive number of Gbit/s, got {value!r}")
+        for name in ("spraying", "adaptive_routing"):
+            if not isinstance(getattr(self, name), bool):
+                raise TopologyError(name, f"must be true or false, got {getattr(self, name)!r}")
         if self.layout not in LAYOUTS:
             raise TopologyError("layout", f"unknown layout {self.layout!r}; choose from {LAYOUTS}")
         if self.layout == "rail" and self.leaves % self.nics_per_host:
@@ -184,13 +191,18 @@ class LeafSpine:
         """A copy with cable leaf:spine running at ``factor`` of its capacity."""
         return self.with_impaired(LinkSpec(leaf, spine, link, float(factor)))
 
+    @property
+    def self_balancing(self) -> bool:
+        """True when the fabric spreads packets itself (spraying or adaptive routing)."""
+        return self.spraying or self.adaptive_routing
+
     def with_impaired(self, *specs: LinkSpec) -> "LeafSpine":
         return dataclasses.replace(self, impaired=self.impaired + tuple(specs))
 
     # ---- files -----------------------------------------------------------
     _KEYS = (
         "leaves", "spines", "hosts_per_leaf", "nics_per_host", "host_gbps", "uplink_gbps",
-        "links_per_spine", "layout", "ports_per_leaf",
+        "links_per_spine", "layout", "ports_per_leaf", "spraying", "adaptive_routing",
     )
 
     @classmethod
@@ -199,6 +211,7 @@ class LeafSpine:
         if "topology" in data and isinstance(data["topology"], dict):
             data = data["topology"]
         data = dict(data)
+        data.pop("placement", None)  # a [placement] table may sit next to the topology
         kind = data.pop("kind", "leaf-spine")
         if kind not in ("leaf-spine", "leafspine", "leaf_spine"):
             raise TopologyError("kind", f"unsupported topology kind {kind!r}; only 'leaf-spine' is built")
@@ -221,7 +234,8 @@ class LeafSpine:
         return cls(**data, impaired=tuple(specs))
 
     def to_dict(self) -> dict[str, Any]:
-        out = {key: getattr(self, key) for key in self._KEYS if getattr(self, key) is not None}
+        out = {key: getattr(self, key) for key in self._KEYS
+               if getattr(self, key) is not None and getattr(self, key) is not False}
         out["down"] = [s.label() for s in self.impaired if s.factor == 0.0]
         out["degrade"] = {s.label(): s.factor for s in self.impaired if s.factor > 0.0}
         return out
