@@ -26,6 +26,7 @@ from trainkit.run.control import Control
 from trainkit.run.detector import AggregatorHandle
 from trainkit.run.events import EventLog, read_events
 from trainkit.run.findings import fault_from_finding
+from trainkit.run.goodput import write_goodput
 from trainkit.run.policy import Decision, Fault, PolicyConfig, PolicyState, decide
 
 __all__ = ["FAST_RDZV_CONF", "Coordinator", "CoordinatorConfig"]
@@ -127,18 +128,20 @@ class Coordinator:
                                    + (": the pre-started (warm) generation" if use_warm else ""))
             outcome = self._watch(gen, state, started)
             if outcome.status == "done":
+                self._write_goodput({"event": "done", "gen": gen})
                 self.events.log("done", gen=gen, restarts=state.restarts,
                                 excluded=list(state.excluded), reason="all workers finished")
                 self.control.put("tk/final", {"status": "done"})
                 return 0
             assert outcome.fault is not None
             decision = outcome.decision or decide(outcome.fault, outcome.state, self.cfg.policy)
+            decided = time.time()
             self._stop(gen, outcome.fault.reason)
             lost = self._lost_members(gen, state.members)
             self.events.log("decision", gen=gen, action=decision.action,
                             exclude=list(decision.exclude), fault=outcome.fault.kind,
                             culprits=list(outcome.fault.nodes), reason=decision.reason,
-                            restarts=decision.state.restarts)
+                            restarts=decision.state.restarts, decided=decided)
             if decision.action == "give_up":
                 self.control.put("tk/final", {"status": "give_up"})
                 self._summary(decision)
@@ -282,8 +285,16 @@ class Coordinator:
                 return
             time.sleep(0.1)
 
+    def _write_goodput(self, final: dict[str, Any]) -> None:
+        """``run_dir/goodput.json``, before the final event (which stays the last line)."""
+        try:
+            write_goodput(self.cfg.run_dir, final=final)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.events.log("warning", reason=f"goodput.json not written: {exc}")
+
     def _summary(self, decision: Decision) -> None:
         state = decision.state
+        self._write_goodput({"event": "give_up"})
         self.events.log("give_up", restarts=state.restarts, excluded=list(state.excluded),
                         findings=len(self._findings), reason=decision.reason)
         faults = [e for e in read_events(self.cfg.run_dir) if e["event"] == "decision"]
