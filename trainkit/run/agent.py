@@ -163,6 +163,8 @@ class NodeAgent:
         })
         if plan.get("aggregator"):
             env[rundir.AGGREGATOR_ENV] = plan["aggregator"]
+        if plan.get("restore_before") is not None:    # the coordinator's restart-loop guard
+            env[rundir.RESTORE_BEFORE_ENV] = str(plan["restore_before"])
         return env
 
     def _launch(self, gen: int, plan: dict, rdzv_id: str, *, warm_go: Path | None) -> _Launch:
