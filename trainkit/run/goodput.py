@@ -211,9 +211,17 @@ def compute(events: Sequence[Mapping[str, Any]], reports: Sequence[Mapping[str, 
         else:
             totals[cat] += b - a
     median = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
+    saved_at = {(_gen_of(r), r.get("step")): r["time"] for r in reports
+                if r["kind"] == "ckpt_save"}
+    latency: dict[str, list[float]] = {}
+    for r in reports:
+        t = saved_at.get((_gen_of(r), r.get("step")))
+        if r["kind"] == "ckpt_commit" and t is not None and r["time"] >= t:
+            latency.setdefault(str(r.get("tier")), []).append(r["time"] - t)
     interval = [b - a for a, b in zip(saves, saves[1:]) if b > a]
     measured = {"step_s": median(step_times), "ckpt_stall_s": median(stalls_all),
                 "ckpt_saves": len(stalls_all), "ckpt_interval_steps": median(interval),
+                "commit_s": {t: median(v) for t, v in latency.items()},
                 "restores": restores, "detection_s": detections, "restart_s": restarts}
     return Goodput(wall_s=t_end - t0, productive_s=productive, badput_s=totals,
                    checkpoint_detail=detail, segments=segments, generations=per_gen,
