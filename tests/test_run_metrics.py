@@ -74,3 +74,24 @@ def test_metrics_without_prometheus_client_is_one_line(tmp_path: Path):
                          text=True, timeout=60)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "trainkit[metrics]" in out.stderr
+
+
+def test_snapshot_of_a_hand_built_run(tmp_path: Path):
+    import json
+
+    from test_run_goodput import crash_run
+    from trainkit.run.metrics import RunCollector
+
+    events, reports = crash_run()
+    events.insert(2, {"time": 111.0, "event": "finding", "gen": 0,
+                      "finding": {"class": "crash"}})
+    events.insert(4, {"time": 112.1, "event": "exclude", "gen": 0, "exclude": ["node1"]})
+    reports.append({"time": 116.0, "kind": "ckpt_commit", "gen": 0, "step": 2,
+                    "tier": "persistent"})     # an old copy landing late: not the newest
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (tmp_path / "reports.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reports))
+    s = RunCollector(tmp_path).snapshot()
+    assert s["restarts"] == 1 and s["step"] == 12 and s["excluded"] == 1
+    assert s["findings"]["crash"] == 1 and s["findings"]["straggler"] == 0
+    assert s["last_checkpoint"] == 4 and s["generation"] == 1
+    assert s["goodput"] == pytest.approx(10.8 / 25.0)

@@ -141,7 +141,8 @@ def compute(events: Sequence[Mapping[str, Any]], reports: Sequence[Mapping[str, 
         steps = sorted((r["time"], r["step"]) for r in mine
                        if r["kind"] == "step" and isinstance(r.get("step"), int))
         restore = next((r for r in mine if r["kind"] == "ckpt_restore"), None)
-        progress = [r["time"] for r in mine if r["kind"] in ("step", "ckpt_save", "ckpt_commit")]
+        # a background copy committing during a hang is no progress of the training loop
+        progress = [r["time"] for r in mine if r["kind"] in ("step", "ckpt_save")]
         fs = _clamp(steps[0][0] if steps else (restore["time"] if restore else gs), gs, gd)
         lp = max(progress) if progress and steps else gd
         fired = [m["time"] for m in markers if _gen_of(m) == g

@@ -79,12 +79,14 @@ class RunCollector:
                 excluded.update(str(n) for n in e.get("exclude") or ())
         steps = [r["step"] for r in reports if r.get("kind") == "step"
                  and isinstance(r.get("step"), int)]
-        commits = [r["step"] for r in reports if r.get("kind") == "ckpt_commit"
-                   and isinstance(r.get("step"), int)]
+        # the newest step committed in the running generation (slower tiers commit older
+        # steps later), else the step it restored
+        commits = [r["step"] for r in reports if r.get("kind") in ("ckpt_commit", "ckpt_restore")
+                   and r.get("gen") == generation and isinstance(r.get("step"), int)]
         return {"goodput": gp.goodput, "wall": gp.wall_s, "badput": dict(gp.badput_s),
                 "restarts": restarts, "step": steps[-1] if steps else 0,
                 "findings": dict(findings), "excluded": len(excluded),
-                "last_checkpoint": commits[-1] if commits else -1, "generation": generation}
+                "last_checkpoint": max(commits, default=-1), "generation": generation}
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
