@@ -21,7 +21,7 @@ def test_help_lists_every_subcommand(capsys):
     out = capsys.readouterr().out
     for name in ("ckpt", "merge", "plan", "diagnose", "run"):
         assert name in out
-    assert set(SUBCOMMANDS) == {"ckpt", "merge", "plan", "diagnose", "run"}
+    assert set(SUBCOMMANDS) == {"ckpt", "merge", "plan", "diagnose", "run", "goodput"}
 
 
 def test_python_dash_m_entry_point():

@@ -172,6 +172,16 @@ def test_crash_restarts_and_resumes_with_identical_losses(tmp_path):
     assert len(differ) <= max(1, len(overlap) // 2), [(s, first[s], second[s]) for s in differ]
     for step in differ:
         assert math.isclose(second[step], first[step], rel_tol=4 * 2.0 ** -23), step
+    # goodput.json, written before the final event, adds up and sees the crash's costs
+    assert events[-1]["event"] == "done"
+    gp = json.loads((tmp_path / "run" / "goodput.json").read_text())
+    assert gp["complete"] and gp["step_reports"] > 0
+    total = gp["productive_s"] + sum(gp["badput_s"].values())
+    assert abs(total - gp["wall_s"]) <= 0.05 * gp["wall_s"], gp
+    assert 0 < gp["goodput"] < 1
+    for part in ("startup", "checkpoint", "detection", "restart", "recompute"):
+        assert gp["badput_s"][part] > 0, (part, gp["badput_s"])
+    assert gp["generations"][1]["restored_step"] == resumed - 1
 
 
 def test_aggregator_killed_training_continues_unmonitored(tmp_path):

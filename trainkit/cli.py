@@ -34,6 +34,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("trainkit.traffic.cli", "plan collective traffic on a leaf-spine fabric"),
     "diagnose": ("trainkit.detect.cli", "show anomaly-detection findings of a run"),
     "run": ("trainkit.run.cli", "torchrun wrapper that detects, isolates, restarts and resumes"),
+    "goodput": ("trainkit.run.goodput_cli", "where a run's time went: productive, checkpoint, restart"),
 }
 
 # optional dependency (top-level module) -> the extra of pyproject.toml that installs it

@@ -24,6 +24,7 @@ Environment variables (set by ``trainkit run`` for its workers, or by a user):
 | ``TRAINKIT_MEMORY_DIR`` | memory-tier directory owned by the node agent |
 | ``TRAINKIT_WARM_GO`` | file whose appearance releases a pre-started warm generation |
 | ``TRAINKIT_PLAN`` | traffic plan (``plan.gen<G>.json``) this generation runs under (``--traffic-plan``) |
+| ``TRAINKIT_RESTORE_BEFORE`` | step: a resuming ``Checkpointer`` loads only steps older than it (set by ``trainkit run`` after a restart loop) |
 
 Run-dir readers: every JSON-lines file of a run directory is appended one line at a
 time by another process, so a reader can meet a torn last line (a writer killed or
@@ -42,6 +43,7 @@ import json
 import math
 import os
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +52,8 @@ from typing import Any
 __all__ = [
     "AGGREGATOR_ENV", "AGG_SECRET_ENV", "RUN_DIR_ENV", "HANG_TIMEOUT_ENV", "DETECT_ENV", "HOSTNAME_ENV",
     "NODE_ENV", "NODE_INDEX_ENV", "GENERATION_ENV", "STACK_SIGNAL_ENV",
-    "FAULT_ENV", "MEMORY_DIR_ENV", "WARM_GO_ENV", "PLAN_ENV",
+    "FAULT_ENV", "MEMORY_DIR_ENV", "WARM_GO_ENV", "PLAN_ENV", "RESTORE_BEFORE_ENV", "BAD_STEP_EXIT",
+    "REPORTS_FILE", "GOODPUT_FILE", "report", "report_step", "restore_before",
     "AGGREGATOR_ADDR_FILE", "DIAGNOSIS_FILE", "TIMELINE_FILE", "EVENTS_FILE", "LOGS_DIR",
     "FAULTS_DIR",
     "FINDING_CLASSES", "FINDING_FIELDS", "Finding", "FindingTail", "JsonlError", "JsonlTail",
@@ -71,6 +74,10 @@ FAULT_ENV = "TRAINKIT_FAULT"
 MEMORY_DIR_ENV = "TRAINKIT_MEMORY_DIR"
 WARM_GO_ENV = "TRAINKIT_WARM_GO"
 PLAN_ENV = "TRAINKIT_PLAN"
+RESTORE_BEFORE_ENV = "TRAINKIT_RESTORE_BEFORE"
+# A worker that exits with this code says "this step is bad" (a NaN loss, say), after
+# ``trainkit.run.report_bad_step`` (EX_DATAERR of sysexits.h).
+BAD_STEP_EXIT = 65
 
 # Files of a run directory.
 AGGREGATOR_ADDR_FILE = "aggregator.json"   # {"host", "port", "pid"}, once the aggregator listens
@@ -79,6 +86,8 @@ TIMELINE_FILE = "timeline.jsonl"            # collectives around faults, for `di
 EVENTS_FILE = "events.jsonl"                # every decision of `trainkit run`
 LOGS_DIR = "logs"                           # torchrun and worker output
 FAULTS_DIR = "faults"                       # markers written when an injected fault fires
+REPORTS_FILE = "reports.jsonl"              # workers' progress and checkpoint costs, see report()
+GOODPUT_FILE = "goodput.json"               # the time breakdown `trainkit run` writes at the end
 
 
 # -- identity --------------------------------------------------------------------------
@@ -97,6 +106,47 @@ def local_identity() -> tuple[str, int, int, int | None]:
                   or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     node_text = os.environ.get(NODE_INDEX_ENV) or os.environ.get("GROUP_RANK")
     return host, local_rank, attempt, int(node_text) if node_text else None
+
+
+# -- workers' reports -------------------------------------------------------------------
+def report(kind: str, **fields: Any) -> None:
+    """Append one line to ``$TRAINKIT_RUN_DIR/reports.jsonl``; nothing outside a run.
+
+    Why: goodput accounting and the restart-loop guard of ``trainkit run`` need what
+    only the workers know (the step they reached, what a checkpoint save stalled, what a
+    restore took). Kinds: ``step`` (rank 0, per step), ``ckpt_save`` (``step``,
+    ``stall_s``), ``ckpt_commit`` (``step``, ``tier``), ``ckpt_restore`` (``step``,
+    ``tier``, ``seconds``), ``bad_step`` (``step``, ``reason``). Each line is one
+    ``O_APPEND`` write, so lines of concurrent writers do not interleave; a failure to
+    write never reaches the training loop.
+    """
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    if not run_dir:
+        return
+    record = {"time": time.time(), "kind": kind,
+              "rank": int(os.environ.get("RANK", "0") or 0),
+              "node": os.environ.get(NODE_ENV),
+              "gen": int(os.environ.get(GENERATION_ENV, "0") or 0), **fields}
+    try:
+        fd = os.open(Path(run_dir) / REPORTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(record, default=str) + "\n").encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def report_step(step: int) -> None:
+    """Rank 0's progress: one ``step`` report (training step ``step`` begins)."""
+    if os.environ.get("RANK", "0") == "0":
+        report("step", step=int(step))
+
+
+def restore_before() -> int | None:
+    """``TRAINKIT_RESTORE_BEFORE`` as a step, or None (unset or not a number)."""
+    text = os.environ.get(RESTORE_BEFORE_ENV, "").strip()
+    return int(text) if text.lstrip("-").isdigit() else None
 
 
 # -- JSON lines ------------------------------------------------------------------------

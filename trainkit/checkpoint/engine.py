@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from trainkit import rundir
 from trainkit.checkpoint import reader
 from trainkit.checkpoint.coord import Coordinator, make_coordinator
 from trainkit.checkpoint.errors import CheckpointError, CheckpointWriteError, CommitError
@@ -170,7 +171,10 @@ class Checkpointer:
             return
         t0 = time.perf_counter()
         snap.wait()
-        self.stats["hook_wait_s"] += time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        self.stats["hook_wait_s"] += waited
+        if self.rank == 0 and waited > 1e-3:
+            rundir.report("ckpt_stall", stall_s=round(waited, 6))
         if self._lazy is snap:
             self._lazy = None
 
@@ -237,7 +241,10 @@ class Checkpointer:
         snap.wait_eager()          # copy what the next forward may change, with the writer
         if not snap.done:
             self._lazy = snap
-        self.stats["save_s"] += time.perf_counter() - t0
+        stall = time.perf_counter() - t0
+        self.stats["save_s"] += stall
+        if self.rank == 0:
+            rundir.report("ckpt_save", step=step, stall_s=round(stall, 6))
         return SaveHandle(step, future, self)
 
     def _is_committed(self, step: int) -> bool:
@@ -290,6 +297,8 @@ class Checkpointer:
             if doc is not None:      # queued first, so wait() after result() sees it
                 self._flow.after_commit(job.step, job.seq, doc, dedupe=job.replicated)
             future.set_result(job.step)
+            if self.rank == 0:
+                rundir.report("ckpt_commit", step=job.step, tier=self._tier.name)
             return
         log.error("checkpoint step %d failed: %s", job.step, error)
         with self._lock:
@@ -335,8 +344,10 @@ class Checkpointer:
         return self._flow.committed()
 
     def latest(self) -> int | None:
-        """The newest step committed on any tier, or None."""
-        steps = self.steps()
+        """The newest step committed on any tier, or None; under ``trainkit run``'s
+        ``TRAINKIT_RESTORE_BEFORE=S`` (a restart loop at step S) the newest before S."""
+        before = rundir.restore_before()
+        steps = [s for s in self.steps() if before is None or s < before]
         return steps[-1] if steps else None
 
     def tiers(self, step: int) -> list[str]:
@@ -362,11 +373,15 @@ class Checkpointer:
         ``loaded_from`` say which step was loaded, from which tier. Call ``wait()``
         first to include saves still in flight.
 
+        ``TRAINKIT_RESTORE_BEFORE=S`` (set by ``trainkit run`` when restores of step S
+        keep failing) limits the default resume to steps older than S.
+
         Non-tensor values that DCP pickled (steps written through ``ZarrWriter``) are
         refused with ``PickleRefusedError`` naming the key unless ``allow_pickle=True``
         (unpickling runs code from the checkpoint); a refusal is not a reason to fall
         back to another tier or step.
         """
+        t0 = time.perf_counter()
         if rank is not None:
             if step is None:
                 step = self.latest()
@@ -383,7 +398,9 @@ class Checkpointer:
                 step, value, tier = load_agreed(self._flow.tiers, self._coord.allgather, key,
                                                 rank=self.rank, world=self.world_size,
                                                 step=step, threads=self._io_threads,
-                                                allow_pickle=allow_pickle)
+                                                allow_pickle=allow_pickle,
+                                                before=rundir.restore_before() if resume
+                                                else None)
             except reader.CheckpointNotFoundError:
                 if resume:  # nothing every rank can load: a fresh start, consistently
                     self._flow.abandon_newer(-1)
@@ -394,6 +411,9 @@ class Checkpointer:
                 self._coord.allgather(f"{key}/abandoned", "1")
         self.loaded_step = step
         self.loaded_from = tier
+        if self.rank == 0 and rank is None:
+            rundir.report("ckpt_restore", step=step, tier=tier,
+                          seconds=round(time.perf_counter() - t0, 6))
         return value
 
     # -- shutdown -----------------------------------------------------------------------

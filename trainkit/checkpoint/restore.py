@@ -165,12 +165,13 @@ def _committed_anywhere(tiers: Sequence[Tier], step: int) -> list[Candidate]:
 
 def load_agreed(tiers: Sequence[Tier], allgather: Callable[[str, str], list[str]], key: str, *,
                 rank: int, world: int, step: int | None, threads: int,
-                allow_pickle: bool = False) -> tuple[int, Any, str]:
+                allow_pickle: bool = False, before: int | None = None) -> tuple[int, Any, str]:
     """The collective load (module docstring): (step, state, tier loaded from), every rank.
 
     With an explicit ``step`` there is nothing to agree on: every rank loads it from its
     fastest working tier, and a rank that cannot raises its own precise error (the
-    others name it)."""
+    others name it). ``before``: agree only on steps older than it (a step that keeps
+    failing after its restore is left behind)."""
     if step is not None:
         cands = _committed_anywhere(tiers, step)
         if not cands:
@@ -187,6 +188,8 @@ def load_agreed(tiers: Sequence[Tier], allgather: Callable[[str, str], list[str]
         assert tier is not None
         return step, value, tier
     mine = loadable_steps(tiers, rank, world)
+    if before is not None:
+        mine = {s: v for s, v in mine.items() if s < before}
     lists = [json.loads(v) for v in allgather(f"{key}/steps", json.dumps(sorted(mine)))]
     order = sorted(set(lists[0]).intersection(*map(set, lists[1:])), reverse=True)
     if not order:

@@ -297,6 +297,7 @@ class CollectiveMonitor:
     # -- per-step API ----------------------------------------------------------------
     def step(self, step: int) -> None:
         """Mark the start of training step ``step`` (also the fault-injection clock)."""
+        rundir.report_step(step)      # goodput and the restart-loop guard of trainkit run
         rec = self.recorder
         if rec is None:
             return

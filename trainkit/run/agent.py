@@ -166,6 +166,8 @@ class NodeAgent:
             if not env.get(rundir.AGG_SECRET_ENV):   # an agent on another host than the launcher
                 env[rundir.AGG_SECRET_ENV] = self.control.get(AGG_SECRET_KEY) or ""
         env.update(plan.get("env") or {})   # --traffic-plan: NCCL settings and TRAINKIT_PLAN
+        if plan.get("restore_before") is not None:    # the coordinator's restart-loop guard
+            env[rundir.RESTORE_BEFORE_ENV] = str(plan["restore_before"])
         return env
 
     def _launch(self, gen: int, plan: dict, rdzv_id: str, *, warm_go: Path | None) -> _Launch:

@@ -46,6 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="topology, placement (empty: the topology's [placement] table) and job files: "
                         "a slow link the policy keeps becomes a new traffic plan (run_dir/plan.gen<G>.json) "
                         "whose NCCL settings the next generation's workers get")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                   help="serve Prometheus metrics (goodput, restarts, step, findings, ...) at "
+                        "http://127.0.0.1:P/metrics; needs the `metrics` extra")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address the metrics endpoint binds (default: loopback only)")
     p.add_argument("--drill", action="store_true",
                    help="run the fault drill: 3 local nodes x 2 processes, a hang injected on "
                         "node 2, detection, isolation, restart, resume (no torchrun args)")
@@ -76,7 +81,15 @@ def _main(args: argparse.Namespace) -> int:
                       exclude_after=args.exclude_after, spare=args.spare,
                       hang_timeout=args.hang_timeout, detect=args.detect,
                       join_timeout=args.join_timeout, stop_timeout=args.stop_timeout,
-                      warm_start=args.warm_start, traffic_plan=args.traffic_plan)
+                      warm_start=args.warm_start, traffic_plan=args.traffic_plan,
+                      metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+    if args.metrics_port is not None:
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            print("trainkit run: --metrics-port needs 'prometheus_client'; install it with: "
+                  "pip install 'trainkit[metrics]'", file=sys.stderr)
+            return 2
     try:
         return run_job(opts, rest)
     except RunArgumentError as exc:

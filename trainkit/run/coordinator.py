@@ -21,11 +21,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainkit.rundir import Finding, FindingTail
+from trainkit.rundir import BAD_STEP_EXIT, REPORTS_FILE, Finding, FindingTail, read_jsonl
 from trainkit.run.control import Control
 from trainkit.run.detector import AggregatorHandle
 from trainkit.run.events import EventLog, read_events
 from trainkit.run.findings import fault_from_finding
+from trainkit.run.goodput import write_goodput
+from trainkit.run.loops import Suspect, check_loop, generation_records
 from trainkit.run.policy import Decision, Fault, PolicyConfig, PolicyState, decide
 
 if TYPE_CHECKING:
@@ -87,6 +89,9 @@ class Coordinator:
         self.tail = FindingTail(cfg.run_dir)
         self._aggregator_warned = False
         self._findings: list[Finding] = []
+        self._failed_gens: list[int] = []
+        self._restore_before: int | None = None     # the restart-loop guard's, see loops
+        self._suspect: Suspect | None = None
 
     # -- membership -------------------------------------------------------------------
     def _wait_for_agents(self) -> list[str]:
@@ -113,41 +118,47 @@ class Coordinator:
         self.events.log("start", nodes=nodes, members=list(state.members),
                         standby=list(state.standby), reason=f"{len(nodes)} node(s) registered")
         gen = 0
-        use_warm, previous = False, state.members
+        use_warm, previous, previous_rb = False, state.members, None
         env: dict[str, str] = {}
         while True:
             started = time.time()
-            # a new traffic plan changes the workers' environment: the warm ones lack it
+            # a new traffic plan or a restore bound changes the workers' environment: the warm ones lack it
             env, previous_env = (dict(self.cfg.traffic.env) if self.cfg.traffic else {}), env
             if gen and self.cfg.warm_start:
-                use_warm = state.members == previous and env == previous_env \
-                    and self._warm_ready(gen, state.members)
-            previous = state.members
+                use_warm = (state.members == previous and env == previous_env
+                            and previous_rb == self._restore_before
+                            and self._warm_ready(gen, state.members))
+            previous, previous_rb = state.members, self._restore_before
             self.control.put(f"tk/gen/{gen}/plan", {
                 "members": list(state.members), "index": index, "time": started,
                 "rdzv_id": self._rdzv_id(gen, use_warm), "use_warm": use_warm,
                 "warm": {"rdzv_id": self._rdzv_id(gen + 1, True)} if self.cfg.warm_start
                 else None,
                 "aggregator": self.cfg.aggregator.address if self.cfg.aggregator else None,
-                "rdzv_conf": FAST_RDZV_CONF, "env": env})
+                "rdzv_conf": FAST_RDZV_CONF, "env": env,
+                "restore_before": self._restore_before})
             self.events.log("generation_start", gen=gen, members=list(state.members),
                             warm=use_warm,
                             reason=f"launching torchrun on {len(state.members)} node(s)"
                                    + (": the pre-started (warm) generation" if use_warm else ""))
             outcome = self._watch(gen, state, started)
             if outcome.status == "done":
+                self._write_goodput({"event": "done", "gen": gen})
                 self.events.log("done", gen=gen, restarts=state.restarts,
                                 excluded=list(state.excluded), reason="all workers finished")
                 self.control.put("tk/final", {"status": "done"})
                 return 0
             assert outcome.fault is not None
             decision = outcome.decision or decide(outcome.fault, outcome.state, self.cfg.policy)
+            decided = time.time()
             self._stop(gen, outcome.fault.reason)
             lost = self._lost_members(gen, state.members)
             self.events.log("decision", gen=gen, action=decision.action,
                             exclude=list(decision.exclude), fault=outcome.fault.kind,
                             culprits=list(outcome.fault.nodes), reason=decision.reason,
-                            restarts=decision.state.restarts, **outcome.detail)
+                            restarts=decision.state.restarts, decided=decided,
+                            **outcome.detail)
+            self._check_loop(gen)
             if decision.action == "give_up":
                 self.control.put("tk/final", {"status": "give_up"})
                 self._summary(decision)
@@ -277,6 +288,9 @@ class Coordinator:
         first = min(failed, key=lambda m: failed[m]["time"])
         nodes = signalled or (first,)
         codes = {m: failed[m]["exitcodes"] or [failed[m]["rc"]] for m in nodes}
+        if any(BAD_STEP_EXIT in e["exitcodes"] for e in failed.values()):
+            return Fault(kind="bad_step", reason=f"the script reported a bad step (exit code "
+                         f"{BAD_STEP_EXIT}): {codes}")
         return Fault(kind="crash", nodes=nodes, reason=f"workers exited with {codes}")
 
     def _stale(self, members: tuple[str, ...], done: dict[str, Any]) -> list[str]:
@@ -323,15 +337,40 @@ class Coordinator:
                 return
             time.sleep(0.1)
 
+    def _check_loop(self, gen: int) -> None:
+        """The restart-loop guard (:mod:`trainkit.run.loops`) after generation ``gen``
+        failed: a suspect step makes the next generations restore an older one."""
+        self._failed_gens.append(gen)
+        records = generation_records(read_jsonl(self.cfg.run_dir / REPORTS_FILE))
+        suspect = check_loop([records[g] for g in self._failed_gens if g in records])
+        if suspect is None or suspect.restore_before == self._restore_before:
+            return
+        self._suspect, self._restore_before = suspect, suspect.restore_before
+        self.events.log("suspect_step", gen=gen, step=suspect.step,
+                        fail_step=suspect.fail_step, restore_before=suspect.restore_before,
+                        reason=f"{suspect.reason}; the next generation restores a step "
+                               f"before {suspect.restore_before}")
+
+    def _write_goodput(self, final: dict[str, Any]) -> None:
+        """``run_dir/goodput.json``, before the final event (which stays the last line)."""
+        try:
+            write_goodput(self.cfg.run_dir, final=final)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.events.log("warning", reason=f"goodput.json not written: {exc}")
+
     def _summary(self, decision: Decision) -> None:
         state = decision.state
+        self._write_goodput({"event": "give_up"})
         self.events.log("give_up", restarts=state.restarts, excluded=list(state.excluded),
-                        findings=len(self._findings), reason=decision.reason)
+                        findings=len(self._findings), reason=decision.reason,
+                        suspect=None if self._suspect is None else self._suspect.reason)
         faults = [e for e in read_events(self.cfg.run_dir) if e["event"] == "decision"]
         lines = [f"trainkit run: giving up after {state.restarts} restart(s): {decision.reason}",
                  f"  nodes excluded: {', '.join(state.excluded) or 'none'}",
                  f"  faults seen: {len(faults)}"]
         lines += [f"    gen {e.get('gen')}: {e.get('fault')} on {e.get('culprits') or '?'} -> "
                   f"{e.get('action')}" for e in faults]
+        if self._suspect is not None:
+            lines.append(f"  suspected cause: {self._suspect.reason}")
         lines.append(f"  details: {self.events.path}")
         print("\n".join(lines), file=sys.stderr, flush=True)

@@ -49,6 +49,8 @@ class RunOptions:
     stop_timeout: float = 30.0
     warm_start: bool = True
     traffic_plan: str | None = None   # "TOPOLOGY,PLACEMENT,JOB": re-plan around slow links
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
 
 def _free_port(host: str) -> int:
@@ -71,6 +73,8 @@ def validate(opts: RunOptions, args: TorchrunArgs) -> None:
         raise RunArgumentError(f"--max-restarts must be >= 0, got {opts.max_restarts}")
     if opts.exclude_after < 1:
         raise RunArgumentError(f"--exclude-after must be >= 1, got {opts.exclude_after}")
+    if opts.metrics_port is not None and not 0 <= opts.metrics_port <= 65535:
+        raise RunArgumentError(f"--metrics-port must be 0..65535, got {opts.metrics_port}")
     if opts.hang_timeout <= 0:
         raise RunArgumentError(f"--hang-timeout must be > 0, got {opts.hang_timeout}")
     if opts.local_nodes > 1 and args.rdzv_endpoint and not opts.coordinator:
@@ -127,6 +131,7 @@ def _coordinate(opts: RunOptions, args: TorchrunArgs, run_dir: Path, node_id: st
     control = Control(store)
     endpoint = f"{host}:{port}"
     children: list[subprocess.Popen] = []
+    metrics = _serve_metrics(opts, run_dir, events)
     aggregator = None
     if opts.detect:
         user_secret = bool(os.environ.get(AGG_SECRET_ENV))
@@ -192,3 +197,20 @@ def _coordinate(opts: RunOptions, args: TorchrunArgs, run_dir: Path, node_id: st
                 terminate_tree(child, 5)
         if aggregator is not None:
             aggregator.stop()
+        if metrics is not None:
+            metrics.close()
+
+
+def _serve_metrics(opts: RunOptions, run_dir: Path, events: EventLog):
+    """The ``--metrics-port`` endpoint (:mod:`trainkit.run.metrics`), or None."""
+    if opts.metrics_port is None:
+        return None
+    from trainkit.run.metrics import serve_metrics
+
+    try:
+        server = serve_metrics(run_dir, port=opts.metrics_port, host=opts.metrics_host)
+    except OSError as exc:
+        raise RunArgumentError(f"--metrics-port {opts.metrics_port}: cannot listen on "
+                               f"{opts.metrics_host}: {exc}") from None
+    events.log("metrics", url=server.url, reason=f"Prometheus metrics at {server.url}")
+    return server

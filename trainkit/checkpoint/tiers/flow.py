@@ -22,6 +22,7 @@ import socket
 import threading
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
+from trainkit import rundir
 from trainkit.checkpoint.coord import Coordinator
 from trainkit.checkpoint.errors import CheckpointError, CheckpointWriteError
 from trainkit.checkpoint.reader import committed_steps
@@ -209,6 +210,8 @@ class TierFlow:
         if not dst.shared and self._coord.rank != 0:
             dst.publish(step, new_doc)
         log.debug("step %d committed on the %s tier", step, dst.name)
+        if self._coord.rank == 0:     # trainkit run's goodput: each tier's latency
+            rundir.report("ckpt_commit", step=step, tier=dst.name)
 
     def _gc_later(self, protect: frozenset[int]) -> None:
         for tier in self._gc_tiers:
