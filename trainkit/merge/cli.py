@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--density", type=float, default=None, help="fraction of each task vector kept (default 0.2 for ties)")
     p.add_argument("--lam", type=float, default=1.0, help="scale of the merged task vector (default 1.0)")
-    p.add_argument("--scope", choices=("global", "tensor"), default="global", help="trim threshold over all tensors or per tensor")
+    p.add_argument("--scope", choices=("global", "tensor"), default=None,
+                   help="trim threshold over all tensors or per tensor (default global; tensor with --compat mergekit)")
     p.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per model")
     p.add_argument("--compat", choices=("mergekit",), default=None, help="reproduce mergekit 0.1.5's ties arithmetic")
     p.add_argument(
@@ -101,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     elapsed = time.perf_counter() - t0
     print(
-        f"merged {len(args.models)} model(s) with {args.method} ({args.scope} scope) into {out}: "
+        f"merged {len(args.models)} model(s) with {args.method} ({cfg.scope} scope) into {out}: "
         f"{record['output']['tensors']} tensors, {len(record['output']['shards'])} shard(s), {elapsed:.2f}s"
     )
     return 0

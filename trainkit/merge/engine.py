@@ -10,8 +10,7 @@ Passes:
 
 1. ``scope="global"`` with a magnitude trim: radix-selection histogram passes
    (two for float32) find each task vector's exact threshold over all tensors.
-   mergekit-compat exact-k adds one counting pass only when entries tie at the
-   threshold, to hand out the tied entries in tensor order.
+   (mergekit-compat is tensor scope only: mergekit has no global threshold.)
 2. The merge pass. In global scope a tensor whose exact-zero vote sums make its
    values depend on the global majority sign (known only at the end) is
    deferred and merged again after the pass; this is rare (exact cancellation).
@@ -232,8 +231,7 @@ def run_merge(
             raise MergeInputError(problems)
 
     global_keeps: list[Keep] | None = None
-    quotas: dict[str, list[int | None]] = {}
-    rank, exact_k = magnitude_rank(plan.total, cfg)
+    rank, _ = magnitude_rank(plan.total, cfg)  # exact-k (mergekit) is tensor scope only
     if cfg.method.trim == "magnitude" and cfg.scope == "global" and rank > 0:
         sel = RadixSelect([rank] * n, plan.dtype)
         first = True
@@ -257,11 +255,6 @@ def run_merge(
         thresholds = [sel.threshold(i) for i in range(n)]
         stats.thresholds = thresholds
         global_keeps = [Keep(thr, None) for thr in thresholds]
-        if exact_k:
-            keep_count = plan.total - rank + 1
-            need = [keep_count - sel.count_greater(i, plan.total) for i in range(n)]
-            if any(need[i] != sel.count_equal(i) for i in range(n)):
-                quotas = _tie_quotas(plan, merged, inputs, cfg, thresholds, need, run_pass)
 
     balance = 0.0
     deferred: list[TensorTask] = []
@@ -282,8 +275,7 @@ def run_merge(
             if global_keeps is None:
                 keeps = tensor_thresholds(tvs, cfg)
             else:
-                q = quotas.get(t.name)
-                keeps = [Keep(k.threshold, q[i] if q else None) for i, k in enumerate(global_keeps)]
+                keeps = global_keeps
             for i, k in enumerate(keeps):
                 tvs[i] = apply_trim(tvs[i], k)  # replace in place of the list: frees the untrimmed one
         elif cfg.method.trim == "random":
@@ -318,36 +310,3 @@ def run_merge(
         stats.deferred = len(deferred)
         run_pass("merge deferred", deferred, lambda t: merge_one(t, majority), merge_done)
     return stats
-
-
-def _tie_quotas(
-    plan: MergePlan,
-    merged: list[TensorTask],
-    inputs: _Inputs,
-    cfg: MergeConfig,
-    thresholds: list[float | None],
-    need: list[int],
-    run_pass,
-) -> dict[str, list[int | None]]:
-    """Exact-k with ties at the threshold: count ties per tensor, hand them out in plan order."""
-    counts: dict[str, list[int]] = {}
-
-    def work(t: TensorTask):
-        _, b, ms = inputs.operands(t)
-        _, tvs = task_vectors(b, ms, cfg, plan.dtype)
-        return [int((tv.abs() == thr).sum()) if thr is not None else 0 for tv, thr in zip(tvs, thresholds)]
-
-    run_pass("threshold ties", merged, work, lambda t, c: counts.__setitem__(t.name, c))
-    quotas: dict[str, list[int | None]] = {}
-    left = list(need)
-    for t in plan.tasks:
-        if t.name not in counts:
-            continue
-        q: list[int | None] = []
-        for i, c in enumerate(counts[t.name]):
-            take = max(0, min(c, left[i]))
-            left[i] -= take
-            q.append(take)
-        quotas[t.name] = q
-    return quotas
-

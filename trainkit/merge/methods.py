@@ -128,13 +128,18 @@ def make_config(
     *,
     density: float | None = None,
     lam: float = 1.0,
-    scope: str = "global",
+    scope: str | None = None,
     weights: list[float] | tuple[float, ...] | None = None,
     compat: str | None = None,
     seed: int = 0,
     vocab_mismatch: str = "error",
 ) -> MergeConfig:
-    """Validate merge parameters and freeze them; every problem is reported at once."""
+    """Validate merge parameters and freeze them; every problem is reported at once.
+
+    ``scope=None`` means ``"tensor"`` under ``compat="mergekit"`` (mergekit trims
+    per tensor) and ``"global"`` otherwise; ``compat="mergekit"`` with an explicit
+    ``scope="global"`` is refused, since no mergekit run could produce it.
+    """
     problems: list[str] = []
     spec = METHODS.get(method)
     if spec is None:
@@ -147,6 +152,11 @@ def make_config(
         problems.append(f"density must be in (0, 1], got {density!r}")
     if not (isinstance(lam, (int, float)) and math.isfinite(lam)):
         problems.append(f"lam must be a finite number, got {lam!r}")
+    if scope is None:  # mergekit has one threshold per tensor, so its compat implies tensor scope
+        scope = "tensor" if compat == "mergekit" else "global"
+    elif compat == "mergekit" and scope == "global":
+        problems.append("compat='mergekit' is tensor scope (mergekit trims each tensor on its own); "
+                        "drop scope='global' / --scope global")
     if scope not in ("global", "tensor"):
         problems.append(f"scope must be 'global' or 'tensor', got {scope!r}")
     if compat not in (None, "mergekit"):
