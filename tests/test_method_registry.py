@@ -40,6 +40,13 @@ def reference(spec: MergeMethod, base, models, *, density: float, lam: float, sc
     out = {}
     for group in groups:
         b = torch.cat([base[k].float().reshape(-1) for k in group])
+        if spec.combine == "linear":  # mergekit's linear: a weighted mean of the models themselves
+            acc = torch.zeros_like(b)
+            for m, w in zip(models, weights):
+                acc.addcmul_(torch.cat([m[k].reshape(-1) for k in group]), torch.tensor(w))
+            pieces = (acc / torch.tensor(weights).sum()).split([base[k].numel() for k in group])
+            out.update({k: v.reshape(base[k].shape).to(base[k].dtype) for k, v in zip(group, pieces)})
+            continue
         tvs = [(torch.cat([m[k].float().reshape(-1) for k in group]) - b) * w for m, w in zip(models, weights)]
         if spec.trim == "magnitude":
             k = b.numel() - int(b.numel() * density)

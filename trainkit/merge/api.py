@@ -30,8 +30,13 @@ def merge(
     seed: int = 0,
     vocab_mismatch: str = "error",
     threads: int = 1,
+    densities: Sequence[float] | None = None,
+    normalize: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge fine-tuned state dicts into ``base`` with a method of ``METHODS``.
+
+    ``densities`` (one per model) and ``normalize`` (with ``compat="mergekit"``)
+    are mergekit's per-model ``density`` and ``normalize`` parameters.
 
     Inputs are never modified; the output has the base's keys, shapes and dtypes.
     Options are keyword-only and validated by :func:`make_config` (all problems
@@ -47,6 +52,8 @@ def merge(
         compat=compat,
         seed=seed,
         vocab_mismatch=vocab_mismatch,
+        densities=densities,
+        normalize=normalize,
     )
     base_r = DictReader(base, "base")
     model_rs = [DictReader(m, f"model {i}") for i, m in enumerate(models)]

@@ -35,8 +35,10 @@ from trainkit.io.readers import TensorReader
 from trainkit.merge.kernel import (
     DEFER,
     Keep,
+    TensorResult,
     apply_trim,
     combine,
+    linear,
     magnitude_rank,
     random_keep,
     task_vectors,
@@ -91,13 +93,16 @@ BUDGET_FACTOR = 1.5
 class _Inputs:
     """The readers plus slicing for shared-rows merges."""
 
-    def __init__(self, base: TensorReader, models: list[TensorReader]):
-        self.base, self.models = base, models
+    def __init__(self, base: TensorReader, models: list[TensorReader], device: str = "cpu"):
+        self.base, self.models, self.device = base, models, device
 
     def operands(self, task: TensorTask) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Return (full base tensor, merged slice of the base, merged slices of the models)."""
+        """Return (full base tensor, merged slice of the base, merged slices of the models),
+        on the merge device (copied there as they are read)."""
         full = self.base.get(task.name)
         ms = [m.get(task.name) for m in self.models]
+        if self.device != "cpu":
+            full, ms = full.to(self.device), [m.to(self.device) for m in ms]
         if task.rows is None:
             return full, full, ms
         return full, full[: task.rows], [m[: task.rows] for m in ms]
@@ -199,11 +204,16 @@ def run_merge(
     plan: MergePlan | None = None,
     threads: int = 1,
     progress: bool = False,
+    device: str = "cpu",
 ) -> MergeStats:
-    """Merge ``models`` into ``base`` tensor by tensor, writing each result to ``sink``."""
+    """Merge ``models`` into ``base`` tensor by tensor, writing each result to ``sink``.
+
+    ``device="cuda"``: operands go to the GPU as they are read, results come back
+    to the CPU before ``sink.write``.
+    """
     plan = plan or plan_merge(base, models, cfg)
     limit_heap_retention()
-    inputs = _Inputs(base, models)
+    inputs = _Inputs(base, models, device)
     stats = MergeStats()
     n = len(models)
     merged = sorted((t for t in plan.tasks if t.merged), key=lambda t: -t.merged_numel)
@@ -231,9 +241,9 @@ def run_merge(
             raise MergeInputError(problems)
 
     global_keeps: list[Keep] | None = None
-    rank, _ = magnitude_rank(plan.total, cfg)  # exact-k (mergekit) is tensor scope only
-    if cfg.method.trim == "magnitude" and cfg.scope == "global" and rank > 0:
-        sel = RadixSelect([rank] * n, plan.dtype)
+    ranks = [magnitude_rank(plan.total, cfg, i)[0] for i in range(n)]  # exact-k (mergekit): tensor scope only
+    if cfg.method.trim == "magnitude" and cfg.scope == "global" and any(ranks):
+        sel = RadixSelect(ranks, plan.dtype)
         first = True
 
         def hist_work(t: TensorTask):
@@ -267,6 +277,9 @@ def run_merge(
 
     def _merge_once(t: TensorTask, majority: int | None):
         full, b, ms = inputs.operands(t)
+        if cfg.method.combine == "linear":  # the models themselves, not task vectors
+            bad = [] if checked_finite else _check_finite(t, ms, models)
+            return bad or _write(t, full, TensorResult(linear(ms, cfg, plan.dtype), 0.0, False))
         bf, tvs = task_vectors(b, ms, cfg, plan.dtype)
         bad = [] if checked_finite else _check_finite(t, tvs, models)
         if bad:
@@ -280,10 +293,12 @@ def run_merge(
                 tvs[i] = apply_trim(tvs[i], k)  # replace in place of the list: frees the untrimmed one
         elif cfg.method.trim == "random":
             for i in range(len(tvs)):
-                tvs[i] = random_keep(tvs[i], cfg.density, cfg.seed, i, t.name)
-        res = combine(bf, tvs, cfg, majority)
+                tvs[i] = random_keep(tvs[i], cfg.density_of(i), cfg.seed, i, t.name, cfg.compat)
+        return _write(t, full, combine(bf, tvs, cfg, majority))
+
+    def _write(t: TensorTask, full: torch.Tensor, res: TensorResult) -> TensorResult:
         if res.values is not None:
-            out = res.values.to(t.dtype)
+            out = res.values.to(device="cpu", dtype=t.dtype)
             if t.rows is not None:
                 full_out = full.clone()
                 full_out[: t.rows] = out

@@ -10,6 +10,8 @@ preset             trim           sign vote   combine
 ``task_arithmetic`` none          no          sum
 ``ties``           magnitude      yes         disjoint mean over agreeing entries
 ``dare_ties``      random (DARE)  yes         disjoint mean over agreeing entries
+``linear``         none           no          sum(w_i m_i) / sum(w_i) of the models
+                                              themselves (mergekit's ``linear``)
 =================  =============  ==========  =====================================
 
 The registry is a plain dict (no registration by import side effect), so the
@@ -25,7 +27,7 @@ from typing import Literal
 __all__ = ["MergeMethod", "MergeConfig", "METHODS", "make_config", "Trim", "Combine", "Scope", "Compat"]
 
 Trim = Literal["none", "magnitude", "random"]
-Combine = Literal["sum", "mean", "disjoint_mean"]
+Combine = Literal["sum", "mean", "disjoint_mean", "linear"]
 Scope = Literal["global", "tensor"]
 Compat = Literal["mergekit"] | None
 
@@ -65,13 +67,18 @@ class MergeMethod:
     elect: bool
     combine: Combine
     default_density: float = 1.0
+    mergekit_normalize: bool = True
+    """mergekit's default of ``normalize`` for this method (divide by the summed weights)."""
 
 
 METHODS: dict[str, MergeMethod] = {
     "average": MergeMethod("average", trim="none", elect=False, combine="mean"),
-    "task_arithmetic": MergeMethod("task_arithmetic", trim="none", elect=False, combine="sum"),
+    "task_arithmetic": MergeMethod("task_arithmetic", trim="none", elect=False, combine="sum",
+                                   mergekit_normalize=False),
     "ties": MergeMethod("ties", trim="magnitude", elect=True, combine="disjoint_mean", default_density=0.2),
-    "dare_ties": MergeMethod("dare_ties", trim="random", elect=True, combine="disjoint_mean", default_density=0.2),
+    "dare_ties": MergeMethod("dare_ties", trim="random", elect=True, combine="disjoint_mean", default_density=0.2,
+                             mergekit_normalize=False),
+    "linear": MergeMethod("linear", trim="none", elect=False, combine="linear"),
 }
 
 
@@ -90,6 +97,10 @@ class MergeConfig:
         seed: seed of the random trim (``dare_ties``).
         vocab_mismatch: ``"error"`` or ``"shared"`` (merge only the rows all models share
             on embedding-like tensors; extra base rows are kept, extra model rows dropped).
+        densities: per-model densities (mergekit's ``models[].parameters.density``);
+            None = ``density`` for every model.
+        normalize: under compat, mergekit's ``normalize`` (divide the mixed delta by the
+            summed weights); None = the method's mergekit default.
     """
 
     method: MergeMethod
@@ -100,14 +111,26 @@ class MergeConfig:
     compat: Compat
     seed: int
     vocab_mismatch: Literal["error", "shared"]
+    densities: tuple[float, ...] | None = None
+    normalize: bool | None = None
 
     def weight(self, i: int) -> float:
         return 1.0 if self.weights is None else self.weights[i]
 
+    def density_of(self, i: int) -> float:
+        return self.density if self.densities is None else self.densities[i]
+
+    @property
+    def normalizes(self) -> bool:
+        """Whether mergekit's arithmetic divides by the summed weights (compat)."""
+        return self.method.mergekit_normalize if self.normalize is None else self.normalize
+
     def for_model(self, i: int) -> "MergeConfig":
-        """This config restricted to model ``i`` (its weight only), for one-at-a-time passes."""
+        """This config restricted to model ``i`` (its weight and density), for one-at-a-time passes."""
         w = None if self.weights is None else (self.weights[i],)
-        return MergeConfig(self.method, self.density, self.lam, self.scope, w, self.compat, self.seed, self.vocab_mismatch)
+        d = None if self.densities is None else (self.densities[i],)
+        return MergeConfig(self.method, self.density, self.lam, self.scope, w, self.compat, self.seed,
+                           self.vocab_mismatch, d, self.normalize)
 
     def to_json(self) -> dict:
         return {
@@ -119,6 +142,8 @@ class MergeConfig:
             "compat": self.compat,
             "seed": self.seed,
             "vocab_mismatch": self.vocab_mismatch,
+            "densities": list(self.densities) if self.densities is not None else None,
+            "normalize": self.normalize,
         }
 
 
@@ -133,6 +158,8 @@ def make_config(
     compat: str | None = None,
     seed: int = 0,
     vocab_mismatch: str = "error",
+    densities: list[float] | tuple[float, ...] | None = None,
+    normalize: bool | None = None,
 ) -> MergeConfig:
     """Validate merge parameters and freeze them; every problem is reported at once.
 
@@ -161,8 +188,18 @@ def make_config(
         problems.append(f"scope must be 'global' or 'tensor', got {scope!r}")
     if compat not in (None, "mergekit"):
         problems.append(f"compat must be None or 'mergekit', got {compat!r}")
-    if compat == "mergekit" and spec.name != "ties":
-        problems.append(f"compat='mergekit' reproduces mergekit's ties only, not {spec.name!r}")
+    if compat == "mergekit" and spec.name in ("average",):
+        problems.append(f"compat='mergekit' has no {spec.name!r} (mergekit's is 'linear')")
+    if normalize is not None and compat != "mergekit":
+        problems.append("normalize is mergekit's parameter: it needs compat='mergekit'")
+    if densities is not None:
+        densities = tuple(densities)
+        if len(densities) != n_models:
+            problems.append(f"{len(densities)} densities given for {n_models} models")
+        bad = [d for d in densities if not (isinstance(d, (int, float)) and 0.0 < d <= 1.0)]
+        if bad:
+            problems.append(f"densities must be in (0, 1], got {bad}")
+        densities = tuple(float(d) for d in densities)
     if vocab_mismatch not in ("error", "shared"):
         problems.append(f"vocab_mismatch must be 'error' or 'shared', got {vocab_mismatch!r}")
     if weights is not None:
@@ -175,4 +212,5 @@ def make_config(
             problems.append("weights of 'average' sum to zero")
     if problems:
         raise ValueError("invalid merge parameters:\n  - " + "\n  - ".join(problems))
-    return MergeConfig(spec, float(density), float(lam), scope, weights, compat, int(seed), vocab_mismatch)  # type: ignore[arg-type]
+    return MergeConfig(spec, float(density), float(lam), scope, weights, compat, int(seed), vocab_mismatch,  # type: ignore[arg-type]
+                       densities, normalize)
