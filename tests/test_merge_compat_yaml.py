@@ -67,7 +67,7 @@ _CASES = {  # method -> (YAML parameters per model, the CLI equivalent's options
     "ties": ("density: 0.4, weight: 1.0", ["--density", "0.4", "--lam", "0.9"]),
     "dare_ties": ("density: 0.5, weight: 0.7", ["--density", "0.5", "--weights", "0.7", "0.7", "0.7", "--lam", "0.9"]),
     "task_arithmetic": ("weight: 0.5", ["--weights", "0.5", "0.5", "0.5", "--lam", "0.9"]),
-    "linear": ("weight: 2.0", ["--weights", "2", "2", "2", "--lam", "0.9"]),
+    "linear": ("weight: 2.0", ["--weights", "2", "2", "2", "2", "--lam", "0.9"]),
 }
 
 
@@ -76,10 +76,13 @@ def test_yaml_equals_the_cli_equivalent(tmp_path, files, method):
     base, models, bdir, paths = files
     per_model, cli = _CASES[method]
     listed = "".join(f"  - model: {p}\n    parameters: {{{per_model}}}\n" for p in paths)
+    if method == "linear":  # mergekit's linear merges the base as one more input
+        listed = f"  - model: {bdir}\n    parameters: {{{per_model}}}\n" + listed
     cfg = _yaml(tmp_path, f"merge_method: {method}\nbase_model: {bdir}\nmodels:\n{listed}"
                           "parameters: {lambda: 0.9, int8_mask: true}\ndtype: float32\ntokenizer_source: base\n")
     assert main(["merge", "--config", str(cfg), "--out", str(tmp_path / "y")]) == 0
-    assert main(["merge", method, "--base", bdir, "--models", *paths, "--compat", "mergekit", *cli,
+    listed_paths = [bdir, *paths] if method == "linear" else paths
+    assert main(["merge", method, "--base", bdir, "--models", *listed_paths, "--compat", "mergekit", *cli,
                  "--out", str(tmp_path / "c")]) == 0
     y, c = _read(tmp_path / "y"), _read(tmp_path / "c")
     assert set(y) == set(base) and all(torch.equal(y[k], c[k]) for k in c), method

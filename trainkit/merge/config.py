@@ -161,7 +161,8 @@ def parse_config(data: Any, where: str | Path = "<config>") -> YamlMerge:
         raise _fail(where, "models", "missing or empty: list the fine-tuned models as '- model: PATH'")
     base_ref = top.get("base_model")
     base = _local_model(base_ref, "base_model", where) if base_ref is not None else None
-    if base is None and METHODS[method].combine != "linear":
+    linear = METHODS[method].combine == "linear"
+    if base is None and not linear:
         raise _fail(where, "base_model", f"missing: {method} needs a base model")
     default_w = params.get("weight")
     default_d = params.get("density")
@@ -175,7 +176,7 @@ def parse_config(data: Any, where: str | Path = "<config>") -> YamlMerge:
             raise _fail(where, f"{key}.model", "missing")
         path = _local_model(entry["model"], f"{key}.model", where)
         p = _check_keys(entry.get("parameters") or {}, _MODEL_PARAMS, f"{key}.parameters", where)
-        if base is not None and Path(path).resolve() == Path(base).resolve() and METHODS[method].combine != "linear":
+        if base is not None and Path(path).resolve() == Path(base).resolve() and not linear:
             continue  # mergekit: the base among the models is the base, not a task vector
         w = p.get("weight", default_w)
         if w is None:
@@ -186,6 +187,9 @@ def parse_config(data: Any, where: str | Path = "<config>") -> YamlMerge:
         models.append(path)
     if not models:
         raise _fail(where, "models", "lists only the base model: nothing to merge")
+    if linear and base is not None and not any(Path(m).resolve() == Path(base).resolve() for m in models):
+        raise _fail(where, "base_model", "linear merges the base as one more input (mergekit then requires its "
+                                         "weight): list it under models with a weight, or drop base_model")
     if base is None:
         base = models[0]
     lam = _number(params.get("lambda", 1.0), "parameters.lambda", where)
