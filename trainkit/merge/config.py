@@ -8,7 +8,8 @@ directory or a parameter of the wrong type is one line naming the key.
 
 Supported (the rest is refused, naming the key)::
 
-    merge_method: ties            # ties, dare_ties, task_arithmetic, linear, and the other METHODS
+    merge_method: ties            # ties, dare_ties, task_arithmetic, linear, breadcrumbs(_ties),
+                                  # dare_linear, della(_linear)
     base_model: ./base            # a local path (required except for linear)
     models:
       - model: ./ft-a
@@ -36,8 +37,10 @@ __all__ = ["ConfigError", "YamlMerge", "load_config", "parse_config"]
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source"}
 _MODEL_KEYS = {"model", "parameters"}
-_MODEL_PARAMS = {"density", "weight"}
-_TOP_PARAMS = {"normalize", "lambda", "int8_mask", "density", "weight", "rescale"}
+_MODEL_PARAMS = {"density", "weight", "gamma", "epsilon"}
+_TOP_PARAMS = {"normalize", "lambda", "int8_mask", "density", "weight", "rescale", "gamma", "epsilon"}
+_RESCALED = {"dare_ties", "dare_linear", "della", "della_linear"}
+"""Methods whose mergekit default is ``rescale: true`` (the only setting supported)."""
 _DTYPES = {"float32", "bfloat16", "float16", "float64"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _MERGEKIT_NAMES = {"linear", "ties", "dare_ties", "task_arithmetic"}
@@ -147,7 +150,7 @@ def parse_config(data: Any, where: str | Path = "<config>") -> YamlMerge:
         known = ", ".join(sorted(m for m in METHODS if m != "average"))
         raise _fail(where, "merge_method", f"{method!r} is not supported (supported: {known})")
     params = _check_keys(top.get("parameters") or {}, _TOP_PARAMS, "parameters", where)
-    if "rescale" in params and _flag(params["rescale"], "parameters.rescale", where) != (method.startswith("dare")):
+    if "rescale" in params and _flag(params["rescale"], "parameters.rescale", where) != (method in _RESCALED):
         raise _fail(where, "parameters.rescale", "only the method's mergekit default is supported")
     dtype = top.get("dtype")
     if dtype is not None and dtype not in _DTYPES:
@@ -185,6 +188,14 @@ def parse_config(data: Any, where: str | Path = "<config>") -> YamlMerge:
         d = p.get("density", default_d if default_d is not None else 1.0)
         densities.append(_number(d, f"{key}.parameters.density", where))
         models.append(path)
+    extra = {}
+    for name, default in (("gamma", 0.01), ("epsilon", 0.15)):
+        vals = {_number(e.get("parameters", {}).get(name, params.get(name, default)) if isinstance(e, dict) else
+                        default, f"parameters.{name}", where) for e in entries if isinstance(e.get("parameters"), dict)
+                or name in params}
+        if len(vals) > 1:
+            raise _fail(where, f"models[].parameters.{name}", "must be the same for every model here")
+        extra[name] = vals.pop() if vals else default
     if not models:
         raise _fail(where, "models", "lists only the base model: nothing to merge")
     if linear and base is not None and not any(Path(m).resolve() == Path(base).resolve() for m in models):
@@ -200,7 +211,7 @@ def parse_config(data: Any, where: str | Path = "<config>") -> YamlMerge:
     try:
         cfg = make_config(method, len(models), density=densities[0] if uniform else None,
                           densities=None if uniform else densities, lam=lam, weights=weights,
-                          compat="mergekit", normalize=normalize)
+                          compat="mergekit", normalize=normalize, **extra)
     except ValueError as exc:
         raise ConfigError(f"{where}: " + "; ".join(line.strip(" -") for line in str(exc).splitlines()[1:])) from None
     return YamlMerge(base, tuple(models), cfg, dtype)

@@ -40,7 +40,7 @@ from trainkit.merge.kernel import (
     combine,
     linear,
     magnitude_rank,
-    random_keep,
+    sparsify,
     task_vectors,
     tensor_thresholds,
 )
@@ -291,9 +291,9 @@ def run_merge(
                 keeps = global_keeps
             for i, k in enumerate(keeps):
                 tvs[i] = apply_trim(tvs[i], k)  # replace in place of the list: frees the untrimmed one
-        elif cfg.method.trim == "random":
+        elif cfg.method.trim != "none":
             for i in range(len(tvs)):
-                tvs[i] = random_keep(tvs[i], cfg.density_of(i), cfg.seed, i, t.name, cfg.compat)
+                tvs[i] = sparsify(tvs[i], cfg, i, t.name)
         return _write(t, full, combine(bf, tvs, cfg, majority))
 
     def _write(t: TensorTask, full: torch.Tensor, res: TensorResult) -> TensorResult:

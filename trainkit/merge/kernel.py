@@ -31,6 +31,9 @@ __all__ = [
     "combine",
     "magnitude_rank",
     "random_keep",
+    "outlier_keep",
+    "della_keep",
+    "sparsify",
     "linear",
 ]
 
@@ -185,16 +188,78 @@ def random_keep(tv: torch.Tensor, density: float, seed: int, model: int, name: s
     """
     if density >= 1.0:
         return tv
-    g = torch.Generator().manual_seed((seed * 1_000_003 + model * 7919 + zlib.crc32(name.encode())) % 2**63)
+    g = _generator(seed, model, name)
     if compat == "mergekit":  # the mask is drawn on the CPU, so it is the same on any device
         mask = torch.bernoulli(torch.full(tv.shape, density, dtype=tv.dtype), generator=g).to(tv.device)
-        masked = tv * mask
-        before, after = tv.abs().sum(), masked.abs().sum()
-        if before < 1e-7 or after < 1e-7:
-            return masked
-        return masked * (before / after)
+        return _l1_rescaled(tv, mask)
     mask = (torch.rand(tv.shape, generator=g, dtype=tv.dtype) < density).to(tv.device)
     return torch.where(mask, tv / density, torch.zeros((), dtype=tv.dtype, device=tv.device))
+
+
+def _generator(seed: int, model: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + model * 7919 + zlib.crc32(name.encode())) % 2**63)
+
+
+def _l1_rescaled(tv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mergekit's ``rescale: true``: the masked vector scaled back to the L1 norm of ``tv``."""
+    masked = tv * mask
+    before, after = tv.abs().sum(), masked.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
+
+
+def outlier_keep(tv: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: drop the ``gamma`` largest |tv| and the smallest, keep ``density``.
+
+    The same ``torch.sort`` as mergekit 0.1.5's ``magnitude_outliers`` picks the
+    entries, so ties at either cut fall the same way and the bits match.
+    """
+    if density >= 1.0:
+        return tv
+    n = tv.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    order = torch.sort(tv.abs().reshape(-1), descending=False).indices
+    mask = torch.zeros(n, dtype=tv.dtype, device=tv.device)
+    mask[order[n_bot: n_bot + target]] = 1
+    return tv * mask.reshape(tv.shape)
+
+
+def della_keep(tv: torch.Tensor, density: float, epsilon: float, seed: int, model: int, name: str,
+               compat: str | None = None) -> torch.Tensor:
+    """DELLA's MagPrune: keep entry j of a row with probability from ``density - epsilon``
+    (smallest |tv| of the row) rising linearly in rank to ``density + epsilon`` (largest).
+
+    Kept entries are rescaled by 1/p (the paper); ``compat="mergekit"`` rescales to the
+    L1 norm instead, as mergekit 0.1.5 does. Rows are the first dimension (a 1-D tensor
+    is one row). The mask is drawn on the CPU from a generator seeded by (seed, model,
+    tensor name).
+    """
+    if density >= 1.0:
+        return tv
+    rows = tv.unsqueeze(0) if tv.dim() < 2 else tv
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, descending=False), dim=1).to(tv.dtype) + 1
+    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    probs = (density - epsilon) + ((ranks - lo) / (hi - lo)).clamp(0, 1) * 2 * epsilon
+    mask = torch.bernoulli(probs.cpu(), generator=_generator(seed, model, name)).to(tv.device)
+    if compat == "mergekit":
+        return _l1_rescaled(rows, mask).reshape(tv.shape)
+    return (rows * mask / probs).reshape(tv.shape)
+
+
+def sparsify(tv: torch.Tensor, cfg: MergeConfig, model: int, name: str) -> torch.Tensor:
+    """The method's random or rank-based trim of one task vector (not ``magnitude``,
+    whose thresholds the engine finds first; not ``none``)."""
+    density = cfg.density_of(model)
+    trim = cfg.method.trim
+    if trim == "random":
+        return random_keep(tv, density, cfg.seed, model, name, cfg.compat)
+    if trim == "outliers":
+        return outlier_keep(tv, density, cfg.gamma)
+    if trim == "della":
+        return della_keep(tv, density, cfg.epsilon, cfg.seed, model, name, cfg.compat)
+    raise ValueError(f"sparsify: trim {trim!r} is not a per-tensor trim")
 
 
 def linear(models: list[torch.Tensor], cfg: MergeConfig, dtype: torch.dtype) -> torch.Tensor:
