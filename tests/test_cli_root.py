@@ -103,3 +103,34 @@ def test_nothing_imports_the_cli():
                  if p.name != "__main__.py" and p != root / "cli.py"
                  and ("trainkit.cli import" in p.read_text() or "import trainkit.cli" in p.read_text())]
     assert importers == []
+
+
+_BLOCKER = """
+import sys
+BLOCKED = {"scipy", "highspy", "s3fs", "matplotlib"}
+class _Absent:  # behaves as if the optional packages were not installed at all
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, _Absent())
+from trainkit.cli import main
+code = main(sys.argv[1:])
+assert not BLOCKED & {m.split(".")[0] for m in sys.modules}
+sys.exit(code)
+"""
+
+
+def test_base_install_without_optional_extras():
+    """merge and ckpt work with scipy, highspy, s3fs and matplotlib absent; plan names its extra."""
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", _BLOCKER, *args], env=subprocess_env(), capture_output=True,
+                              text=True, timeout=120)
+
+    for args in (["merge", "--help"], ["ckpt", "--help"], ["--help"]):
+        proc = run(*args)
+        assert proc.returncode == 0 and "usage:" in proc.stdout, (args, proc.stderr)
+    proc = run("plan", "--help")
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "pip install 'trainkit[traffic]'" in err and ("'scipy'" in err or "'highspy'" in err)

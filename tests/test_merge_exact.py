@@ -129,16 +129,19 @@ def test_mergekit_compat_exact_k_with_ties():
     models = [{"a": torch.tensor([1.0, -1.0, 0.5, 0.5] * 10)}, {"a": torch.linspace(-1, 1, 40)}]
     got = ties_merge(base, models, density=0.3, scope="tensor", compat="mergekit")
     _assert_equal(got, ref_mergekit_ties(base, models, 0.3))
-    # exact-k: the global scope keeps exactly int(d*density) entries per model as well
-    g = ties_merge(base, models[:1], density=0.3, scope="global", compat="mergekit")
+    # exact-k: exactly int(d*density) entries per model survive, ties at the cut included
+    g = ties_merge(base, models[:1], density=0.3, compat="mergekit")
     assert int((g["a"] != 0).sum()) == int(0.3 * 40)
 
 
-def test_compat_global_exact_k_across_tensors():
+def test_compat_implies_tensor_scope_and_refuses_global():
     base = {"a": torch.zeros(10), "b": torch.zeros(10)}
-    m = {"a": torch.ones(10), "b": torch.ones(10)}  # 20 ties
-    got = ties_merge(base, [m], density=0.25, scope="global", compat="mergekit")
-    assert int((got["a"] != 0).sum()) == 5 and int((got["b"] != 0).sum()) == 0
+    m = {"a": torch.ones(10), "b": torch.linspace(0.1, 1, 10)}
+    implied = ties_merge(base, [m], density=0.25, compat="mergekit")
+    _assert_equal(implied, ties_merge(base, [m], density=0.25, scope="tensor", compat="mergekit"))
+    assert int((implied["a"] != 0).sum()) == 2 and int((implied["b"] != 0).sum()) == 2  # per tensor
+    with pytest.raises(ValueError, match="compat='mergekit' is tensor scope"):
+        ties_merge(base, [m], density=0.25, scope="global", compat="mergekit")
 
 
 def test_presets():

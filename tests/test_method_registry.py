@@ -40,13 +40,31 @@ def reference(spec: MergeMethod, base, models, *, density: float, lam: float, sc
     out = {}
     for group in groups:
         b = torch.cat([base[k].float().reshape(-1) for k in group])
+        if spec.combine == "linear":  # mergekit's linear: a weighted mean of the models themselves
+            acc = torch.zeros_like(b)
+            for m, w in zip(models, weights):
+                acc.addcmul_(torch.cat([m[k].reshape(-1) for k in group]), torch.tensor(w))
+            pieces = (acc / torch.tensor(weights).sum()).split([base[k].numel() for k in group])
+            out.update({k: v.reshape(base[k].shape).to(base[k].dtype) for k, v in zip(group, pieces)})
+            continue
         tvs = [(torch.cat([m[k].float().reshape(-1) for k in group]) - b) * w for m, w in zip(models, weights)]
         if spec.trim == "magnitude":
             k = b.numel() - int(b.numel() * density)
             if density < 1.0 and k > 0:
                 tvs = [tv * (tv.abs() >= tv.abs().kthvalue(k).values) for tv in tvs]
-        elif spec.trim == "random":
+        elif spec.trim in ("random", "della"):
             assert density == 1.0, "the reference has no random trim: compare at density 1"
+        elif spec.trim == "outliers":  # drop the 1% largest |tv|, keep the next int(density * d)
+            if density < 1.0:
+                d = b.numel()
+                kept = []
+                for tv in tvs:
+                    order = torch.sort(tv.abs(), descending=False).indices
+                    lo = max(0, d - int(density * d) - int(0.01 * d))
+                    keep = torch.zeros(d, dtype=torch.bool)
+                    keep[order[lo: lo + int(density * d)]] = True
+                    kept.append(tv * keep)
+                tvs = kept
         elif spec.trim != "none":
             raise NotImplementedError(f"reference: trim {spec.trim!r}")
         s = _sum(tvs)
@@ -81,7 +99,11 @@ def test_method_equals_the_reference(name, scope):
     spec = METHODS[name]
     base = _model(0)
     models = [_finetune(base, 1), _finetune(base, 2)]
-    density = 1.0 if spec.trim == "random" else 0.5
+    if spec.per_tensor and scope == "global":  # a rank-based trim within each tensor: no global form
+        with pytest.raises(ValueError, match="tensor scope only"):
+            merge(name, base, models, scope=scope)
+        return
+    density = 1.0 if spec.trim in ("random", "della") else 0.5
     for weights, lam in (([1.0, 1.0], 1.0), ([1.0, 0.5], 0.7)):
         got = merge(name, base, models, density=density, lam=lam, scope=scope, weights=weights)
         _assert_equal(got, reference(spec, base, models, density=density, lam=lam, scope=scope, weights=weights))
@@ -90,7 +112,7 @@ def test_method_equals_the_reference(name, scope):
 @pytest.mark.parametrize("name", list(METHODS))
 def test_models_equal_to_the_base_give_the_base(name):
     base = _model(3, torch.bfloat16)
-    for scope in ("global", "tensor"):
+    for scope in ("tensor",) if METHODS[name].per_tensor else ("global", "tensor"):
         got = merge(name, base, [dict(base), {k: v.clone() for k, v in base.items()}], scope=scope, lam=0.8)
         _assert_equal(got, base)
 

@@ -38,7 +38,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 # optional dependency (top-level module) -> the extra of pyproject.toml that installs it
-EXTRAS: dict[str, str] = {"scipy": "traffic", "highspy": "traffic", "matplotlib": "plot", "s3fs": "s3"}
+EXTRAS: dict[str, str] = {"scipy": "traffic", "highspy": "traffic", "matplotlib": "plot", "s3fs": "s3", "yaml": "merge"}
 
 
 class _Unavailable(Exception):

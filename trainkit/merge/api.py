@@ -24,14 +24,19 @@ def merge(
     *,
     density: float | None = None,
     lam: float = 1.0,
-    scope: str = "global",
+    scope: str | None = None,
     weights: Sequence[float] | None = None,
     compat: str | None = None,
     seed: int = 0,
     vocab_mismatch: str = "error",
     threads: int = 1,
+    densities: Sequence[float] | None = None,
+    normalize: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge fine-tuned state dicts into ``base`` with a method of ``METHODS``.
+
+    ``densities`` (one per model) and ``normalize`` (with ``compat="mergekit"``)
+    are mergekit's per-model ``density`` and ``normalize`` parameters.
 
     Inputs are never modified; the output has the base's keys, shapes and dtypes.
     Options are keyword-only and validated by :func:`make_config` (all problems
@@ -47,6 +52,8 @@ def merge(
         compat=compat,
         seed=seed,
         vocab_mismatch=vocab_mismatch,
+        densities=densities,
+        normalize=normalize,
     )
     base_r = DictReader(base, "base")
     model_rs = [DictReader(m, f"model {i}") for i, m in enumerate(models)]
@@ -61,7 +68,7 @@ def ties_merge(
     *,
     density: float = 0.2,
     lam: float = 1.0,
-    scope: str = "global",
+    scope: str | None = None,
     weights: Sequence[float] | None = None,
     compat: str | None = None,
     vocab_mismatch: str = "error",
@@ -71,7 +78,8 @@ def ties_merge(
 
     ``tv_i = w_i * (m_i - base)`` in float32 (or wider); each ``tv_i`` keeps
     ``|tv_i| >= t_i`` with ``t_i`` its k-th smallest magnitude, k = d - int(d * density),
-    over all parameters (``scope="global"``) or per tensor (``scope="tensor"``);
+    over all parameters (``scope="global"``, the default) or per tensor (``scope="tensor"``,
+    the default and the only scope with ``compat="mergekit"``);
     the sign of the sum of trimmed values is elected (exact-zero sums take the
     majority sign of the vector, or of the tensor in tensor scope); agreeing
     entries are averaged; the result ``base + lam * mean`` is cast to the base dtype.

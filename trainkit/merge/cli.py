@@ -39,13 +39,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "(e.g. trainkit:runs/ckpt@1000#model.)."
         ),
     )
-    p.add_argument("method", choices=list(METHODS), help="merge method (preset)")
-    p.add_argument("--base", required=True, help="the base (pre-trained) model")
-    p.add_argument("--models", nargs="+", required=True, help="fine-tuned models")
+    p.add_argument("method", nargs="?", choices=list(METHODS), help="merge method (preset); omit with --config")
+    p.add_argument("--config", default=None, metavar="CFG.yaml",
+                   help="a mergekit YAML config (merge_method, base_model, models, parameters, dtype, "
+                        "tokenizer_source: base), run with mergekit's arithmetic (--compat mergekit)")
+    p.add_argument("--base", default=None, help="the base (pre-trained) model")
+    p.add_argument("--models", nargs="+", default=None, help="fine-tuned models")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--density", type=float, default=None, help="fraction of each task vector kept (default 0.2 for ties)")
     p.add_argument("--lam", type=float, default=1.0, help="scale of the merged task vector (default 1.0)")
-    p.add_argument("--scope", choices=("global", "tensor"), default="global", help="trim threshold over all tensors or per tensor")
+    p.add_argument("--scope", choices=("global", "tensor"), default=None,
+                   help="trim threshold over all tensors or per tensor (default global; tensor with --compat mergekit)")
     p.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per model")
     p.add_argument("--compat", choices=("mergekit",), default=None, help="reproduce mergekit 0.1.5's ties arithmetic")
     p.add_argument(
@@ -55,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="embedding row-count mismatch: error (default) or merge the shared rows",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of dare_ties' random trim")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="where the arithmetic runs: tensors stream to the GPU and back with cuda "
+                        "(auto: cuda when available)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="tensors merged in parallel (default: all cores)")
     p.add_argument("--shard-size", type=_size, default="2GiB",
                    help=f"maximum output shard size (default 2GiB; {SIZE_HELP})")
@@ -65,7 +72,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from trainkit.merge.files import merge_files
-    from trainkit.merge.methods import make_config
     from trainkit.merge.plan import MergeInputError
 
     out = Path(args.out)
@@ -77,27 +83,26 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     progress = sys.stderr.isatty() if args.progress == "auto" else args.progress == "on"
     try:
-        cfg = make_config(
-            args.method,
-            len(args.models),
-            density=args.density,
-            lam=args.lam,
-            scope=args.scope,
-            weights=args.weights,
-            compat=args.compat,
-            seed=args.seed,
-            vocab_mismatch=args.vocab_mismatch,
-        )
+        from trainkit.merge.config import ConfigError, load_config
+        from trainkit.merge.device import resolve_device
+
+        device = resolve_device(args.device)
+        base, models, label, cfg = _inputs(args, load_config)
+    except (ValueError, ConfigError) as exc:
+        print(f"trainkit merge: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         t0 = time.perf_counter()
         record = merge_files(
-            args.base,
-            args.models,
+            base,
+            models,
             out,
             cfg,
             threads=max(1, args.threads),
             shard_bytes=args.shard_size,
             progress=progress,
             command=shlex.join(["trainkit", *sys.argv[1:]]) if sys.argv else None,
+            device=device,
         )
     except (MergeInputError, ValueError, OSError, RuntimeError, TypeError) as exc:
         if getattr(args, "debug", False):
@@ -106,7 +111,34 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     elapsed = time.perf_counter() - t0
     print(
-        f"merged {len(args.models)} model(s) with {args.method} ({args.scope} scope) into {out}: "
+        f"merged {len(models)} model(s) with {label} ({cfg.scope} scope) into {out}: "
         f"{record['output']['tensors']} tensors, {len(record['output']['shards'])} shard(s), {elapsed:.2f}s"
     )
     return 0
+
+
+def _inputs(args: argparse.Namespace, load_config) -> tuple[str, list[str], str, object]:
+    """(base, models, label, MergeConfig) from a --config file or from the command line."""
+    from trainkit.merge.methods import make_config
+
+    if args.config is not None:
+        given = [f"--{n}" for n in ("base", "models") if getattr(args, n) is not None]
+        if args.method is not None or given:
+            raise ValueError(f"--config gives the method and the models; drop {args.method or ' '.join(given)}")
+        spec = load_config(args.config)
+        return spec.base, list(spec.models), f"{spec.config.method.name} from {args.config}", spec.config
+    missing = [n for n, v in (("METHOD", args.method), ("--base", args.base), ("--models", args.models)) if v is None]
+    if missing:
+        raise ValueError(f"give {', '.join(missing)} (or a mergekit YAML with --config)")
+    cfg = make_config(
+        args.method,
+        len(args.models),
+        density=args.density,
+        lam=args.lam,
+        scope=args.scope,
+        weights=args.weights,
+        compat=args.compat,
+        seed=args.seed,
+        vocab_mismatch=args.vocab_mismatch,
+    )
+    return args.base, list(args.models), args.method, cfg

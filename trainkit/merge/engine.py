@@ -10,8 +10,7 @@ Passes:
 
 1. ``scope="global"`` with a magnitude trim: radix-selection histogram passes
    (two for float32) find each task vector's exact threshold over all tensors.
-   mergekit-compat exact-k adds one counting pass only when entries tie at the
-   threshold, to hand out the tied entries in tensor order.
+   (mergekit-compat is tensor scope only: mergekit has no global threshold.)
 2. The merge pass. In global scope a tensor whose exact-zero vote sums make its
    values depend on the global majority sign (known only at the end) is
    deferred and merged again after the pass; this is rare (exact cancellation).
@@ -36,10 +35,12 @@ from trainkit.io.readers import TensorReader
 from trainkit.merge.kernel import (
     DEFER,
     Keep,
+    TensorResult,
     apply_trim,
     combine,
+    linear,
     magnitude_rank,
-    random_keep,
+    sparsify,
     task_vectors,
     tensor_thresholds,
 )
@@ -92,13 +93,16 @@ BUDGET_FACTOR = 1.5
 class _Inputs:
     """The readers plus slicing for shared-rows merges."""
 
-    def __init__(self, base: TensorReader, models: list[TensorReader]):
-        self.base, self.models = base, models
+    def __init__(self, base: TensorReader, models: list[TensorReader], device: str = "cpu"):
+        self.base, self.models, self.device = base, models, device
 
     def operands(self, task: TensorTask) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Return (full base tensor, merged slice of the base, merged slices of the models)."""
+        """Return (full base tensor, merged slice of the base, merged slices of the models),
+        on the merge device (copied there as they are read)."""
         full = self.base.get(task.name)
         ms = [m.get(task.name) for m in self.models]
+        if self.device != "cpu":
+            full, ms = full.to(self.device), [m.to(self.device) for m in ms]
         if task.rows is None:
             return full, full, ms
         return full, full[: task.rows], [m[: task.rows] for m in ms]
@@ -200,11 +204,16 @@ def run_merge(
     plan: MergePlan | None = None,
     threads: int = 1,
     progress: bool = False,
+    device: str = "cpu",
 ) -> MergeStats:
-    """Merge ``models`` into ``base`` tensor by tensor, writing each result to ``sink``."""
+    """Merge ``models`` into ``base`` tensor by tensor, writing each result to ``sink``.
+
+    ``device="cuda"``: operands go to the GPU as they are read, results come back
+    to the CPU before ``sink.write``.
+    """
     plan = plan or plan_merge(base, models, cfg)
     limit_heap_retention()
-    inputs = _Inputs(base, models)
+    inputs = _Inputs(base, models, device)
     stats = MergeStats()
     n = len(models)
     merged = sorted((t for t in plan.tasks if t.merged), key=lambda t: -t.merged_numel)
@@ -232,10 +241,9 @@ def run_merge(
             raise MergeInputError(problems)
 
     global_keeps: list[Keep] | None = None
-    quotas: dict[str, list[int | None]] = {}
-    rank, exact_k = magnitude_rank(plan.total, cfg)
-    if cfg.method.trim == "magnitude" and cfg.scope == "global" and rank > 0:
-        sel = RadixSelect([rank] * n, plan.dtype)
+    ranks = [magnitude_rank(plan.total, cfg, i)[0] for i in range(n)]  # exact-k (mergekit): tensor scope only
+    if cfg.method.trim == "magnitude" and cfg.scope == "global" and any(ranks):
+        sel = RadixSelect(ranks, plan.dtype)
         first = True
 
         def hist_work(t: TensorTask):
@@ -257,11 +265,6 @@ def run_merge(
         thresholds = [sel.threshold(i) for i in range(n)]
         stats.thresholds = thresholds
         global_keeps = [Keep(thr, None) for thr in thresholds]
-        if exact_k:
-            keep_count = plan.total - rank + 1
-            need = [keep_count - sel.count_greater(i, plan.total) for i in range(n)]
-            if any(need[i] != sel.count_equal(i) for i in range(n)):
-                quotas = _tie_quotas(plan, merged, inputs, cfg, thresholds, need, run_pass)
 
     balance = 0.0
     deferred: list[TensorTask] = []
@@ -274,6 +277,9 @@ def run_merge(
 
     def _merge_once(t: TensorTask, majority: int | None):
         full, b, ms = inputs.operands(t)
+        if cfg.method.combine == "linear":  # the models themselves, not task vectors
+            bad = [] if checked_finite else _check_finite(t, ms, models)
+            return bad or _write(t, full, TensorResult(linear(ms, cfg, plan.dtype), 0.0, False))
         bf, tvs = task_vectors(b, ms, cfg, plan.dtype)
         bad = [] if checked_finite else _check_finite(t, tvs, models)
         if bad:
@@ -282,16 +288,17 @@ def run_merge(
             if global_keeps is None:
                 keeps = tensor_thresholds(tvs, cfg)
             else:
-                q = quotas.get(t.name)
-                keeps = [Keep(k.threshold, q[i] if q else None) for i, k in enumerate(global_keeps)]
+                keeps = global_keeps
             for i, k in enumerate(keeps):
                 tvs[i] = apply_trim(tvs[i], k)  # replace in place of the list: frees the untrimmed one
-        elif cfg.method.trim == "random":
+        elif cfg.method.trim != "none":
             for i in range(len(tvs)):
-                tvs[i] = random_keep(tvs[i], cfg.density, cfg.seed, i, t.name)
-        res = combine(bf, tvs, cfg, majority)
+                tvs[i] = sparsify(tvs[i], cfg, i, t.name)
+        return _write(t, full, combine(bf, tvs, cfg, majority))
+
+    def _write(t: TensorTask, full: torch.Tensor, res: TensorResult) -> TensorResult:
         if res.values is not None:
-            out = res.values.to(t.dtype)
+            out = res.values.to(device="cpu", dtype=t.dtype)
             if t.rows is not None:
                 full_out = full.clone()
                 full_out[: t.rows] = out
@@ -318,36 +325,3 @@ def run_merge(
         stats.deferred = len(deferred)
         run_pass("merge deferred", deferred, lambda t: merge_one(t, majority), merge_done)
     return stats
-
-
-def _tie_quotas(
-    plan: MergePlan,
-    merged: list[TensorTask],
-    inputs: _Inputs,
-    cfg: MergeConfig,
-    thresholds: list[float | None],
-    need: list[int],
-    run_pass,
-) -> dict[str, list[int | None]]:
-    """Exact-k with ties at the threshold: count ties per tensor, hand them out in plan order."""
-    counts: dict[str, list[int]] = {}
-
-    def work(t: TensorTask):
-        _, b, ms = inputs.operands(t)
-        _, tvs = task_vectors(b, ms, cfg, plan.dtype)
-        return [int((tv.abs() == thr).sum()) if thr is not None else 0 for tv, thr in zip(tvs, thresholds)]
-
-    run_pass("threshold ties", merged, work, lambda t, c: counts.__setitem__(t.name, c))
-    quotas: dict[str, list[int | None]] = {}
-    left = list(need)
-    for t in plan.tasks:
-        if t.name not in counts:
-            continue
-        q: list[int | None] = []
-        for i, c in enumerate(counts[t.name]):
-            take = max(0, min(c, left[i]))
-            left[i] -= take
-            q.append(take)
-        quotas[t.name] = q
-    return quotas
-

@@ -94,8 +94,11 @@ def merge_files(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = False,
     command: str | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Merge model files into ``out`` (sharded safetensors + index + merge.json).
+
+    ``device="cuda"`` streams each tensor's operands to the GPU and the result back.
 
     The output is written into a staging directory beside ``out`` and moved into place
     only when complete, so a merge that fails half-way (a non-finite value found in the
@@ -108,7 +111,7 @@ def merge_files(
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         record = _merge_into(base, models, stage, cfg, threads=threads, shard_bytes=shard_bytes,
-                             progress=progress, command=command)
+                             progress=progress, command=command, device=device)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -150,6 +153,7 @@ def _merge_into(
     shard_bytes: int,
     progress: bool,
     command: str | None,
+    device: str = "cpu",
 ) -> dict:
     out = Path(out)
     base_spec = parse_input_spec(str(base))
@@ -166,7 +170,8 @@ def _merge_into(
         torch.set_num_threads(1)  # parallelism comes from tensors in flight, not inside each op
     try:
         with ShardedWriter(out, shard_plan) as writer:
-            stats: MergeStats = run_merge(base_r, model_rs, cfg, writer, plan=plan, threads=threads, progress=progress)
+            stats: MergeStats = run_merge(base_r, model_rs, cfg, writer, plan=plan, threads=threads, progress=progress,
+                                              device=device)
     finally:
         torch.set_num_threads(prev_threads)
     copied = _copy_side_files(base_spec, out)
@@ -200,6 +205,7 @@ def _merge_into(
             "copied_files": copied,
         },
         "threads": threads,
+        "device": device,
         "stats": stats.to_json(),
     }
     (out / "merge.json").write_text(json.dumps(record, indent=2))

@@ -31,6 +31,10 @@ __all__ = [
     "combine",
     "magnitude_rank",
     "random_keep",
+    "outlier_keep",
+    "della_keep",
+    "sparsify",
+    "linear",
 ]
 
 
@@ -96,19 +100,20 @@ def task_vectors(
     return b, tvs
 
 
-def magnitude_rank(d: int, cfg: MergeConfig) -> tuple[int, bool]:
+def magnitude_rank(d: int, cfg: MergeConfig, model: int = 0) -> tuple[int, bool]:
     """The 1-based rank (k-th smallest |tv|) of the trim threshold among ``d`` entries.
 
     Returns (rank, exact_k). rank 0 means keep everything. The authors keep
     ``|tv| >= kth smallest`` with k = d - int(d * density); mergekit keeps exactly
     max(1, int(density * d)) largest, i.e. the threshold is the k-th largest.
     """
-    if cfg.density >= 1.0 or d == 0:
+    density = cfg.density_of(model)
+    if density >= 1.0 or d == 0:
         return 0, False
     if cfg.compat == "mergekit":
-        keep = max(1, int(cfg.density * d))
+        keep = max(1, int(density * d))
         return d - keep + 1, True
-    return d - int(d * cfg.density), False
+    return d - int(d * density), False
 
 
 def tensor_thresholds(tvs: list[torch.Tensor], cfg: MergeConfig) -> list[Keep]:
@@ -118,9 +123,9 @@ def tensor_thresholds(tvs: list[torch.Tensor], cfg: MergeConfig) -> list[Keep]:
     ``kthvalue`` and without its copy and int64 index tensor.
     """
     keeps = []
-    for tv in tvs:
+    for i, tv in enumerate(tvs):
         d = tv.numel()
-        rank, exact_k = magnitude_rank(d, cfg)
+        rank, exact_k = magnitude_rank(d, cfg, i)
         if rank == 0:
             keeps.append(Keep())
             continue
@@ -155,7 +160,7 @@ def apply_trim(tv: torch.Tensor, keep: Keep) -> torch.Tensor:
     thr = keep.threshold
     if keep.argsort_k is not None:
         w = tv.abs().reshape(-1)
-        mask = torch.zeros(w.numel(), dtype=tv.dtype)
+        mask = torch.zeros(w.numel(), dtype=tv.dtype, device=tv.device)
         mask[torch.argsort(w, descending=True)[: keep.argsort_k]] = 1
         return tv.mul_(mask.reshape(tv.shape))
     if keep.quota is None:
@@ -172,17 +177,106 @@ def apply_trim(tv: torch.Tensor, keep: Keep) -> torch.Tensor:
     return tv.mul_(mask)
 
 
-def random_keep(tv: torch.Tensor, density: float, seed: int, model: int, name: str) -> torch.Tensor:
+def random_keep(tv: torch.Tensor, density: float, seed: int, model: int, name: str,
+                compat: str | None = None) -> torch.Tensor:
     """DARE: keep each entry with probability ``density`` and rescale by 1/density.
 
     The generator is seeded from (seed, model index, tensor name), so the mask is
-    the same whichever thread or pass computes it.
+    the same whichever thread or pass computes it. ``compat="mergekit"`` draws the
+    mask with ``torch.bernoulli`` and rescales as mergekit's ``rescale: true`` does
+    (to the task vector's L1 norm, unless either norm is below 1e-7).
     """
     if density >= 1.0:
         return tv
-    g = torch.Generator().manual_seed((seed * 1_000_003 + model * 7919 + zlib.crc32(name.encode())) % 2**63)
-    mask = torch.rand(tv.shape, generator=g, dtype=tv.dtype) < density
-    return torch.where(mask, tv / density, torch.zeros((), dtype=tv.dtype))
+    g = _generator(seed, model, name)
+    if compat == "mergekit":  # the mask is drawn on the CPU, so it is the same on any device
+        mask = torch.bernoulli(torch.full(tv.shape, density, dtype=tv.dtype), generator=g).to(tv.device)
+        return _l1_rescaled(tv, mask)
+    mask = (torch.rand(tv.shape, generator=g, dtype=tv.dtype) < density).to(tv.device)
+    return torch.where(mask, tv / density, torch.zeros((), dtype=tv.dtype, device=tv.device))
+
+
+def _generator(seed: int, model: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + model * 7919 + zlib.crc32(name.encode())) % 2**63)
+
+
+def _l1_rescaled(tv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mergekit's ``rescale: true``: the masked vector scaled back to the L1 norm of ``tv``."""
+    masked = tv * mask
+    before, after = tv.abs().sum(), masked.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
+
+
+def outlier_keep(tv: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: drop the ``gamma`` largest |tv| and the smallest, keep ``density``.
+
+    The same ``torch.sort`` as mergekit 0.1.5's ``magnitude_outliers`` picks the
+    entries, so ties at either cut fall the same way and the bits match.
+    """
+    if density >= 1.0:
+        return tv
+    n = tv.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    order = torch.sort(tv.abs().reshape(-1), descending=False).indices
+    mask = torch.zeros(n, dtype=tv.dtype, device=tv.device)
+    mask[order[n_bot: n_bot + target]] = 1
+    return tv * mask.reshape(tv.shape)
+
+
+def della_keep(tv: torch.Tensor, density: float, epsilon: float, seed: int, model: int, name: str,
+               compat: str | None = None) -> torch.Tensor:
+    """DELLA's MagPrune: keep entry j of a row with probability from ``density - epsilon``
+    (smallest |tv| of the row) rising linearly in rank to ``density + epsilon`` (largest).
+
+    Kept entries are rescaled by 1/p (the paper); ``compat="mergekit"`` rescales to the
+    L1 norm instead, as mergekit 0.1.5 does. Rows are the first dimension (a 1-D tensor
+    is one row). The mask is drawn on the CPU from a generator seeded by (seed, model,
+    tensor name).
+    """
+    if density >= 1.0:
+        return tv
+    rows = tv.unsqueeze(0) if tv.dim() < 2 else tv
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, descending=False), dim=1).to(tv.dtype) + 1
+    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    probs = (density - epsilon) + ((ranks - lo) / (hi - lo)).clamp(0, 1) * 2 * epsilon
+    mask = torch.bernoulli(probs.cpu(), generator=_generator(seed, model, name)).to(tv.device)
+    if compat == "mergekit":
+        return _l1_rescaled(rows, mask).reshape(tv.shape)
+    return (rows * mask / probs).reshape(tv.shape)
+
+
+def sparsify(tv: torch.Tensor, cfg: MergeConfig, model: int, name: str) -> torch.Tensor:
+    """The method's random or rank-based trim of one task vector (not ``magnitude``,
+    whose thresholds the engine finds first; not ``none``)."""
+    density = cfg.density_of(model)
+    trim = cfg.method.trim
+    if trim == "random":
+        return random_keep(tv, density, cfg.seed, model, name, cfg.compat)
+    if trim == "outliers":
+        return outlier_keep(tv, density, cfg.gamma)
+    if trim == "della":
+        return della_keep(tv, density, cfg.epsilon, cfg.seed, model, name, cfg.compat)
+    raise ValueError(f"sparsify: trim {trim!r} is not a per-tensor trim")
+
+
+def linear(models: list[torch.Tensor], cfg: MergeConfig, dtype: torch.dtype) -> torch.Tensor:
+    """mergekit's ``linear``: sum(w_i m_i) / sum(w_i) over the models themselves.
+
+    The same ops as mergekit 0.1.5 (``addcmul_`` into a float32 zero tensor, one
+    division), so the bits match; ``normalize=False`` skips the division.
+    """
+    dev = models[0].device
+    ws = torch.tensor([cfg.weight(i) for i in range(len(models))], dtype=dtype, device=dev)
+    shape = (1,) * models[0].dim()
+    result = torch.zeros(models[0].shape, dtype=dtype, device=dev)
+    for m, w in zip(models, ws.unbind(0)):
+        result.addcmul_(m, w.reshape(shape))
+    if cfg.normalize is not False:
+        result.div_(ws.sum().reshape(shape))
+    return result
 
 
 def combine(
@@ -197,6 +291,8 @@ def combine(
     on a majority not known yet.
     """
     method = cfg.method
+    if cfg.compat == "mergekit" and not method.elect:
+        return _combine_mergekit_sum(base, kept, cfg)
     acc = kept[0].clone()
     for k in kept[1:]:
         acc += k
@@ -235,7 +331,7 @@ def _agree_in_place(kept: list[torch.Tensor], e: torch.Tensor, weights: list[flo
         if weights is None or weights[i] == 1.0:
             cnt.add_(agree)
         else:
-            cnt.add_(agree * torch.tensor(weights[i], dtype=e.dtype))
+            cnt.add_(agree * torch.tensor(weights[i], dtype=e.dtype, device=e.device))
         p.clamp_min_(0)
         if sel is None:
             sel = p
@@ -281,8 +377,24 @@ def _combine_mergekit(base: torch.Tensor, kept: list[torch.Tensor], s: torch.Ten
             s += x
     e, _ = _signs(s, 1)
     mixed, divisor = _agree_in_place(kept, e, ws)
-    divisor.masked_fill_(divisor == 0, 1)
-    mixed.div_(divisor)
+    if cfg.normalizes:
+        divisor.masked_fill_(divisor == 0, 1)
+        mixed.div_(divisor)
+    if cfg.lam != 1.0:
+        mixed.mul_(cfg.lam)
+    return TensorResult(mixed.add_(base), 0.0, False)
+
+
+def _combine_mergekit_sum(base: torch.Tensor, kept: list[torch.Tensor], cfg: MergeConfig) -> TensorResult:
+    """mergekit 0.1.5 without a vote (task_arithmetic, dare_linear, ...): weighted sum,
+    divided by the summed weights only when ``normalize`` (|sum| < 1e-8 counts as 1)."""
+    ws = [cfg.weight(i) for i in range(len(kept))]
+    mixed = kept[0].mul_(ws[0]) if ws[0] != 1.0 else kept[0]
+    for x, w in zip(kept[1:], ws[1:]):
+        mixed.add_(x.mul_(w) if w != 1.0 else x)
+    if cfg.normalizes:
+        total = torch.tensor(ws, dtype=mixed.dtype, device=mixed.device).sum()
+        mixed.div_(torch.ones_like(total) if total.abs() < 1e-8 else total)
     if cfg.lam != 1.0:
         mixed.mul_(cfg.lam)
     return TensorResult(mixed.add_(base), 0.0, False)

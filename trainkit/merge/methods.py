@@ -10,7 +10,20 @@ preset             trim           sign vote   combine
 ``task_arithmetic`` none          no          sum
 ``ties``           magnitude      yes         disjoint mean over agreeing entries
 ``dare_ties``      random (DARE)  yes         disjoint mean over agreeing entries
+``linear``         none           no          sum(w_i m_i) / sum(w_i) of the models
+                                              themselves (mergekit's ``linear``)
+``dare_linear``    random (DARE)  no          sum
+``breadcrumbs``    outliers       no          sum
+``breadcrumbs_ties`` outliers     yes         disjoint mean over agreeing entries
+``della``          della          yes         disjoint mean over agreeing entries
+``della_linear``   della          no          sum
 =================  =============  ==========  =====================================
+
+Trims: ``magnitude`` keeps the largest ``density``; ``random`` keeps each entry
+with probability ``density``; ``outliers`` (Model Breadcrumbs) drops the
+largest ``gamma`` fraction and keeps the next ``density``; ``della`` (DELLA's
+MagPrune) keeps each entry with a probability from ``density - epsilon`` (the
+smallest of its row) to ``density + epsilon`` (the largest).
 
 The registry is a plain dict (no registration by import side effect), so the
 set of methods is visible in one place.
@@ -24,8 +37,8 @@ from typing import Literal
 
 __all__ = ["MergeMethod", "MergeConfig", "METHODS", "make_config", "Trim", "Combine", "Scope", "Compat"]
 
-Trim = Literal["none", "magnitude", "random"]
-Combine = Literal["sum", "mean", "disjoint_mean"]
+Trim = Literal["none", "magnitude", "random", "outliers", "della"]
+Combine = Literal["sum", "mean", "disjoint_mean", "linear"]
 Scope = Literal["global", "tensor"]
 Compat = Literal["mergekit"] | None
 
@@ -65,13 +78,30 @@ class MergeMethod:
     elect: bool
     combine: Combine
     default_density: float = 1.0
+    mergekit_normalize: bool = True
+    """mergekit's default of ``normalize`` for this method (divide by the summed weights)."""
+    per_tensor: bool = False
+    """The trim is defined per tensor (rank-based: ``outliers``, ``della``), so the scope is ``"tensor"``."""
 
 
 METHODS: dict[str, MergeMethod] = {
     "average": MergeMethod("average", trim="none", elect=False, combine="mean"),
-    "task_arithmetic": MergeMethod("task_arithmetic", trim="none", elect=False, combine="sum"),
+    "task_arithmetic": MergeMethod("task_arithmetic", trim="none", elect=False, combine="sum",
+                                   mergekit_normalize=False),
     "ties": MergeMethod("ties", trim="magnitude", elect=True, combine="disjoint_mean", default_density=0.2),
-    "dare_ties": MergeMethod("dare_ties", trim="random", elect=True, combine="disjoint_mean", default_density=0.2),
+    "dare_ties": MergeMethod("dare_ties", trim="random", elect=True, combine="disjoint_mean", default_density=0.2,
+                             mergekit_normalize=False),
+    "linear": MergeMethod("linear", trim="none", elect=False, combine="linear"),
+    "dare_linear": MergeMethod("dare_linear", trim="random", elect=False, combine="sum", default_density=0.2,
+                               mergekit_normalize=False),
+    "breadcrumbs": MergeMethod("breadcrumbs", trim="outliers", elect=False, combine="sum", default_density=0.9,
+                               mergekit_normalize=False, per_tensor=True),
+    "breadcrumbs_ties": MergeMethod("breadcrumbs_ties", trim="outliers", elect=True, combine="disjoint_mean",
+                                    default_density=0.9, mergekit_normalize=False, per_tensor=True),
+    "della": MergeMethod("della", trim="della", elect=True, combine="disjoint_mean", default_density=0.5,
+                         per_tensor=True),
+    "della_linear": MergeMethod("della_linear", trim="della", elect=False, combine="sum", default_density=0.5,
+                                mergekit_normalize=False, per_tensor=True),
 }
 
 
@@ -90,6 +120,12 @@ class MergeConfig:
         seed: seed of the random trim (``dare_ties``).
         vocab_mismatch: ``"error"`` or ``"shared"`` (merge only the rows all models share
             on embedding-like tensors; extra base rows are kept, extra model rows dropped).
+        densities: per-model densities (mergekit's ``models[].parameters.density``);
+            None = ``density`` for every model.
+        normalize: under compat, mergekit's ``normalize`` (divide the mixed delta by the
+            summed weights); None = the method's mergekit default.
+        gamma: the ``outliers`` trim's fraction of largest entries dropped (mergekit's default 0.01).
+        epsilon: the ``della`` trim's half-width of keep probabilities (mergekit's default 0.15).
     """
 
     method: MergeMethod
@@ -100,14 +136,28 @@ class MergeConfig:
     compat: Compat
     seed: int
     vocab_mismatch: Literal["error", "shared"]
+    densities: tuple[float, ...] | None = None
+    normalize: bool | None = None
+    gamma: float = 0.01
+    epsilon: float = 0.15
 
     def weight(self, i: int) -> float:
         return 1.0 if self.weights is None else self.weights[i]
 
+    def density_of(self, i: int) -> float:
+        return self.density if self.densities is None else self.densities[i]
+
+    @property
+    def normalizes(self) -> bool:
+        """Whether mergekit's arithmetic divides by the summed weights (compat)."""
+        return self.method.mergekit_normalize if self.normalize is None else self.normalize
+
     def for_model(self, i: int) -> "MergeConfig":
-        """This config restricted to model ``i`` (its weight only), for one-at-a-time passes."""
+        """This config restricted to model ``i`` (its weight and density), for one-at-a-time passes."""
         w = None if self.weights is None else (self.weights[i],)
-        return MergeConfig(self.method, self.density, self.lam, self.scope, w, self.compat, self.seed, self.vocab_mismatch)
+        d = None if self.densities is None else (self.densities[i],)
+        return MergeConfig(self.method, self.density, self.lam, self.scope, w, self.compat, self.seed,
+                           self.vocab_mismatch, d, self.normalize, self.gamma, self.epsilon)
 
     def to_json(self) -> dict:
         return {
@@ -119,6 +169,10 @@ class MergeConfig:
             "compat": self.compat,
             "seed": self.seed,
             "vocab_mismatch": self.vocab_mismatch,
+            "densities": list(self.densities) if self.densities is not None else None,
+            "normalize": self.normalize,
+            "gamma": self.gamma,
+            "epsilon": self.epsilon,
         }
 
 
@@ -128,13 +182,22 @@ def make_config(
     *,
     density: float | None = None,
     lam: float = 1.0,
-    scope: str = "global",
+    scope: str | None = None,
     weights: list[float] | tuple[float, ...] | None = None,
     compat: str | None = None,
     seed: int = 0,
     vocab_mismatch: str = "error",
+    densities: list[float] | tuple[float, ...] | None = None,
+    normalize: bool | None = None,
+    gamma: float = 0.01,
+    epsilon: float = 0.15,
 ) -> MergeConfig:
-    """Validate merge parameters and freeze them; every problem is reported at once."""
+    """Validate merge parameters and freeze them; every problem is reported at once.
+
+    ``scope=None`` means ``"tensor"`` under ``compat="mergekit"`` (mergekit trims
+    per tensor) and ``"global"`` otherwise; ``compat="mergekit"`` with an explicit
+    ``scope="global"`` is refused, since no mergekit run could produce it.
+    """
     problems: list[str] = []
     spec = METHODS.get(method)
     if spec is None:
@@ -147,12 +210,30 @@ def make_config(
         problems.append(f"density must be in (0, 1], got {density!r}")
     if not (isinstance(lam, (int, float)) and math.isfinite(lam)):
         problems.append(f"lam must be a finite number, got {lam!r}")
+    if scope is None:  # mergekit has one threshold per tensor, so its compat implies tensor scope
+        scope = "tensor" if compat == "mergekit" or spec.per_tensor else "global"
+    elif compat == "mergekit" and scope == "global":
+        problems.append("compat='mergekit' is tensor scope (mergekit trims each tensor on its own); "
+                        "drop scope='global' / --scope global")
+    elif spec.per_tensor and scope == "global":
+        problems.append(f"{spec.name}'s trim ranks entries within each tensor: it is tensor scope only; "
+                        "drop scope='global' / --scope global")
     if scope not in ("global", "tensor"):
         problems.append(f"scope must be 'global' or 'tensor', got {scope!r}")
     if compat not in (None, "mergekit"):
         problems.append(f"compat must be None or 'mergekit', got {compat!r}")
-    if compat == "mergekit" and spec.name != "ties":
-        problems.append(f"compat='mergekit' reproduces mergekit's ties only, not {spec.name!r}")
+    if compat == "mergekit" and spec.name in ("average",):
+        problems.append(f"compat='mergekit' has no {spec.name!r} (mergekit's is 'linear')")
+    if normalize is not None and compat != "mergekit":
+        problems.append("normalize is mergekit's parameter: it needs compat='mergekit'")
+    if densities is not None:
+        densities = tuple(densities)
+        if len(densities) != n_models:
+            problems.append(f"{len(densities)} densities given for {n_models} models")
+        bad = [d for d in densities if not (isinstance(d, (int, float)) and 0.0 < d <= 1.0)]
+        if bad:
+            problems.append(f"densities must be in (0, 1], got {bad}")
+        densities = tuple(float(d) for d in densities)
     if vocab_mismatch not in ("error", "shared"):
         problems.append(f"vocab_mismatch must be 'error' or 'shared', got {vocab_mismatch!r}")
     if weights is not None:
@@ -163,6 +244,15 @@ def make_config(
             problems.append(f"weights must be finite, got {list(weights)}")
         if spec.combine == "mean" and len(weights) == n_models and sum(weights) == 0:
             problems.append("weights of 'average' sum to zero")
+    if not (isinstance(gamma, (int, float)) and 0.0 <= gamma < 1.0):
+        problems.append(f"gamma must be in [0, 1), got {gamma!r}")
+    if spec.trim == "della" and isinstance(epsilon, (int, float)):
+        for d in densities or (density,):
+            if isinstance(d, (int, float)) and d < 1.0 and not (0.0 < d - epsilon and d + epsilon < 1.0):
+                problems.append(f"epsilon={epsilon} needs density +/- epsilon in (0, 1), got density {d}")
+    elif not isinstance(epsilon, (int, float)):
+        problems.append(f"epsilon must be a number, got {epsilon!r}")
     if problems:
         raise ValueError("invalid merge parameters:\n  - " + "\n  - ".join(problems))
-    return MergeConfig(spec, float(density), float(lam), scope, weights, compat, int(seed), vocab_mismatch)  # type: ignore[arg-type]
+    return MergeConfig(spec, float(density), float(lam), scope, weights, compat, int(seed), vocab_mismatch,  # type: ignore[arg-type]
+                       densities, normalize, float(gamma), float(epsilon))

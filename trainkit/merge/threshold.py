@@ -68,7 +68,7 @@ class RadixSelect:
 
     def add(self, stream: int, hist: torch.Tensor) -> None:
         with self._lock:
-            self._hist[stream] += hist
+            self._hist[stream] += hist.cpu()  # histograms made on a GPU are summed on the CPU
 
     def advance(self) -> None:
         """Close this pass: choose each stream's bucket, narrow its prefix."""
