@@ -14,6 +14,7 @@ __all__ = [
     "CorruptCheckpointError",
     "CheckpointWriteError",
     "PickleRefusedError",
+    "StateMismatchError",
 ]
 
 
@@ -40,3 +41,9 @@ class CorruptCheckpointError(CheckpointError):
 class PickleRefusedError(CheckpointError):
     """A step holds a pickled value (a non-tensor item written through DCP) and the
     caller did not pass ``allow_pickle=True``: unpickling runs code from the file."""
+
+
+class StateMismatchError(CheckpointError):
+    """``load(step, into=target)``: the target and the step do not hold the same keys,
+    or a tensor's shape or dtype differs. Lists them all; not a reason to fall back to
+    another tier or step (every copy of the step has the same keys)."""
