@@ -8,13 +8,14 @@ directory is not a trainkit checkpoint at all).
 
 from __future__ import annotations
 
+import math
 import os
 
 from trainkit.checkpoint import reader
 from trainkit.checkpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
 from trainkit.checkpoint.tiers import Tier
 
-__all__ = ["step_rows", "tensor_table", "not_a_checkpoint", "dcp_directory"]
+__all__ = ["step_rows", "tensor_table", "dtensor_row", "not_a_checkpoint", "dcp_directory"]
 
 DCP_MARKER = ".metadata"      # what torch.distributed.checkpoint's FileSystemWriter writes
 
@@ -75,10 +76,15 @@ def tensor_table(where: Tier | str | os.PathLike, step: int) -> list[dict]:
         raise CheckpointNotFoundError(why or str(exc)) from None
     replicated = set(record.get("replicated", []))
     sharded = record.get("sharded", {})
+    dtensors = record.get("dtensor", {})
     table = []
     for rank in range(record["world_size"]):
         index = reader.read_rank_index(tier, step, rank, record)
         for t in index["tensors"]:
+            if t["name"] in dtensors:
+                if not rank:              # listed once, whole, with its pieces
+                    table.append(dtensor_row(t["name"], dtensors[t["name"]]))
+                continue
             shared = t["blob"] in replicated
             if shared and rank:
                 continue                  # listed once, as replicated
@@ -91,3 +97,16 @@ def tensor_table(where: Tier | str | os.PathLike, step: int) -> list[dict]:
                 row["split_dim"] = split["dim"]
             table.append(row)
     return table
+
+
+def dtensor_row(name: str, info: dict) -> dict:
+    """A DTensor of a step as one row: its global shape and bytes, mesh, placements, and
+    which rank holds which piece (offsets and shape); replicas that did not write are
+    not listed (their piece is the one at the same offsets)."""
+    import torch
+
+    itemsize = getattr(torch, info["dtype"]).itemsize
+    return {"rank": "dtensor", "name": name, "dtype": info["dtype"], "shape": info["shape"],
+            "bytes": itemsize * math.prod(info["shape"]), "mesh": info["mesh"]["shape"],
+            "mesh_dims": info["mesh"].get("dims"), "placements": info["placements"],
+            "pieces": [{"rank": r, "offsets": o, "shape": n} for r, _, o, n in info["pieces"]]}

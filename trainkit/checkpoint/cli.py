@@ -445,10 +445,20 @@ def _info(args: argparse.Namespace) -> int:
     print(f"{'rank':>10}  {'name':<{width}}  {'dtype':<14} {'shape':<20} {'bytes':>10}")
     for t in table:
         note = (f"  piece of {tuple(t['global_shape'])} split on dim {t['split_dim']}"
-                if "global_shape" in t else "")
+                if "global_shape" in t else _pieces_note(t) if "pieces" in t else "")
         print(f"{t['rank']:>10}  {t['name']:<{width}}  {t['dtype']:<14} "
               f"{str(tuple(t['shape'])):<20} {format_bytes(t['bytes']):>10}{note}")
     return 0
+
+
+def _pieces_note(row: dict, limit: int = 8) -> str:
+    """``  [S(0)] on mesh (4,): rank 0 [0:13, 0:64]; rank 1 [13:26, 0:64]; ...``"""
+    dims = f" {tuple(row['mesh_dims'])}" if row.get("mesh_dims") else ""
+    pieces = ["rank {} [{}]".format(p["rank"], ", ".join(
+        f"{o}:{o + n}" for o, n in zip(p["offsets"], p["shape"]))) for p in row["pieces"]]
+    more = f"; ... {len(pieces) - limit} more" if len(pieces) > limit else ""
+    return (f"  {'/'.join(row['placements'])} on mesh {tuple(row['mesh'])}{dims}: "
+            f"{'; '.join(pieces[:limit])}{more}")
 
 
 def _verify(args: argparse.Namespace) -> int:

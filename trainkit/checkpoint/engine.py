@@ -31,8 +31,10 @@ import torch
 from trainkit import rundir
 from trainkit.checkpoint import reader
 from trainkit.checkpoint.coord import Coordinator, make_coordinator
+from trainkit.checkpoint.dtensor import local_of
 from trainkit.checkpoint.errors import CheckpointError, CheckpointWriteError, CommitError
 from trainkit.checkpoint.format.layout import COMMIT_FILE, DEFAULT_CHUNK_BYTES, step_dirname
+from trainkit.checkpoint.into import LoadReport, load_into
 from trainkit.checkpoint.restore import load_agreed, load_rank
 from trainkit.checkpoint.snapshot import HostBufferPool, Snapshot, plan_save, storage_key
 from trainkit.checkpoint.tiers import is_url
@@ -142,6 +144,7 @@ class Checkpointer:
         self._loads = 0
         self.loaded_step: int | None = None
         self.loaded_from: str | None = None     # the tier the last load() read
+        self.load_report: LoadReport | None = None   # what load(into=, strict=False) skipped
         self._optimizers: list[torch.optim.Optimizer] = []
         self._hooks: list[Any] = []
         self._lazy: Snapshot | None = None
@@ -182,9 +185,10 @@ class Checkpointer:
         owned: set[tuple[str, int]] = set()
         for opt in self._optimizers:
             for group in opt.param_groups:
-                owned.update(storage_key(p) for p in group["params"])
-            for st in opt.state.values():
-                owned.update(storage_key(v) for v in st.values() if isinstance(v, torch.Tensor))
+                owned.update(storage_key(local_of(p)) for p in group["params"])
+            for st in opt.state.values():     # FSDP2: DTensors, owned through their locals
+                owned.update(storage_key(local_of(v)) for v in st.values()
+                             if isinstance(v, torch.Tensor))
         return owned
 
     # -- saving -------------------------------------------------------------------------
@@ -213,8 +217,9 @@ class Checkpointer:
         if self._is_committed(step):
             raise CheckpointError(f"step {step} is already committed in {self.path}; "
                                   f"checkpoints are never overwritten")
+        dtensors: dict[int, dict] = {}
         tree, tensors, specs, split, plan = plan_save(state, chunk_bytes=self.chunk_bytes,
-                                                      sharded=sharded)
+                                                      sharded=sharded, dtensors=dtensors)
         owned = self._owned_storages() if self._optimizers else set()
         lazy = [i for i, b in enumerate(plan.blobs)
                 if owned and storage_key(tensors[b.tensors[0]]) in owned and b.nbytes]
@@ -232,7 +237,7 @@ class Checkpointer:
         job = ShardJob(tier=self._tier, step=step, seq=self._seq, rank=self.rank,
                        world_size=self.world_size, plan=plan, specs=tuple(specs), tree=tree,
                        snapshot=snap, direct_io=self._direct_io, sharded=tuple(split.items()),
-                       replicated=replicated is not False)
+                       replicated=replicated is not False, dtensors=tuple(dtensors.items()))
         self._seq += 1
         future: Future = Future()
         with self._lock:
@@ -356,7 +361,7 @@ class Checkpointer:
         return self._flow.tiers_of(step)
 
     def load(self, step: int | None = None, *, rank: int | None = None,
-             allow_pickle: bool = False) -> Any:
+             allow_pickle: bool = False, into: Any = None, strict: bool = True) -> Any:
         """Load a step as CPU tensors, verifying checksums: collective under
         torch.distributed.
 
@@ -380,8 +385,23 @@ class Checkpointer:
         refused with ``PickleRefusedError`` naming the key unless ``allow_pickle=True``
         (unpickling runs code from the checkpoint); a refusal is not a reason to fall
         back to another tier or step.
+
+        ``into=target`` (FSDP2 / tensor parallelism: ``get_state_dict(model, optimizer)``)
+        fills every tensor and DTensor of ``target`` in place, resharded from whatever
+        layout the step was saved with, reading only the byte ranges this rank's pieces
+        need (:mod:`~trainkit.checkpoint.into`); non-tensor values come back as saved.
+        Keys missing on either side, or another shape or dtype, raise
+        :class:`~trainkit.checkpoint.errors.StateMismatchError` listing them;
+        ``strict=False`` loads what matches and leaves the rest in ``load_report``.
+        Without ``into``, a DTensor comes back whole, as a plain tensor.
         """
         t0 = time.perf_counter()
+        if into is not None and rank is not None:
+            raise ValueError("load(): into= and rank= exclude each other")
+        if into is not None and self._lazy is not None:   # the snapshot reads the target
+            self._lazy.wait()
+            self._lazy = None
+        loader = None if into is None else self._into_loader(into, strict)
         if rank is not None:
             if step is None:
                 step = self.latest()
@@ -398,7 +418,7 @@ class Checkpointer:
                 step, value, tier = load_agreed(self._flow.tiers, self._coord.allgather, key,
                                                 rank=self.rank, world=self.world_size,
                                                 step=step, threads=self._io_threads,
-                                                allow_pickle=allow_pickle,
+                                                allow_pickle=allow_pickle, loader=loader,
                                                 before=rundir.restore_before() if resume
                                                 else None)
             except reader.CheckpointNotFoundError:
@@ -415,6 +435,14 @@ class Checkpointer:
             rundir.report("ckpt_restore", step=step, tier=tier,
                           seconds=round(time.perf_counter() - t0, 6))
         return value
+
+    def _into_loader(self, into: Any, strict: bool) -> Any:
+        def loader(tier: Any, step: int, record: dict) -> Any:
+            value, self.load_report = load_into(tier, step, record, into, rank=self.rank,
+                                                world=self.world_size, strict=strict,
+                                                threads=self._io_threads)
+            return value
+        return loader
 
     # -- shutdown -----------------------------------------------------------------------
     def close(self, *, persist_last: bool = True) -> None:

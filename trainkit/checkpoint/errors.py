@@ -15,6 +15,7 @@ __all__ = [
     "CheckpointWriteError",
     "PickleRefusedError",
     "UnsafeDirectoryError",
+    "StateMismatchError",
 ]
 
 
@@ -46,3 +47,7 @@ class PickleRefusedError(CheckpointError):
 class UnsafeDirectoryError(CheckpointError, PermissionError):
     """A directory that must be this user's alone (the memory tier in ``/dev/shm``) is a
     link, belongs to another user, or is open to others: refused, not used."""
+class StateMismatchError(CheckpointError):
+    """``load(step, into=target)``: the target and the step do not hold the same keys,
+    or a tensor's shape or dtype differs. Lists them all; not a reason to fall back to
+    another tier or step (every copy of the step has the same keys)."""

@@ -26,6 +26,7 @@ from trainkit.checkpoint.errors import (
     PickleRefusedError,
 )
 from trainkit.checkpoint.format import codec
+from trainkit.checkpoint.format.dtensor_meta import check_pieces
 from trainkit.checkpoint.format.layout import (
     COMMIT_FILE,
     chunk_digest,
@@ -326,6 +327,8 @@ def verify_step(where: Tier | str, step: int, *,
     except (CheckpointNotFoundError, CorruptCheckpointError) as exc:
         return [str(exc)]
     checked: set[str] = set()
+    for name, info in record.get("dtensor", {}).items():   # the pieces tile each DTensor
+        problems += [f"step {step}: {p}" for p in check_pieces(name, info)]
     for rel, expected in record["files"].items():
         if "/" not in rel:         # step-level files, e.g. the DCP metadata of ZarrWriter
             problems += [p.replace(", rank 0:", ":", 1) for p in _verify_file(

@@ -36,7 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainkit.checkpoint.errors import CheckpointError, CheckpointNotFoundError, PickleRefusedError
+from trainkit.checkpoint.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    PickleRefusedError,
+    StateMismatchError,
+)
 from trainkit.checkpoint.format import codec
 from trainkit.checkpoint.reader import (
     committed_steps,
@@ -47,6 +52,7 @@ from trainkit.checkpoint.reader import (
     read_rank_index,
     tensor_from_blob,
 )
+from trainkit.checkpoint.reshard import PieceReaders, full_tensor, load_own_full
 from trainkit.checkpoint.tiers import Tier
 
 __all__ = ["PerRank", "Candidate", "loadable_steps", "load_agreed", "load_global", "load_rank",
@@ -100,8 +106,16 @@ def loadable_steps(tiers: Sequence[Tier], rank: int, world: int) -> dict[int, li
     return out
 
 
+# ``load(step, into=target)``'s reader of one step from one tier: (tier, step, record) -> state
+Loader = Callable[[Tier, int, dict], Any]
+
+
 def _load_from(cand: Candidate, step: int, rank: int, world: int, threads: int,
-               allow_pickle: bool) -> Any:
+               allow_pickle: bool, loader: Loader | None = None) -> Any:
+    if loader is not None:
+        return loader(cand.tier, step, cand.record)
+    if cand.record["world_size"] == world and cand.record.get("dtensor"):
+        return load_own_full(cand.tier, step, cand.record, rank, threads=threads)
     if cand.record["world_size"] == world:
         return load_shard(cand.tier, step, rank, threads=threads, record=cand.record,
                           allow_pickle=allow_pickle)
@@ -112,24 +126,31 @@ def _load_from(cand: Candidate, step: int, rank: int, world: int, threads: int,
 # A rank's failure flag that means "pickled values refused": every rank then raises
 # PickleRefusedError instead of falling back (an older step is no answer to consent).
 _REFUSED = "pickle refused: "
+# Likewise a target that does not match the step: every copy of the step has its keys.
+_MISMATCH = "state mismatch: "
+_FINAL = ((_REFUSED, PickleRefusedError), (_MISMATCH, StateMismatchError))
 
 
 def _flag(problem: BaseException | None) -> str:
     if problem is None:
         return ""
-    return f"{_REFUSED}{problem}" if isinstance(problem, PickleRefusedError) else str(problem)
+    for prefix, cls in _FINAL:
+        if isinstance(problem, cls):
+            return f"{prefix}{problem}"
+    return str(problem)
 
 
 def _raise_if_refused(flags: list[str], problem: BaseException | None) -> None:
-    if isinstance(problem, PickleRefusedError):
+    if isinstance(problem, (PickleRefusedError, StateMismatchError)):
         raise problem
-    refused = [f for f in flags if f.startswith(_REFUSED)]
-    if refused:
-        raise PickleRefusedError(refused[0][len(_REFUSED):])
+    for prefix, cls in _FINAL:
+        refused = [f for f in flags if f.startswith(prefix)]
+        if refused:
+            raise cls(refused[0][len(prefix):])
 
 
 def _try_step(cands: list[Candidate], step: int, rank: int, world: int,
-              threads: int, allow_pickle: bool = False
+              threads: int, allow_pickle: bool = False, loader: Loader | None = None
               ) -> tuple[Any, BaseException | None, str | None]:
     """Load ``step`` from the fastest tier that works: (value, None, tier), or (None, the
     last failure, None) with every failure logged. A pickle refusal ends the search at
@@ -137,12 +158,12 @@ def _try_step(cands: list[Candidate], step: int, rank: int, world: int,
     last: BaseException | None = None
     for i, cand in enumerate(cands):
         try:
-            value = _load_from(cand, step, rank, world, threads, allow_pickle)
+            value = _load_from(cand, step, rank, world, threads, allow_pickle, loader)
             if i:
                 log.warning("restore: step %d loaded from the %s tier after falling back",
                             step, cand.tier.name)
             return value, None, cand.tier.name
-        except PickleRefusedError as exc:
+        except (PickleRefusedError, StateMismatchError) as exc:
             return None, exc, None
         except (CheckpointError, OSError) as exc:
             nxt = cands[i + 1].tier.name if i + 1 < len(cands) else None
@@ -165,7 +186,8 @@ def _committed_anywhere(tiers: Sequence[Tier], step: int) -> list[Candidate]:
 
 def load_agreed(tiers: Sequence[Tier], allgather: Callable[[str, str], list[str]], key: str, *,
                 rank: int, world: int, step: int | None, threads: int,
-                allow_pickle: bool = False, before: int | None = None) -> tuple[int, Any, str]:
+                allow_pickle: bool = False, before: int | None = None,
+                loader: Loader | None = None) -> tuple[int, Any, str]:
     """The collective load (module docstring): (step, state, tier loaded from), every rank.
 
     With an explicit ``step`` there is nothing to agree on: every rank loads it from its
@@ -176,7 +198,8 @@ def load_agreed(tiers: Sequence[Tier], allgather: Callable[[str, str], list[str]
         cands = _committed_anywhere(tiers, step)
         if not cands:
             read_commit_record(tiers[-1], step)       # raises the detailed "not committed"
-        value, problem, tier = _try_step(cands, step, rank, world, threads, allow_pickle)
+        value, problem, tier = _try_step(cands, step, rank, world, threads, allow_pickle,
+                                         loader)
         flags = allgather(f"{key}/explicit", _flag(problem))
         _raise_if_refused(flags, problem)
         if problem is not None:
@@ -203,7 +226,8 @@ def load_agreed(tiers: Sequence[Tier], allgather: Callable[[str, str], list[str]
             f"can load: {every}")
     last: BaseException | None = None
     for attempt, s in enumerate(order):
-        value, problem, tier = _try_step(mine[s], s, rank, world, threads, allow_pickle)
+        value, problem, tier = _try_step(mine[s], s, rank, world, threads, allow_pickle,
+                                         loader)
         flags = allgather(f"{key}/try{attempt}", _flag(problem))
         _raise_if_refused(flags, problem)
         failed = {r: f for r, f in enumerate(flags) if f}
@@ -313,6 +337,8 @@ def load_global(tier: Tier, step: int, record: dict, *, rank: int, world: int,
         if all(isinstance(v, _Ref) for v in values):
             entry = indexes[0]["tensors"][first.index]
             name = entry["name"]
+            if "dtensor" in entry:          # whole, from the pieces it overlaps
+                return ("dtensor", name)
             # the record keys split tensors by their index name ("model/emb.weight")
             key = name if name in sharded else name.replace("/", ".")
             if key in sharded:
@@ -341,6 +367,7 @@ def load_global(tier: Tier, step: int, record: dict, *, rank: int, world: int,
         return ("per_rank_tree", values)
 
     shape = merge(trees)
+    piece_readers = PieceReaders(tier, step, record, indexes=dict(enumerate(indexes)))
     storages = {r: load_blobs(tier, step, r, record, indexes[r], threads=threads, only=need[r])
                 for r in range(nsaved) if need[r]}
 
@@ -352,6 +379,8 @@ def load_global(tier: Tier, step: int, record: dict, *, rank: int, world: int,
         kind = node[0]
         if kind == "tensor":
             return tensor(node[1])
+        if kind == "dtensor":
+            return full_tensor(node[1], piece_readers)
         if kind == "shard":
             _, key, pieces, entry = node
             dim = sharded[key]["dim"]

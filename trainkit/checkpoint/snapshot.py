@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainkit.checkpoint.dtensor import check_not_sharded_tensor, describe_dtensor, is_dtensor
 from trainkit.checkpoint.format import codec
 from trainkit.checkpoint.format.layout import ShardPlan, TensorSpec, plan_shard
 
@@ -257,11 +258,15 @@ class Snapshot:
             raise self.error
 
 
-def plan_save(state: Any, *, chunk_bytes: int, sharded: dict[str, int] | None = None
+def plan_save(state: Any, *, chunk_bytes: int, sharded: dict[str, int] | None = None,
+              dtensors: dict[int, dict] | None = None
               ) -> tuple[Any, list[torch.Tensor], list[TensorSpec], dict[int, int], ShardPlan]:
     """What ``save(step, state)`` writes, decided before any byte is copied: the encoded
     tree (:mod:`~trainkit.checkpoint.format.codec`), the tensors with their
     descriptions, the split tensors (index -> dim) and the shard plan.
+
+    A DTensor is stored as the piece this rank writes (:mod:`~trainkit.checkpoint.dtensor`);
+    its metadata goes to ``dtensors`` (tensor index -> entry ``dtensor`` field).
 
     Raises ``TypeError`` naming the key path for a value that cannot be stored, and
     ``KeyError``/``ValueError`` for a ``sharded`` entry that names no tensor or dimension.
@@ -270,6 +275,12 @@ def plan_save(state: Any, *, chunk_bytes: int, sharded: dict[str, int] | None = 
     specs: list[TensorSpec] = []
 
     def on_tensor(path: codec.KeyPath, t: torch.Tensor) -> int:
+        if is_dtensor(t):
+            t, meta = describe_dtensor(path, t)
+            if dtensors is None:
+                raise TypeError(f"a DTensor at {codec.format_key_path(path)}: this caller "
+                                f"stores plain tensors only")
+            dtensors[len(tensors)] = meta
         _check_tensor(path, t)
         specs.append(describe_tensor("/".join(map(str, path)), t))
         tensors.append(t)
@@ -299,6 +310,7 @@ def _sharded_indices(specs: list[TensorSpec], sharded: dict[str, int]) -> dict[i
 
 
 def _check_tensor(path: codec.KeyPath, t: torch.Tensor) -> None:
+    check_not_sharded_tensor(path, t)
     if type(t) not in (torch.Tensor, torch.nn.Parameter):
         raise TypeError(f"cannot store a {type(t).__qualname__} at {codec.format_key_path(path)}: "
                         f"only plain (dense, strided) tensors are supported")

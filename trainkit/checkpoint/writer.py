@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 import torch
 
 from trainkit.checkpoint.errors import CheckpointWriteError
+from trainkit.checkpoint.format.dtensor_meta import global_dtensors, piece_of
 from trainkit.checkpoint.format.layout import (
     FORMAT_VERSION,
     NUMPY_DTYPE,
@@ -60,6 +61,7 @@ class ShardJob:
     direct_io: bool = True
     sharded: tuple[tuple[int, int], ...] = ()     # (tensor index, dim) of split tensors
     replicated: bool = True                       # dedupe identical chunks when persisting
+    dtensors: tuple[tuple[int, dict], ...] = ()   # (tensor index, DTensor metadata)
 
 
 def tensor_table(specs: tuple[TensorSpec, ...], plan: ShardPlan,
@@ -130,8 +132,10 @@ def manifest_of(rank: int, files: dict, nbytes: int, tensors: list[dict], blobs:
         members[t["blob"]].append((t["name"], t["dtype"], t["shape"], t["stride"], t["offset"]))
     digests = [blob_digest(members[i], b["nbytes"], b["crc32"]) for i, b in enumerate(blobs)]
     sharded = {t["name"]: [t["shard_dim"], t["shape"]] for t in tensors if "shard_dim" in t}
+    dtensor = {t["name"]: piece_of(rank, i, t["dtensor"])
+               for i, t in enumerate(tensors) if "dtensor" in t}
     return {"rank": rank, "files": files, "nbytes": nbytes, "ntensors": len(tensors),
-            "blobs": digests, "sharded": sharded}
+            "blobs": digests, "sharded": sharded, "dtensor": dtensor}
 
 
 def write_shard(job: ShardJob, io_pool: Executor) -> dict:
@@ -163,7 +167,7 @@ def write_shard(job: ShardJob, io_pool: Executor) -> dict:
         snap.wait()
         manifest, _ = finish_shard(tier, job.step, job.rank, job.world_size, plan,
                                    [f.result() for f in pending], job.specs, job.tree,
-                                   sharded=dict(job.sharded))
+                                   sharded=dict(job.sharded), entry_extra=_dtensor_extra(job))
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         raise CheckpointWriteError(
@@ -178,6 +182,13 @@ def write_shard(job: ShardJob, io_pool: Executor) -> dict:
             if not f.cancelled():
                 f.exception()
     return manifest
+
+
+def _dtensor_extra(job: ShardJob) -> list[dict] | None:
+    if not job.dtensors:
+        return None
+    meta = dict(job.dtensors)
+    return [{"dtensor": meta[i]} if i in meta else {} for i in range(len(job.specs))]
 
 
 def finish_shard(tier: Tier, step: int, rank: int, world_size: int, plan: ShardPlan,
@@ -264,6 +275,12 @@ def commit_record(step: int, world_size: int, manifests: list[dict], *, tier: st
         "sharded": global_shards(manifests),
         "files": files,
     }}
+    try:
+        dtensors = global_dtensors(manifests)
+    except ValueError as exc:
+        raise CheckpointWriteError(f"step {step}: {exc}") from None
+    if dtensors:
+        record["trainkit"]["dtensor"] = dtensors
     return group_metadata(record)
 
 
