@@ -22,6 +22,7 @@ Environment variables (set by ``trainkit run`` for its workers, or by a user):
 | ``TRAINKIT_FAULT`` | fault injection, see :mod:`trainkit.faults` |
 | ``TRAINKIT_MEMORY_DIR`` | memory-tier directory owned by the node agent |
 | ``TRAINKIT_WARM_GO`` | file whose appearance releases a pre-started warm generation |
+| ``TRAINKIT_AUTO_MONITOR`` | ``0``: ``trainkit run``'s worker bootstrap does not monitor a script that never imports trainkit (``--no-monitor``) |
 
 Run-dir readers: every JSON-lines file of a run directory is appended one line at a
 time by another process, so a reader can meet a torn last line (a writer killed or
@@ -48,7 +49,7 @@ from typing import Any
 __all__ = [
     "AGGREGATOR_ENV", "RUN_DIR_ENV", "HANG_TIMEOUT_ENV", "DETECT_ENV", "HOSTNAME_ENV",
     "NODE_ENV", "NODE_INDEX_ENV", "GENERATION_ENV", "STACK_SIGNAL_ENV",
-    "FAULT_ENV", "MEMORY_DIR_ENV", "WARM_GO_ENV",
+    "FAULT_ENV", "MEMORY_DIR_ENV", "WARM_GO_ENV", "AUTO_MONITOR_ENV",
     "AGGREGATOR_ADDR_FILE", "DIAGNOSIS_FILE", "TIMELINE_FILE", "EVENTS_FILE", "LOGS_DIR",
     "FAULTS_DIR",
     "FINDING_CLASSES", "FINDING_FIELDS", "Finding", "FindingTail", "JsonlError", "JsonlTail",
@@ -67,6 +68,7 @@ STACK_SIGNAL_ENV = "TRAINKIT_STACK_SIGNAL"
 FAULT_ENV = "TRAINKIT_FAULT"
 MEMORY_DIR_ENV = "TRAINKIT_MEMORY_DIR"
 WARM_GO_ENV = "TRAINKIT_WARM_GO"
+AUTO_MONITOR_ENV = "TRAINKIT_AUTO_MONITOR"
 
 # Files of a run directory.
 AGGREGATOR_ADDR_FILE = "aggregator.json"   # {"host", "port", "pid"}, once the aggregator listens

@@ -140,6 +140,7 @@ class CollectiveMonitor:
         self._peer_probe: PeerProbeServer | None = None
         self._prev_excepthook: Any = None
         self._started = False
+        self._adopted: CollectiveMonitor | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> CollectiveMonitor:
@@ -152,6 +153,17 @@ class CollectiveMonitor:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("CollectiveMonitor.start(): call dist.init_process_group() first")
         self._started = True
+        from trainkit.detect import auto
+
+        active = auto.active_monitor()
+        if active is not None and active is not self and active.recorder is not None:
+            # Under `trainkit run` the workers' bootstrap already monitors this process:
+            # share its recorder and channel rather than record everything twice.
+            self._adopted = active
+            self.recorder, self.channel, self.injector = (active.recorder, active.channel,
+                                                          active.injector)
+            self._default_wrapper = active._default_wrapper
+            return self
         rank, world = dist.get_rank(), dist.get_world_size()
         # A malformed TRAINKIT_FAULT is an error at start-up, monitored or not.
         self.injector = FaultInjector.from_env(rank=rank, run_dir=self.run_dir)
@@ -236,6 +248,9 @@ class CollectiveMonitor:
         if not self._started:
             return
         self._started = False
+        if self._adopted is not None:
+            self._adopted = None      # the bootstrap's monitor closes at exit
+            return
         try:
             atexit.unregister(self.close)
         except Exception:  # noqa: BLE001
@@ -266,6 +281,20 @@ class CollectiveMonitor:
     # -- per-step API ----------------------------------------------------------------
     def step(self, step: int) -> None:
         """Mark the start of training step ``step`` (also the fault-injection clock)."""
+        rec = self.recorder
+        if rec is None:
+            return
+        rec.explicit_steps = True
+        self.auto_step(step)
+
+    @property
+    def recording(self) -> bool:
+        """Whether collectives on the default group go through a monitored wrapper."""
+        return self.recorder is not None and self._default_wrapper is not None
+
+    def auto_step(self, step: int) -> None:
+        """A step marker from :mod:`trainkit.detect.auto`'s optimizer hook: like
+        :meth:`step`, without taking the clock over from the hook."""
         rec = self.recorder
         if rec is None:
             return

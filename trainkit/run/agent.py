@@ -163,6 +163,8 @@ class NodeAgent:
         })
         if plan.get("aggregator"):
             env[rundir.AGGREGATOR_ENV] = plan["aggregator"]
+        if not plan.get("monitor", True):
+            env[rundir.AUTO_MONITOR_ENV] = "0"
         return env
 
     def _launch(self, gen: int, plan: dict, rdzv_id: str, *, warm_go: Path | None) -> _Launch:

@@ -35,6 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds without progress in a collective before a hang is declared")
     p.add_argument("--no-detect", dest="detect", action="store_false",
                    help="do not start the anomaly-detection aggregator")
+    p.add_argument("--no-monitor", dest="monitor", action="store_false",
+                   help="do not monitor a script that never imports trainkit (by default the "
+                        "workers' bootstrap wraps the default process group at "
+                        "init_process_group and counts optimizer steps)")
     p.add_argument("--join-timeout", type=float, default=120.0,
                    help="seconds to wait for node agents to register (default: %(default)s)")
     p.add_argument("--stop-timeout", type=float, default=30.0,
@@ -72,7 +76,7 @@ def _main(args: argparse.Namespace) -> int:
                       exclude_after=args.exclude_after, spare=args.spare,
                       hang_timeout=args.hang_timeout, detect=args.detect,
                       join_timeout=args.join_timeout, stop_timeout=args.stop_timeout,
-                      warm_start=args.warm_start)
+                      warm_start=args.warm_start, monitor=args.monitor)
     try:
         return run_job(opts, rest)
     except RunArgumentError as exc:

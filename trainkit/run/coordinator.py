@@ -51,6 +51,7 @@ class CoordinatorConfig:
     aggregator: AggregatorHandle | None = None
     warm_start: bool = True
     warm_wait: float = 60.0
+    monitor: bool = True          # zero-code monitoring in the workers' bootstrap
 
 
 def _natural_key(name: str) -> list[int | str]:
@@ -120,7 +121,7 @@ class Coordinator:
                 "warm": {"rdzv_id": self._rdzv_id(gen + 1, True)} if self.cfg.warm_start
                 else None,
                 "aggregator": self.cfg.aggregator.address if self.cfg.aggregator else None,
-                "rdzv_conf": FAST_RDZV_CONF})
+                "rdzv_conf": FAST_RDZV_CONF, "monitor": self.cfg.monitor})
             self.events.log("generation_start", gen=gen, members=list(state.members),
                             warm=use_warm,
                             reason=f"launching torchrun on {len(state.members)} node(s)"

@@ -46,6 +46,7 @@ class RunOptions:
     join_timeout: float = 120.0
     stop_timeout: float = 30.0
     warm_start: bool = True
+    monitor: bool = True
 
 
 def _free_port(host: str) -> int:
@@ -123,7 +124,7 @@ def _coordinate(opts: RunOptions, args: TorchrunArgs, run_dir: Path, node_id: st
         policy=PolicyConfig(max_restarts=opts.max_restarts, exclude_after=opts.exclude_after,
                             min_nodes=args.min_nodes),
         join_timeout=opts.join_timeout, stop_timeout=opts.stop_timeout,
-        aggregator=aggregator, warm_start=opts.warm_start)
+        aggregator=aggregator, warm_start=opts.warm_start, monitor=opts.monitor)
     agent_rc: list[int] = []
     # Local nodes share one hostname, and torchrun's c10d rendezvous orders ranks by
     # (address, pid): by pid here, so ranks would move between nodes at every restart and
