@@ -52,7 +52,7 @@ __all__ = [
     "FAULT_ENV", "MEMORY_DIR_ENV", "WARM_GO_ENV", "AUTO_MONITOR_ENV",
     "AGGREGATOR_ADDR_FILE", "DIAGNOSIS_FILE", "TIMELINE_FILE", "EVENTS_FILE", "LOGS_DIR",
     "FAULTS_DIR",
-    "FINDING_CLASSES", "FINDING_FIELDS", "Finding", "FindingTail", "JsonlError", "JsonlTail",
+    "FINDING_CLASSES", "FINDING_FIELDS", "NOTE_CLASSES", "Finding", "append_note", "FindingTail", "JsonlError", "JsonlTail",
     "local_identity", "read_fault_markers", "read_findings", "read_jsonl",
 ]
 
@@ -179,6 +179,8 @@ def read_fault_markers(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 # -- findings --------------------------------------------------------------------------
 FINDING_CLASSES = ("crash", "hang_noncomm", "hang_comm", "straggler", "slow_link")
+# Lines of diagnosis.jsonl that are not faults: shown by `trainkit diagnose`, never acted on.
+NOTE_CLASSES = ("coverage",)
 FINDING_FIELDS = ("time", "class", "ranks", "hosts", "ids", "link", "step", "group", "seq",
                   "evidence", "confidence")
 
@@ -290,6 +292,21 @@ class Finding:
                    link=link, step=_optional_int("step", data.get("step")), group=group,
                    seq=_optional_int("seq", data.get("seq")), evidence=evidence,
                    confidence=float(confidence), extra=extra)
+
+
+def append_note(run_dir: str | os.PathLike, note: Finding) -> None:
+    """Append a note (a :class:`Finding` of a :data:`NOTE_CLASSES` class, written by a rank
+    rather than the aggregator) to ``diagnosis.jsonl``: one ``O_APPEND`` write of one
+    line, so it never interleaves with the aggregator's lines."""
+    if note.cls not in NOTE_CLASSES:
+        raise ValueError(f"append_note: {note.cls!r} is not a note class {NOTE_CLASSES}")
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(note.to_json(), default=str) + "\n").encode()
+    fd = os.open(Path(run_dir) / DIAGNOSIS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
 
 
 def _findings(records: list[Any]) -> list[Finding]:

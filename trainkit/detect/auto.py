@@ -50,13 +50,19 @@ def active_monitor() -> Any:
     return _state["monitor"]
 
 
+# Trainkit modules that sit on every stack of a monitored script, or that only forward.
+_PASS_THROUGH = frozenset({__name__, "trainkit.detect.coverage", "trainkit.run.boot",
+                           "trainkit.run.warm"})
+
+
 def _called_from_trainkit(depth: int = 2) -> bool:
-    """Whether a trainkit module (other than this one) is on the caller's stack: its
-    groups are trainkit's own and are never monitored nor injected."""
+    """Whether a trainkit module is on the caller's stack (the bootstrap that runs the
+    script and these wrappers aside): its groups are trainkit's own and are never
+    monitored nor injected."""
     frame = sys._getframe(depth)
     while frame is not None:
         name = frame.f_globals.get("__name__", "")
-        if name.startswith("trainkit.") and name != __name__:
+        if name.startswith("trainkit.") and name not in _PASS_THROUGH:
             return True
         frame = frame.f_back
     return False

@@ -186,6 +186,10 @@ class CollectiveMonitor:
                 register_group(self._default_wrapper, as_default=True)
         self._install_excepthook()
         atexit.register(self.close)
+        if self.recording:
+            from trainkit.detect import coverage
+
+            coverage.install(self)
         return self
 
     def _connect(self, rank: int, world: int) -> Channel | None:
@@ -251,6 +255,9 @@ class CollectiveMonitor:
         if self._adopted is not None:
             self._adopted = None      # the bootstrap's monitor closes at exit
             return
+        from trainkit.detect import coverage
+
+        coverage.uninstall_monitor(self)
         try:
             atexit.unregister(self.close)
         except Exception:  # noqa: BLE001

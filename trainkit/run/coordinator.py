@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainkit.rundir import Finding, FindingTail
+from trainkit.rundir import NOTE_CLASSES, Finding, FindingTail
 from trainkit.run.control import Control
 from trainkit.run.detector import AggregatorHandle
 from trainkit.run.events import EventLog, read_events
@@ -195,7 +195,8 @@ class Coordinator:
             if len(done) == len(state.members) and all(e["rc"] == 0 for e in done.values()):
                 return _Outcome(status="done", state=state)
             for finding in self.tail.poll():
-                if finding.time < started or not self._same_generation(finding, gen):
+                if (finding.time < started or not self._same_generation(finding, gen)
+                        or finding.cls in NOTE_CLASSES):
                     continue
                 self._findings.append(finding)
                 self.events.log("finding", gen=gen, finding=finding.to_json(),
