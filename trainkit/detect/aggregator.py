@@ -297,7 +297,10 @@ class Aggregator:
         if attempt > tl.attempt or (attempt == tl.attempt and not self.ever_connected):
             if attempt != tl.attempt:
                 self.timeline = tl = Timeline(attempt, self.local_host)
-                self.classifiers = make_classifiers(self.cfg)
+                previous, self.classifiers = self.classifiers, make_classifiers(self.cfg)
+                for old, new in zip(previous, self.classifiers):
+                    if hasattr(new, "carry_over") and type(old) is type(new):
+                        new.carry_over(old)     # a learned hang timeout outlives a restart
         if self.hang_timeout_from_ranks and msg.get("hang_timeout"):
             timeout = float(msg["hang_timeout"])
             if timeout != self.cfg.hang_timeout:
@@ -355,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=0, help="port to bind (0 picks a free one)")
     p.add_argument("--advertise", default=None, help="host name written to aggregator.json")
-    p.add_argument("--hang-timeout", type=float, default=None,
-                   help="seconds; default: the value the ranks' monitors send (else 30)")
+    p.add_argument("--hang-timeout", default=None,
+                   help="seconds, or 'auto' (learned from the job's step and collective "
+                        "durations); default: the value the ranks' monitors send (else 30)")
     p.add_argument("--heartbeat-timeout", type=float, default=None)
     p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument("--window", type=int, default=None)
@@ -368,6 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    auto = False
+    if args.hang_timeout is not None:
+        from trainkit.detect.hangtime import parse_hang_timeout
+
+        try:
+            args.hang_timeout = parse_hang_timeout(args.hang_timeout)
+        except ValueError:
+            print(f"aggregator: --hang-timeout must be > 0 seconds or 'auto', got "
+                  f"{args.hang_timeout!r}", file=sys.stderr)
+            return 2
+        auto = args.hang_timeout is None
     overrides = {k: v for k, v in (("hang_timeout", args.hang_timeout),
                                    ("heartbeat_timeout", args.heartbeat_timeout),
                                    ("warmup_steps", args.warmup_steps),
@@ -376,10 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         if key in overrides and not overrides[key] > 0:
             print(f"aggregator: --{key.replace('_', '-')} must be > 0", file=sys.stderr)
             return 2
-    cfg = ClassifierConfig(**overrides)
+    cfg = ClassifierConfig(**overrides, hang_timeout_auto=auto)
     try:
         agg = Aggregator(args.run_dir, host=args.host, port=args.port, advertise=args.advertise,
-                         cfg=cfg, hang_timeout_from_ranks=args.hang_timeout is None,
+                         cfg=cfg, hang_timeout_from_ranks=args.hang_timeout is None and not auto,
                          standalone=args.standalone, linger_s=args.linger)
     except OSError as exc:
         print(f"aggregator: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)

@@ -109,7 +109,9 @@ def check_modules() -> list[tuple[str, str]]:
 
     out = []
     for obj in gc.get_objects():
-        if isinstance(obj, nn.Module):
+        # type(), not isinstance(): isinstance reads __class__, which some torch objects
+        # (deprecated lazy names) answer with a FutureWarning
+        if issubclass(type(obj), nn.Module):
             for what, pg in _module_groups(obj):
                 if not _is_monitored(pg):
                     out.append((what, _group_label(pg)))
