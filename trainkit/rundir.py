@@ -54,6 +54,7 @@ __all__ = [
     "FAULTS_DIR",
     "FINDING_CLASSES", "FINDING_FIELDS", "NOTE_CLASSES", "Finding", "append_note", "FindingTail", "JsonlError", "JsonlTail",
     "local_identity", "read_fault_markers", "read_findings", "read_jsonl",
+    "STATUS_DIR", "read_status", "write_status",
 ]
 
 AGGREGATOR_ENV = "TRAINKIT_AGGREGATOR"
@@ -77,6 +78,7 @@ TIMELINE_FILE = "timeline.jsonl"            # collectives around faults, for `di
 EVENTS_FILE = "events.jsonl"                # every decision of `trainkit run`
 LOGS_DIR = "logs"                           # torchrun and worker output
 FAULTS_DIR = "faults"                       # markers written when an injected fault fires
+STATUS_DIR = "status"                       # latest step / checkpoint, for the live console
 
 
 # -- identity --------------------------------------------------------------------------
@@ -162,6 +164,31 @@ class JsonlTail:
         lines = complete.splitlines()
         first, self._lineno = self._lineno, self._lineno + len(lines)
         return list(_parse(lines, path=self.path, first=first, strict=False))
+
+
+def write_status(run_dir: str | os.PathLike, name: str, record: Mapping[str, Any]) -> None:
+    """Replace ``run_dir/status/<name>.json`` atomically (the newest value wins).
+
+    Written by global rank 0 at most a few times a second (``step``: the latest training
+    step, ``checkpoint``: the latest committed step and its tier) and read by the
+    console's status line; one file per writer, so writers never race each other."""
+    sdir = Path(run_dir) / STATUS_DIR
+    sdir.mkdir(parents=True, exist_ok=True)
+    tmp = sdir / f".{name}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(dict(record), default=str))
+    os.replace(tmp, sdir / f"{name}.json")
+
+
+def read_status(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Every status record of a run, by name; unreadable ones are left out."""
+    out: dict[str, dict[str, Any]] = {}
+    sdir = Path(run_dir) / STATUS_DIR
+    for path in sdir.glob("*.json") if sdir.is_dir() else []:
+        try:
+            out[path.stem] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def read_fault_markers(run_dir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from trainkit import rundir
 from trainkit.checkpoint import reader
 from trainkit.checkpoint.coord import Coordinator, make_coordinator
 from trainkit.checkpoint.errors import CheckpointError, CheckpointWriteError, CommitError
@@ -290,12 +291,25 @@ class Checkpointer:
             if doc is not None:      # queued first, so wait() after result() sees it
                 self._flow.after_commit(job.step, job.seq, doc, dedupe=job.replicated)
             future.set_result(job.step)
+            self._report_commit(job.step)
             return
         log.error("checkpoint step %d failed: %s", job.step, error)
         with self._lock:
             self._failed[future] = error
             self._unseen.add(future)
         future.set_exception(error)
+
+    def _report_commit(self, step: int) -> None:
+        """Rank 0 under ``trainkit run``: the newest committed step for the live status
+        line (``run_dir/status/checkpoint.json``); never fails a save."""
+        run_dir = os.environ.get(rundir.RUN_DIR_ENV)
+        if self.rank != 0 or not run_dir:
+            return
+        try:
+            rundir.write_status(run_dir, "checkpoint", {"step": step, "tier": self._tier.name,
+                                                       "time": time.time()})
+        except OSError:
+            pass
 
     def _mark_seen(self, future: Future) -> None:
         with self._lock:

@@ -49,9 +49,11 @@ from trainkit.rundir import local_identity
 __all__ = ["CollectiveMonitor", "start_aggregator"]
 
 _STORE_KEY = "trainkit/detect/aggregator"
+_STATUS_PERIOD_S = 0.5
 
 
-def start_aggregator(run_dir: str | os.PathLike, *, hang_timeout: float, host: str = "127.0.0.1",
+def start_aggregator(run_dir: str | os.PathLike, *, hang_timeout: float | str,
+                     host: str = "127.0.0.1",
                      port: int = 0, standalone: bool = True, timeout: float = 30.0,
                      extra_args: tuple[str, ...] = ()) -> tuple[str, int, int]:
     """Start a detached aggregator process; returns (host, port, pid) once it listens.
@@ -141,6 +143,7 @@ class CollectiveMonitor:
         self._prev_excepthook: Any = None
         self._started = False
         self._adopted: CollectiveMonitor | None = None
+        self._status_at = 0.0 if os.environ.get(rundir.RUN_DIR_ENV) else float("inf")
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> CollectiveMonitor:
@@ -306,7 +309,11 @@ class CollectiveMonitor:
         if rec is None:
             return
         rec.step = int(step)
-        rec.put(("s", int(step), time.time()))
+        now = time.time()
+        rec.put(("s", int(step), now))
+        if rec.rank == 0 and now >= self._status_at:
+            self._status_at = now + _STATUS_PERIOD_S
+            self._write_status(int(step), now)
         if rec.injector is not None:
             rec.injector.on_step(int(step))
 
@@ -324,6 +331,14 @@ class CollectiveMonitor:
             self.channel.send({"t": "group", "name": wrapper.monitor_name,
                                "ranks": wrapper.global_ranks})
         return wrapper
+
+    def _write_status(self, step: int, now: float) -> None:
+        """The latest step, for ``trainkit run``'s live status line (rank 0, rate-limited)."""
+        try:
+            rundir.write_status(self.run_dir, "step", {
+                "step": step, "time": now, "gen": local_identity()[2]})
+        except OSError:
+            self._status_at = float("inf")
 
     @property
     def process_group(self) -> dist.ProcessGroup:
