@@ -302,9 +302,10 @@ class Aggregator:
                     if hasattr(new, "carry_over") and type(old) is type(new):
                         new.carry_over(old)     # a learned hang timeout outlives a restart
         if self.hang_timeout_from_ranks and msg.get("hang_timeout"):
-            timeout = float(msg["hang_timeout"])
-            if timeout != self.cfg.hang_timeout:
-                self.cfg = replace(self.cfg, hang_timeout=timeout)
+            auto = msg["hang_timeout"] == "auto"
+            timeout = self.cfg.hang_timeout if auto else float(msg["hang_timeout"])
+            if timeout != self.cfg.hang_timeout or auto != self.cfg.hang_timeout_auto:
+                self.cfg = replace(self.cfg, hang_timeout=timeout, hang_timeout_auto=auto)
                 for clf in self.classifiers:
                     clf.cfg = self.cfg
         conn.rank, conn.attempt = int(msg["rank"]), attempt

@@ -74,8 +74,9 @@ def _start_monitor() -> None:
     from trainkit.detect.monitor import CollectiveMonitor
 
     mon = CollectiveMonitor()
-    if not os.environ.get(rundir.AGGREGATOR_ENV):
+    if os.environ.get(rundir.NODE_ENV) and not os.environ.get(rundir.AGGREGATOR_ENV):
         # trainkit run --no-detect: fault injection only, never a self-started aggregator
+        # (outside trainkit run, rank 0 starts one, as for any CollectiveMonitor)
         mon.enabled = False
     try:
         mon.start()

@@ -98,8 +98,8 @@ class CollectiveMonitor:
     Args:
         run_dir: run directory for findings and fault markers; defaults to
             ``TRAINKIT_RUN_DIR``, else ``./trainkit-run``.
-        hang_timeout: seconds without completion before a collective is a hang
-            (``TRAINKIT_HANG_TIMEOUT`` overrides).
+        hang_timeout: seconds without completion before a collective is a hang, or
+            ``"auto"`` (learned from the job's durations; ``TRAINKIT_HANG_TIMEOUT`` overrides).
         wrap_default: install the monitored wrapper as the default group, so
             DDP/FSDP created afterwards and plain ``dist.*`` calls are recorded.
         link_probe: with more than two ranks, create a small private gloo group
@@ -112,20 +112,27 @@ class CollectiveMonitor:
     is called once.
     """
 
-    def __init__(self, run_dir: str | os.PathLike | None = None, hang_timeout: float = 30.0, *,
+    def __init__(self, run_dir: str | os.PathLike | None = None,
+                 hang_timeout: float | str = 30.0, *,
                  wrap_default: bool = True, heartbeat_s: float = 0.5,
                  link_probe: bool = True, aggregator_args: tuple[str, ...] = ()):
+        from trainkit.detect.hangtime import parse_hang_timeout
+
         env_timeout = os.environ.get(rundir.HANG_TIMEOUT_ENV)
         if env_timeout:
             try:
-                hang_timeout = float(env_timeout)
+                parse_hang_timeout(env_timeout)
             except ValueError:
-                raise ValueError(f"{rundir.HANG_TIMEOUT_ENV}={env_timeout!r} is not a number") \
-                    from None
-        if not hang_timeout > 0:
-            raise ValueError(f"hang_timeout must be > 0, got {hang_timeout}")
+                raise ValueError(f"{rundir.HANG_TIMEOUT_ENV}={env_timeout!r} is not a number "
+                                 f"> 0 nor 'auto'") from None
+            hang_timeout = env_timeout
+        try:
+            fixed = parse_hang_timeout(hang_timeout)
+        except ValueError:
+            raise ValueError(f"hang_timeout must be > 0 or 'auto', got {hang_timeout}") from None
         self.run_dir = Path(run_dir or os.environ.get(rundir.RUN_DIR_ENV) or "trainkit-run")
-        self.hang_timeout = float(hang_timeout)
+        # seconds, or "auto": learned by the aggregator (trainkit.detect.hangtime)
+        self.hang_timeout: float | str = "auto" if fixed is None else fixed
         self.wrap_default = wrap_default
         self.heartbeat_s = heartbeat_s
         self.aggregator_args = tuple(aggregator_args)

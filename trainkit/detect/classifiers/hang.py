@@ -38,8 +38,8 @@ class HangClassifier:
     def cfg(self, cfg: ClassifierConfig) -> None:
         """The aggregator replaces the config when the ranks announce their timeout."""
         self._cfg = cfg
-        if getattr(self, "timeout", None) is not None and not cfg.hang_timeout_auto:
-            self.timeout.fixed = cfg.hang_timeout
+        if getattr(self, "timeout", None) is not None:
+            self.timeout.fixed = None if cfg.hang_timeout_auto else cfg.hang_timeout
 
     def carry_over(self, previous: HangClassifier) -> None:
         """A new attempt of the same job: keep what was learned of its durations."""
