@@ -122,6 +122,20 @@ class NodeAgent:
         self.memory_dir = Path(base) / f"trainkit-{os.getuid()}" / f"run-{digest}"
         self._warm: _Launch | None = None
 
+    def _note(self, text: str) -> None:
+        """An agent remark the coordinator's events already tell: to the console only
+        with ``--tee`` (another process's line would tear the live status line), always
+        to ``logs/agents.log``."""
+        line = f"{self.prefix}[trainkit agent] {text}"
+        if self.tee:
+            print(line, file=sys.stderr, flush=True)
+        try:
+            (self.run_dir / rundir.LOGS_DIR).mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / rundir.LOGS_DIR / "agents.log", "a") as log:
+                log.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+        except OSError:
+            pass
+
     def _heartbeat(self) -> None:
         while not self._stop_heartbeat.wait(HEARTBEAT_S):
             try:
@@ -143,8 +157,7 @@ class NodeAgent:
                     return 0 if final.get("status") == "done" else 1
                 if self.node_id not in plan["members"]:
                     self.control.put(f"tk/left/{self.node_id}", {"gen": gen, "time": time.time()})
-                    print(f"{self.prefix}[trainkit agent] excluded from generation {gen}: "
-                          f"leaving", file=sys.stderr, flush=True)
+                    self._note(f"excluded from generation {gen}: leaving")
                     return 0
                 self._run_generation(gen, plan)
                 gen += 1
@@ -238,8 +251,7 @@ class NodeAgent:
                 w.tee.set()
             w.go.touch()                     # the warm workers run the script now
             launch = w
-            print(f"{self.prefix}[trainkit agent] generation {gen}: warm start", file=sys.stderr,
-                  flush=True)
+            self._note(f"generation {gen}: warm start")
         else:
             self._drop_warm()
             launch = self._launch(gen, plan, plan["rdzv_id"], warm_go=None)
