@@ -9,6 +9,9 @@ Three parts (``--parts``):
   finding.
 - ``overhead``: step time with the monitor on vs off, interleaved A/B blocks in
   one job, on an allreduce-heavy DDP loop with fixed bucket sizes.
+- ``zero-code`` (not in the default parts): the same for zero-code monitoring, as
+  ``trainkit run``'s bootstrap installs it (``trainkit.detect.auto``): the default
+  group wrapped at ``init_process_group``, steps from the optimizer hook.
 - ``contrast``: plain torch on the same hang, with a lowered gloo timeout, with
   and without ``TORCH_DISTRIBUTED_DEBUG=DETAIL``: time to an error, whether the
   error names the culprit; the default 30-minute gloo timeout is extrapolated;
@@ -63,7 +66,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 # -- matrix --------------------------------------------------------------------------------
-def plan(cls: str, i: int, hang_timeout: float) -> dict:
+def plan(cls: str, i: int, hang_timeout: float | str) -> dict:
     """The i-th run of a class: which rank, which step, which fault, which loop."""
     rank = i % WORLD
     common = ["--hang-timeout", str(hang_timeout), "--gloo-timeout", "300", "--compute-ms", "20"]
@@ -71,7 +74,8 @@ def plan(cls: str, i: int, hang_timeout: float) -> dict:
         step = 5 + (i * 7) % 20
         kind = {"hang_noncomm": "hang", "hang_comm": "hang_comm", "crash": "crash"}[cls]
         return {"rank": rank, "step": step, "fault": f"rank={rank},step={step},kind={kind}",
-                "args": [*common, "--steps", "400"], "timeout": hang_timeout + 60}
+                "args": [*common, "--steps", "400"],
+                "timeout": (30.0 if hang_timeout == "auto" else float(hang_timeout)) + 60}
     if cls == "straggler":
         step = 6 + (i * 3) % 15
         return {"rank": rank, "step": step, "fault": f"rank={rank},step={step},kind=slow:2.0",
@@ -98,7 +102,7 @@ def correct(cls: str, p: dict, f: dict) -> bool:
     return f["ranks"] == [p["rank"]]
 
 
-def run_matrix(runs: int, hang_timeout: float, workdir: Path, log,
+def run_matrix(runs: int, hang_timeout: float | str, workdir: Path, log,
                classes: tuple[str, ...] = (*CLASSES, "clean")) -> dict:
     results: dict[str, list[dict]] = {c: [] for c in (*CLASSES, "clean")}
     order = [(c, i) for i in range(runs) for c in classes]   # interleave classes
@@ -168,7 +172,15 @@ def worker(argv: list[str]) -> int:
     ap.add_argument("--hang-rank", type=int, default=2)
     ap.add_argument("--hang-step", type=int, default=5)
     ap.add_argument("--aa", action="store_true", help="overhead control: both arms unmonitored")
+    ap.add_argument("--zero-code", action="store_true",
+                    help="overhead of zero-code monitoring: trainkit.detect.auto installed before "
+                         "init_process_group, steps from the optimizer hook, no mon.step()")
     a = ap.parse_args(argv)
+    if a.zero_code:
+        os.environ["TRAINKIT_RUN_DIR"] = a.run_dir
+        from trainkit.detect import auto
+
+        auto.install()          # what `trainkit run`'s worker bootstrap does
     import torch
     import torch.distributed as dist
 
@@ -182,6 +194,8 @@ def worker(argv: list[str]) -> int:
         return torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(4)])
 
     x = torch.randn(4, width)
+    if a.mode == "overhead" and a.zero_code:
+        return _zero_code_overhead(a, model, x)
     if a.mode == "overhead":
         from trainkit.detect import CollectiveMonitor
 
@@ -241,6 +255,45 @@ def worker(argv: list[str]) -> int:
             text = " ".join(str(exc).split())
             print(f"ERROR_AT {time.time()} {type(exc).__name__}: {text[:1500]}", flush=True)
             os._exit(1)
+    dist.destroy_process_group()
+    return 0
+
+
+def _zero_code_overhead(a: argparse.Namespace, model, x) -> int:
+    """Like the overhead mode, for a script that never imports trainkit: the "on" arm's DDP
+    uses the default group (wrapped by the bootstrap's monitor at init_process_group) and
+    its optimizer's steps are the step markers; the "off" arm uses the raw group and its
+    optimizer is ignored by the hook (the first optimizer that steps owns the clock).
+    Each timed step is forward, backward and ``optimizer.step()``, in both arms."""
+    import torch
+    import torch.distributed as dist
+
+    from trainkit.detect import auto
+
+    mon = auto.active_monitor()
+    wrapped = mon.process_group
+    raw = wrapped.inner
+    on = torch.nn.parallel.DistributedDataParallel(model(), process_group=wrapped,
+                                                   bucket_cap_mb=a.bucket_mb)
+    off = torch.nn.parallel.DistributedDataParallel(model(), process_group=raw,
+                                                    bucket_cap_mb=a.bucket_mb)
+    opts = {"on": torch.optim.SGD(on.parameters(), lr=1e-6),
+            "off": torch.optim.SGD(off.parameters(), lr=1e-6)}
+    times: dict = {"on": [], "off": [], "blocks": []}
+    for block in range(2 * a.blocks):
+        name, ddp = (("on", on), ("off", off))[(block + block // 2) % 2]   # ABBA, "on" first
+        steps = []
+        for _ in range(a.block_steps):
+            dist.barrier(group=raw)
+            t0 = time.perf_counter()
+            ddp(x).sum().backward()
+            opts[name].step()
+            steps.append(time.perf_counter() - t0)
+        times[name] += steps
+        times["blocks"].append([name, statistics.median(steps)])
+    times["auto_steps"] = mon.recorder.step
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(times), flush=True)
     dist.destroy_process_group()
     return 0
 
@@ -306,23 +359,27 @@ def _result(outs: list[str]) -> object:
 
 
 def run_overhead(blocks: int, workdir: Path, log, block_steps: int = 10,
-                 aa: bool = False) -> dict:
-    """Monitor on vs off in one job; with ``aa`` both arms are off (the method's own bias)."""
-    outs, _, _ = launch(["--mode", "overhead", "--run-dir", str(workdir / "overhead"),
+                 aa: bool = False, zero_code: bool = False) -> dict:
+    """Monitor on vs off in one job; with ``aa`` both arms are off (the method's own bias);
+    with ``zero_code`` the monitor is the one `trainkit run`'s bootstrap installs."""
+    name = "overhead-zero-code" if zero_code else "overhead"
+    outs, _, _ = launch(["--mode", "overhead", "--run-dir", str(workdir / name),
                          "--blocks", str(blocks), "--block-steps", str(block_steps),
-                         *(["--aa"] if aa else [])], {}, 600)
+                         *(["--aa"] if aa else []), *(["--zero-code"] if zero_code else [])],
+                        {}, 600)
     times = _result(outs)
     on, off = statistics.median(times["on"]), statistics.median(times["off"])
     paired = paired_ratios(times["blocks"])
     lo, hi = bootstrap_median_ci(paired)
     res = {"steps_each": len(times["on"]), "block_steps": block_steps, "aa_control": aa,
+           "zero_code": zero_code, "auto_steps": times.get("auto_steps"),
            "median_on_s": on, "median_off_s": off, "overhead": on / off - 1, "params_m": 2.0, "bucket_mb": 2.0,
            "paired_overhead_median": statistics.median(paired) - 1,
            "paired_overhead_ci95": [lo - 1, hi - 1], "pairs": len(paired),
            "blocks": times["blocks"],
            "ranks_cpu_per_step_s": times.get("cpu_per_step_s"),
            "aggregator_cpu_per_step_s": times.get("aggregator_cpu_per_step_s")}
-    log(f"overhead: on {on * 1e3:.2f} ms, off {off * 1e3:.2f} ms, {res['overhead'] * 100:+.2f}%; "
+    log(f"overhead{' (zero-code)' if zero_code else ''}: on {on * 1e3:.2f} ms, off {off * 1e3:.2f} ms, {res['overhead'] * 100:+.2f}%; "
         f"paired blocks: median {res['paired_overhead_median'] * 100:+.2f}% "
         f"[95% CI {lo * 100 - 100:+.2f}%, {hi * 100 - 100:+.2f}%] over {len(paired)} pairs")
     if res["ranks_cpu_per_step_s"]:
@@ -449,7 +506,8 @@ def main() -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs-per-class", type=int, default=20)
-    ap.add_argument("--hang-timeout", type=float, default=10.0)
+    ap.add_argument("--hang-timeout", default="10.0",
+                    help="seconds, or 'auto' (learned; the default of `trainkit run`)")
     ap.add_argument("--quick", action="store_true", help="3 runs per class, hang_timeout 3 s")
     ap.add_argument("--parts", default="matrix,overhead,contrast")
     ap.add_argument("--classes", default=",".join((*CLASSES, "clean")),
@@ -486,6 +544,9 @@ def main() -> int:
     if "overhead" in parts:
         report["overhead"] = run_overhead(args.overhead_blocks, workdir, log,
                                           args.overhead_block_steps, args.overhead_aa)
+    if "zero-code" in parts:
+        report["overhead_zero_code"] = run_overhead(args.overhead_blocks, workdir, log,
+                                                    args.overhead_block_steps, zero_code=True)
     if "contrast" in parts:
         report["contrast"] = run_contrast(args.contrast_timeout, args.contrast_reps, workdir, log)
     report["elapsed_s"] = time.time() - started

@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run-dir", default=os.environ.get("TRAINKIT_RUN_DIR", "runs/detect-demo"))
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--hang-timeout", type=float, default=3.0)
+    p.add_argument("--hang-timeout", default="3.0", help="seconds, or 'auto'")
     p.add_argument("--compute-ms", type=float, default=20.0, help="simulated compute per step")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=3)

@@ -139,8 +139,10 @@ def test_crash_restarts_and_resumes_with_identical_losses(tmp_path):
     only the first one in persistent: the restart restores from memory. Memory keeps two
     steps: the crashed node may not have published the newest one's record, and the step
     every rank agrees on is then the one before."""
+    # --tee: the script's own "restored step" line is asserted on below; without it the
+    # workers' output goes to run_dir/logs only
     proc, events, steps = _train_job(
-        tmp_path, ["--local-nodes", "2", "--hang-timeout", "5"],
+        tmp_path, ["--local-nodes", "2", "--hang-timeout", "5", "--tee"],
         ["--steps", "16", "--ckpt-every", "3", "--keep-in-memory", "2",
          "--local-dir", str(tmp_path / "local{node}"), "--persist-every", "100"],
         env={"TRAINKIT_FAULT": "node=1,step=10,kind=crash"})

@@ -25,6 +25,7 @@ Environment variables (set by ``trainkit run`` for its workers, or by a user):
 | ``TRAINKIT_WARM_GO`` | file whose appearance releases a pre-started warm generation |
 | ``TRAINKIT_PLAN`` | traffic plan (``plan.gen<G>.json``) this generation runs under (``--traffic-plan``) |
 | ``TRAINKIT_RESTORE_BEFORE`` | step: a resuming ``Checkpointer`` loads only steps older than it (set by ``trainkit run`` after a restart loop) |
+| ``TRAINKIT_AUTO_MONITOR`` | ``0``: ``trainkit run``'s worker bootstrap does not monitor a script that never imports trainkit (``--no-monitor``) |
 
 Run-dir readers: every JSON-lines file of a run directory is appended one line at a
 time by another process, so a reader can meet a torn last line (a writer killed or
@@ -54,10 +55,12 @@ __all__ = [
     "NODE_ENV", "NODE_INDEX_ENV", "GENERATION_ENV", "STACK_SIGNAL_ENV",
     "FAULT_ENV", "MEMORY_DIR_ENV", "WARM_GO_ENV", "PLAN_ENV", "RESTORE_BEFORE_ENV", "BAD_STEP_EXIT",
     "REPORTS_FILE", "GOODPUT_FILE", "report", "report_step", "restore_before",
+    "AUTO_MONITOR_ENV",
     "AGGREGATOR_ADDR_FILE", "DIAGNOSIS_FILE", "TIMELINE_FILE", "EVENTS_FILE", "LOGS_DIR",
     "FAULTS_DIR",
-    "FINDING_CLASSES", "FINDING_FIELDS", "Finding", "FindingTail", "JsonlError", "JsonlTail",
+    "FINDING_CLASSES", "FINDING_FIELDS", "NOTE_CLASSES", "Finding", "append_note", "FindingTail", "JsonlError", "JsonlTail",
     "local_identity", "read_fault_markers", "read_findings", "read_jsonl",
+    "STATUS_DIR", "read_status", "write_status",
 ]
 
 AGGREGATOR_ENV = "TRAINKIT_AGGREGATOR"
@@ -78,6 +81,7 @@ RESTORE_BEFORE_ENV = "TRAINKIT_RESTORE_BEFORE"
 # A worker that exits with this code says "this step is bad" (a NaN loss, say), after
 # ``trainkit.run.report_bad_step`` (EX_DATAERR of sysexits.h).
 BAD_STEP_EXIT = 65
+AUTO_MONITOR_ENV = "TRAINKIT_AUTO_MONITOR"
 
 # Files of a run directory.
 AGGREGATOR_ADDR_FILE = "aggregator.json"   # {"host", "port", "pid"}, once the aggregator listens
@@ -88,6 +92,7 @@ LOGS_DIR = "logs"                           # torchrun and worker output
 FAULTS_DIR = "faults"                       # markers written when an injected fault fires
 REPORTS_FILE = "reports.jsonl"              # workers' progress and checkpoint costs, see report()
 GOODPUT_FILE = "goodput.json"               # the time breakdown `trainkit run` writes at the end
+STATUS_DIR = "status"                       # latest step / checkpoint, for the live console
 
 
 # -- identity --------------------------------------------------------------------------
@@ -216,6 +221,31 @@ class JsonlTail:
         return list(_parse(lines, path=self.path, first=first, strict=False))
 
 
+def write_status(run_dir: str | os.PathLike, name: str, record: Mapping[str, Any]) -> None:
+    """Replace ``run_dir/status/<name>.json`` atomically (the newest value wins).
+
+    Written by global rank 0 at most a few times a second (``step``: the latest training
+    step, ``checkpoint``: the latest committed step and its tier) and read by the
+    console's status line; one file per writer, so writers never race each other."""
+    sdir = Path(run_dir) / STATUS_DIR
+    sdir.mkdir(parents=True, exist_ok=True)
+    tmp = sdir / f".{name}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(dict(record), default=str))
+    os.replace(tmp, sdir / f"{name}.json")
+
+
+def read_status(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Every status record of a run, by name; unreadable ones are left out."""
+    out: dict[str, dict[str, Any]] = {}
+    sdir = Path(run_dir) / STATUS_DIR
+    for path in sdir.glob("*.json") if sdir.is_dir() else []:
+        try:
+            out[path.stem] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def read_fault_markers(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The markers injected faults left under ``run_dir/faults/`` (see
     :mod:`trainkit.faults`), in name order; unreadable ones are skipped."""
@@ -231,6 +261,8 @@ def read_fault_markers(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 # -- findings --------------------------------------------------------------------------
 FINDING_CLASSES = ("crash", "hang_noncomm", "hang_comm", "straggler", "slow_link")
+# Lines of diagnosis.jsonl that are not faults: shown by `trainkit diagnose`, never acted on.
+NOTE_CLASSES = ("coverage",)
 FINDING_FIELDS = ("time", "class", "ranks", "hosts", "ids", "link", "step", "group", "seq",
                   "evidence", "confidence")
 
@@ -342,6 +374,21 @@ class Finding:
                    link=link, step=_optional_int("step", data.get("step")), group=group,
                    seq=_optional_int("seq", data.get("seq")), evidence=evidence,
                    confidence=float(confidence), extra=extra)
+
+
+def append_note(run_dir: str | os.PathLike, note: Finding) -> None:
+    """Append a note (a :class:`Finding` of a :data:`NOTE_CLASSES` class, written by a rank
+    rather than the aggregator) to ``diagnosis.jsonl``: one ``O_APPEND`` write of one
+    line, so it never interleaves with the aggregator's lines."""
+    if note.cls not in NOTE_CLASSES:
+        raise ValueError(f"append_note: {note.cls!r} is not a note class {NOTE_CLASSES}")
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(note.to_json(), default=str) + "\n").encode()
+    fd = os.open(Path(run_dir) / DIAGNOSIS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
 
 
 def _findings(records: list[Any]) -> list[Finding]:

@@ -304,12 +304,25 @@ class Checkpointer:
             future.set_result(job.step)
             if self.rank == 0:
                 rundir.report("ckpt_commit", step=job.step, tier=self._tier.name)
+            self._report_commit(job.step)
             return
         log.error("checkpoint step %d failed: %s", job.step, error)
         with self._lock:
             self._failed[future] = error
             self._unseen.add(future)
         future.set_exception(error)
+
+    def _report_commit(self, step: int) -> None:
+        """Rank 0 under ``trainkit run``: the newest committed step for the live status
+        line (``run_dir/status/checkpoint.json``); never fails a save."""
+        run_dir = os.environ.get(rundir.RUN_DIR_ENV)
+        if self.rank != 0 or not run_dir:
+            return
+        try:
+            rundir.write_status(run_dir, "checkpoint", {"step": step, "tier": self._tier.name,
+                                                       "time": time.time()})
+        except OSError:
+            pass
 
     def _mark_seen(self, future: Future) -> None:
         with self._lock:

@@ -380,7 +380,8 @@ class Aggregator:
             else None
         pid = _int(msg["pid"], 1, 1 << 31) if msg.get("pid") is not None else None
         node = str(msg["node"])[:256] if msg.get("node") is not None else None
-        timeout = _float(msg["hang_timeout"]) if msg.get("hang_timeout") else None
+        auto = msg.get("hang_timeout") == "auto"
+        timeout = _float(msg["hang_timeout"]) if msg.get("hang_timeout") and not auto else None
         if timeout is not None and not timeout > 0:
             raise BadMessage(f"hang_timeout {timeout} is not > 0")
         conn.authenticated = True
@@ -388,10 +389,14 @@ class Aggregator:
         if attempt > tl.attempt or (attempt == tl.attempt and not self.ever_connected):
             if attempt != tl.attempt:
                 self.timeline = tl = Timeline(attempt, self.local_host)
-                self.classifiers = make_classifiers(self.cfg)
-        if self.hang_timeout_from_ranks and timeout is not None:
-            if timeout != self.cfg.hang_timeout:
-                self.cfg = replace(self.cfg, hang_timeout=timeout)
+                previous, self.classifiers = self.classifiers, make_classifiers(self.cfg)
+                for old, new in zip(previous, self.classifiers):
+                    if hasattr(new, "carry_over") and type(old) is type(new):
+                        new.carry_over(old)     # a learned hang timeout outlives a restart
+        if self.hang_timeout_from_ranks and (timeout is not None or auto):
+            timeout = self.cfg.hang_timeout if auto else timeout
+            if timeout != self.cfg.hang_timeout or auto != self.cfg.hang_timeout_auto:
+                self.cfg = replace(self.cfg, hang_timeout=timeout, hang_timeout_auto=auto)
                 for clf in self.classifiers:
                     clf.cfg = self.cfg
         conn.rank, conn.attempt = rank, attempt
@@ -473,8 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=0, help="port to bind (0 picks a free one)")
     p.add_argument("--advertise", default=None, help="host name written to aggregator.json")
-    p.add_argument("--hang-timeout", type=float, default=None,
-                   help="seconds; default: the value the ranks' monitors send (else 30)")
+    p.add_argument("--hang-timeout", default=None,
+                   help="seconds, or 'auto' (learned from the job's step and collective "
+                        "durations); default: the value the ranks' monitors send (else 30)")
     p.add_argument("--heartbeat-timeout", type=float, default=None)
     p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument("--window", type=int, default=None)
@@ -486,6 +492,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    auto = False
+    if args.hang_timeout is not None:
+        from trainkit.detect.hangtime import parse_hang_timeout
+
+        try:
+            args.hang_timeout = parse_hang_timeout(args.hang_timeout)
+        except ValueError:
+            print(f"aggregator: --hang-timeout must be > 0 seconds or 'auto', got "
+                  f"{args.hang_timeout!r}", file=sys.stderr)
+            return 2
+        auto = args.hang_timeout is None
     overrides = {k: v for k, v in (("hang_timeout", args.hang_timeout),
                                    ("heartbeat_timeout", args.heartbeat_timeout),
                                    ("warmup_steps", args.warmup_steps),
@@ -494,10 +511,10 @@ def main(argv: list[str] | None = None) -> int:
         if key in overrides and not overrides[key] > 0:
             print(f"aggregator: --{key.replace('_', '-')} must be > 0", file=sys.stderr)
             return 2
-    cfg = ClassifierConfig(**overrides)
+    cfg = ClassifierConfig(**overrides, hang_timeout_auto=auto)
     try:
         agg = Aggregator(args.run_dir, host=args.host, port=args.port, advertise=args.advertise,
-                         cfg=cfg, hang_timeout_from_ranks=args.hang_timeout is None,
+                         cfg=cfg, hang_timeout_from_ranks=args.hang_timeout is None and not auto,
                          standalone=args.standalone, linger_s=args.linger)
     except ValueError as exc:
         print(f"aggregator: {exc}", file=sys.stderr)

@@ -37,7 +37,15 @@ class ClassifierConfig:
     """
 
     hang_timeout: float = 30.0
-    """A collective with an arrival this old and no completion is a hang."""
+    """A collective with an arrival this old and no completion is a hang (with
+    ``hang_timeout_auto``: the fallback until a timeout has been learned)."""
+    hang_timeout_auto: bool = False
+    """Learn the hang timeout from the job's step and collective durations
+    (:mod:`trainkit.detect.hangtime`): ``hang_multiple`` x p99, at least ``hang_floor_s``."""
+    hang_floor_s: float = 2.0
+    """Floor of a learned hang timeout, for scheduling hiccups on a loaded machine."""
+    hang_multiple: float = 4.0
+    """A learned hang timeout is this multiple of the p99 step or collective duration."""
     heartbeat_timeout: float = 10.0
     """A connected rank silent this long is treated as crashed."""
     crash_wave_s: float = 0.01

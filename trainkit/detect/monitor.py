@@ -58,6 +58,7 @@ from trainkit.rundir import local_identity
 __all__ = ["CollectiveMonitor", "job_secret", "start_aggregator"]
 
 _STORE_KEY = "trainkit/detect/aggregator"
+_STATUS_PERIOD_S = 0.5
 
 
 def job_secret() -> str:
@@ -69,7 +70,8 @@ def job_secret() -> str:
     return secret
 
 
-def start_aggregator(run_dir: str | os.PathLike, *, hang_timeout: float, host: str = "127.0.0.1",
+def start_aggregator(run_dir: str | os.PathLike, *, hang_timeout: float | str,
+                     host: str = "127.0.0.1",
                      port: int = 0, standalone: bool = True, timeout: float = 30.0,
                      extra_args: tuple[str, ...] = ()) -> tuple[str, int, int]:
     """Start a detached aggregator process; returns (host, port, pid) once it listens.
@@ -117,8 +119,8 @@ class CollectiveMonitor:
     Args:
         run_dir: run directory for findings and fault markers; defaults to
             ``TRAINKIT_RUN_DIR``, else ``./trainkit-run``.
-        hang_timeout: seconds without completion before a collective is a hang
-            (``TRAINKIT_HANG_TIMEOUT`` overrides).
+        hang_timeout: seconds without completion before a collective is a hang, or
+            ``"auto"`` (learned from the job's durations; ``TRAINKIT_HANG_TIMEOUT`` overrides).
         wrap_default: install the monitored wrapper as the default group, so
             DDP/FSDP created afterwards and plain ``dist.*`` calls are recorded.
         link_probe: with more than two ranks, create a small private gloo group
@@ -131,20 +133,27 @@ class CollectiveMonitor:
     is called once.
     """
 
-    def __init__(self, run_dir: str | os.PathLike | None = None, hang_timeout: float = 30.0, *,
+    def __init__(self, run_dir: str | os.PathLike | None = None,
+                 hang_timeout: float | str = 30.0, *,
                  wrap_default: bool = True, heartbeat_s: float = 0.5,
                  link_probe: bool = True, aggregator_args: tuple[str, ...] = ()):
+        from trainkit.detect.hangtime import parse_hang_timeout
+
         env_timeout = os.environ.get(rundir.HANG_TIMEOUT_ENV)
         if env_timeout:
             try:
-                hang_timeout = float(env_timeout)
+                parse_hang_timeout(env_timeout)
             except ValueError:
-                raise ValueError(f"{rundir.HANG_TIMEOUT_ENV}={env_timeout!r} is not a number") \
-                    from None
-        if not hang_timeout > 0:
-            raise ValueError(f"hang_timeout must be > 0, got {hang_timeout}")
+                raise ValueError(f"{rundir.HANG_TIMEOUT_ENV}={env_timeout!r} is not a number "
+                                 f"> 0 nor 'auto'") from None
+            hang_timeout = env_timeout
+        try:
+            fixed = parse_hang_timeout(hang_timeout)
+        except ValueError:
+            raise ValueError(f"hang_timeout must be > 0 or 'auto', got {hang_timeout}") from None
         self.run_dir = Path(run_dir or os.environ.get(rundir.RUN_DIR_ENV) or "trainkit-run")
-        self.hang_timeout = float(hang_timeout)
+        # seconds, or "auto": learned by the aggregator (trainkit.detect.hangtime)
+        self.hang_timeout: float | str = "auto" if fixed is None else fixed
         self.wrap_default = wrap_default
         self.heartbeat_s = heartbeat_s
         self.aggregator_args = tuple(aggregator_args)
@@ -162,6 +171,8 @@ class CollectiveMonitor:
         self._prev_excepthook: Any = None
         self._secret = ""
         self._started = False
+        self._adopted: CollectiveMonitor | None = None
+        self._status_at = 0.0 if os.environ.get(rundir.RUN_DIR_ENV) else float("inf")
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> CollectiveMonitor:
@@ -174,6 +185,17 @@ class CollectiveMonitor:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("CollectiveMonitor.start(): call dist.init_process_group() first")
         self._started = True
+        from trainkit.detect import auto
+
+        active = auto.active_monitor()
+        if active is not None and active is not self and active.recorder is not None:
+            # Under `trainkit run` the workers' bootstrap already monitors this process:
+            # share its recorder and channel rather than record everything twice.
+            self._adopted = active
+            self.recorder, self.channel, self.injector = (active.recorder, active.channel,
+                                                          active.injector)
+            self._default_wrapper = active._default_wrapper
+            return self
         rank, world = dist.get_rank(), dist.get_world_size()
         # A malformed TRAINKIT_FAULT is an error at start-up, monitored or not.
         self.injector = FaultInjector.from_env(rank=rank, run_dir=self.run_dir)
@@ -196,6 +218,10 @@ class CollectiveMonitor:
                 register_group(self._default_wrapper, as_default=True)
         self._install_excepthook()
         atexit.register(self.close)
+        if self.recording:
+            from trainkit.detect import coverage
+
+            coverage.install(self)
         return self
 
     def _connect(self, rank: int, world: int) -> Channel | None:
@@ -267,6 +293,12 @@ class CollectiveMonitor:
         if not self._started:
             return
         self._started = False
+        if self._adopted is not None:
+            self._adopted = None      # the bootstrap's monitor closes at exit
+            return
+        from trainkit.detect import coverage
+
+        coverage.uninstall_monitor(self)
         try:
             atexit.unregister(self.close)
         except Exception:  # noqa: BLE001
@@ -301,8 +333,26 @@ class CollectiveMonitor:
         rec = self.recorder
         if rec is None:
             return
+        rec.explicit_steps = True
+        self.auto_step(step)
+
+    @property
+    def recording(self) -> bool:
+        """Whether collectives on the default group go through a monitored wrapper."""
+        return self.recorder is not None and self._default_wrapper is not None
+
+    def auto_step(self, step: int) -> None:
+        """A step marker from :mod:`trainkit.detect.auto`'s optimizer hook: like
+        :meth:`step`, without taking the clock over from the hook."""
+        rec = self.recorder
+        if rec is None:
+            return
         rec.step = int(step)
-        rec.put(("s", int(step), time.time()))
+        now = time.time()
+        rec.put(("s", int(step), now))
+        if rec.rank == 0 and now >= self._status_at:
+            self._status_at = now + _STATUS_PERIOD_S
+            self._write_status(int(step), now)
         if rec.injector is not None:
             rec.injector.on_step(int(step))
 
@@ -320,6 +370,14 @@ class CollectiveMonitor:
             self.channel.send({"t": "group", "name": wrapper.monitor_name,
                                "ranks": wrapper.global_ranks})
         return wrapper
+
+    def _write_status(self, step: int, now: float) -> None:
+        """The latest step, for ``trainkit run``'s live status line (rank 0, rate-limited)."""
+        try:
+            rundir.write_status(self.run_dir, "step", {
+                "step": step, "time": now, "gen": local_identity()[2]})
+        except OSError:
+            self._status_at = float("inf")
 
     @property
     def process_group(self) -> dist.ProcessGroup:

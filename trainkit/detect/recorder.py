@@ -80,6 +80,7 @@ class Recorder:
         self.rank = rank
         self.injector = injector if injector is not None and injector.active else None
         self.step: int | None = None
+        self.explicit_steps = False   # the script calls mon.step(): the optimizer hook stands down
         self.comm_error: str | None = None
         self._cuda_poller: _CudaEventPoller | None = None
 

@@ -33,15 +33,18 @@ _EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
 HEARTBEAT_S = 1.0
 
 
-def _stream(proc: subprocess.Popen, prefix: str, log_path: Path, codes: list[int]) -> None:
-    """Copy torchrun's output to our stdout and a log file; collect worker exit codes."""
+def _stream(proc: subprocess.Popen, prefix: str, log_path: Path, codes: list[int],
+            tee: threading.Event) -> None:
+    """Copy torchrun's output to its log file, and to our stdout while ``tee`` is set;
+    collect worker exit codes."""
     assert proc.stdout is not None
     with open(log_path, "a", encoding="utf-8", errors="replace") as log:
         for line in proc.stdout:
             log.write(line)
             log.flush()
-            sys.stdout.write(f"{prefix}{line}")
-            sys.stdout.flush()
+            if tee.is_set():
+                sys.stdout.write(f"{prefix}{line}")
+                sys.stdout.flush()
             m = _EXITCODE.search(line)
             if m:
                 codes.append(int(m.group(1)))
@@ -94,13 +97,15 @@ class _Launch:
     reader: threading.Thread
     codes: list[int]
     go: Path | None          # a warm generation's go file
+    tee: threading.Event     # set while its output is also streamed to the console
 
 
 class NodeAgent:
     """One node's agent. ``run()`` returns the process exit code for this node."""
 
     def __init__(self, control: Control, node_id: str, args: TorchrunArgs, *, run_dir: Path,
-                 endpoint: str, stop_grace: float = 5.0, quiet: bool = False) -> None:
+                 endpoint: str, stop_grace: float = 5.0, quiet: bool = False,
+                 tee: bool = False) -> None:
         self.control = control
         self.node_id = node_id
         self.args = args
@@ -108,6 +113,7 @@ class NodeAgent:
         self.endpoint = endpoint
         self.stop_grace = stop_grace
         self.prefix = "" if quiet else f"[{node_id}] "
+        self.tee = tee     # --tee: stream torchrun's and the workers' output too
         self._stop_heartbeat = threading.Event()
         # The node's memory tier: checkpoints in /dev/shm that outlive a crashed worker,
         # owned by this agent across generations and freed when it leaves.
@@ -115,6 +121,20 @@ class NodeAgent:
         base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
         self.memory_dir = Path(base) / f"trainkit-{os.getuid()}" / f"run-{digest}"
         self._warm: _Launch | None = None
+
+    def _note(self, text: str) -> None:
+        """An agent remark the coordinator's events already tell: to the console only
+        with ``--tee`` (another process's line would tear the live status line), always
+        to ``logs/agents.log``."""
+        line = f"{self.prefix}[trainkit agent] {text}"
+        if self.tee:
+            print(line, file=sys.stderr, flush=True)
+        try:
+            (self.run_dir / rundir.LOGS_DIR).mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / rundir.LOGS_DIR / "agents.log", "a") as log:
+                log.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+        except OSError:
+            pass
 
     def _heartbeat(self) -> None:
         while not self._stop_heartbeat.wait(HEARTBEAT_S):
@@ -137,8 +157,7 @@ class NodeAgent:
                     return 0 if final.get("status") == "done" else 1
                 if self.node_id not in plan["members"]:
                     self.control.put(f"tk/left/{self.node_id}", {"gen": gen, "time": time.time()})
-                    print(f"{self.prefix}[trainkit agent] excluded from generation {gen}: "
-                          f"leaving", file=sys.stderr, flush=True)
+                    self._note(f"excluded from generation {gen}: leaving")
                     return 0
                 self._run_generation(gen, plan)
                 gen += 1
@@ -168,6 +187,8 @@ class NodeAgent:
         env.update(plan.get("env") or {})   # --traffic-plan: NCCL settings and TRAINKIT_PLAN
         if plan.get("restore_before") is not None:    # the coordinator's restart-loop guard
             env[rundir.RESTORE_BEFORE_ENV] = str(plan["restore_before"])
+        if not plan.get("monitor", True):
+            env[rundir.AUTO_MONITOR_ENV] = "0"
         return env
 
     def _launch(self, gen: int, plan: dict, rdzv_id: str, *, warm_go: Path | None) -> _Launch:
@@ -177,16 +198,19 @@ class NodeAgent:
         cmd = generation_command(sys.executable, self.args, nnodes=len(plan["members"]),
                                  endpoint=self.endpoint, rdzv_id=rdzv_id,
                                  rdzv_conf=plan.get("rdzv_conf", ""), warm=warm_go is not None)
-        log_dir = self.run_dir / rundir.LOGS_DIR
+        log_dir = self.run_dir / rundir.LOGS_DIR / f"gen{gen}"
         log_dir.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
         codes: list[int] = []
+        tee = threading.Event()
+        if self.tee and warm_go is None:    # a warm generation is streamed once it runs
+            tee.set()
         reader = threading.Thread(target=_stream, daemon=True,
-                                  args=(proc, self.prefix, log_dir / f"{self.node_id}.gen{gen}.log",
-                                        codes))
+                                  args=(proc, self.prefix, log_dir / f"{self.node_id}.log",
+                                        codes, tee))
         reader.start()
-        return _Launch(gen, proc, reader, codes, warm_go)
+        return _Launch(gen, proc, reader, codes, warm_go, tee)
 
     def _start_warm(self, gen: int, plan: dict) -> None:
         """Pre-start generation ``gen`` with this generation's members (module docstring
@@ -228,10 +252,11 @@ class NodeAgent:
         if (plan.get("use_warm") and w is not None and w.gen == gen
                 and w.proc.poll() is None and w.go is not None):
             self._warm = None
+            if self.tee:
+                w.tee.set()
             w.go.touch()                     # the warm workers run the script now
             launch = w
-            print(f"{self.prefix}[trainkit agent] generation {gen}: warm start", file=sys.stderr,
-                  flush=True)
+            self._note(f"generation {gen}: warm start")
         else:
             self._drop_warm()
             launch = self._launch(gen, plan, plan["rdzv_id"], warm_go=None)
@@ -242,6 +267,9 @@ class NodeAgent:
             if (self.control.get(f"tk/gen/{gen}/stop") is not None
                     or self.control.get("tk/final") is not None):
                 stopped = True
+                # Stopped on purpose: torchrun's SignalException traceback and the
+                # workers' goodbyes go to the log only, never to the console.
+                launch.tee.clear()
                 terminate_tree(proc, self.stop_grace)
                 break
             if self._warm is None and time.monotonic() > warm_at:

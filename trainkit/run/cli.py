@@ -31,10 +31,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="exclude a node once it is the culprit this many times (default: 2)")
     p.add_argument("--spare", type=int, default=0,
                    help="standby nodes beyond --nnodes MAX that replace excluded ones")
-    p.add_argument("--hang-timeout", type=float, default=30.0,
-                   help="seconds without progress in a collective before a hang is declared")
+    p.add_argument("--hang-timeout", default="auto",
+                   help="seconds without progress in a collective before a hang is declared, "
+                        "or 'auto' (default): learned from the job's own step and collective "
+                        "durations, 4 x p99 with a floor of 2 s (30 s until learned)")
     p.add_argument("--no-detect", dest="detect", action="store_false",
                    help="do not start the anomaly-detection aggregator")
+    p.add_argument("--no-monitor", dest="monitor", action="store_false",
+                   help="do not monitor a script that never imports trainkit (by default the "
+                        "workers' bootstrap wraps the default process group at "
+                        "init_process_group and counts optimizer steps)")
+    p.add_argument("--tee", action="store_true",
+                   help="also stream torchrun's and the workers' output to the console (it "
+                        "always goes to RUN_DIR/logs/gen<G>/<node>.log)")
     p.add_argument("--join-timeout", type=float, default=120.0,
                    help="seconds to wait for node agents to register (default: %(default)s)")
     p.add_argument("--stop-timeout", type=float, default=30.0,
@@ -59,6 +68,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_main)
 
 
+def _drill_hang_timeout(value: str) -> float | str:
+    try:
+        return min(float(value), 5.0)
+    except ValueError:
+        return value        # "auto"; run_job rejects anything else with one line
+
+
 def _main(args: argparse.Namespace) -> int:
     from trainkit.run.launcher import RunOptions, run_job
     from trainkit.run.torchrun_args import RunArgumentError
@@ -75,14 +91,15 @@ def _main(args: argparse.Namespace) -> int:
             print("trainkit run: error: --drill takes no torchrun arguments", file=sys.stderr)
             return 2
         return run_drill(args.run_dir or Path(f"runs/drill-{time.strftime('%Y%m%d-%H%M%S')}"),
-                         hang_timeout=min(args.hang_timeout, 5.0))
+                         hang_timeout=_drill_hang_timeout(args.hang_timeout))
     opts = RunOptions(run_dir=args.run_dir or Path("runs/trainkit-run"), coordinator=args.coordinator, node_id=args.node_id,
                       local_nodes=args.local_nodes, max_restarts=args.max_restarts,
                       exclude_after=args.exclude_after, spare=args.spare,
                       hang_timeout=args.hang_timeout, detect=args.detect,
                       join_timeout=args.join_timeout, stop_timeout=args.stop_timeout,
                       warm_start=args.warm_start, traffic_plan=args.traffic_plan,
-                      metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+                      metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+                      monitor=args.monitor, tee=args.tee)
     if args.metrics_port is not None:
         try:
             import prometheus_client  # noqa: F401

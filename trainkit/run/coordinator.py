@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainkit.rundir import BAD_STEP_EXIT, REPORTS_FILE, Finding, FindingTail, read_jsonl
+from trainkit.rundir import BAD_STEP_EXIT, NOTE_CLASSES, REPORTS_FILE, Finding, FindingTail, read_jsonl
 from trainkit.run.control import Control
 from trainkit.run.detector import AggregatorHandle
 from trainkit.run.events import EventLog, read_events
@@ -57,6 +57,7 @@ class CoordinatorConfig:
     warm_start: bool = True
     warm_wait: float = 60.0
     traffic: TrafficReplanner | None = None   # --traffic-plan: re-plan around slow links
+    monitor: bool = True          # zero-code monitoring in the workers' bootstrap
 
 
 def _natural_key(name: str) -> list[int | str]:
@@ -136,7 +137,7 @@ class Coordinator:
                 else None,
                 "aggregator": self.cfg.aggregator.address if self.cfg.aggregator else None,
                 "rdzv_conf": FAST_RDZV_CONF, "env": env,
-                "restore_before": self._restore_before})
+                "restore_before": self._restore_before, "monitor": self.cfg.monitor})
             self.events.log("generation_start", gen=gen, members=list(state.members),
                             warm=use_warm,
                             reason=f"launching torchrun on {len(state.members)} node(s)"
@@ -214,7 +215,8 @@ class Coordinator:
             if len(done) == len(state.members) and all(e["rc"] == 0 for e in done.values()):
                 return _Outcome(status="done", state=state)
             for finding in self.tail.poll():
-                if finding.time < started or not self._same_generation(finding, gen):
+                if (finding.time < started or not self._same_generation(finding, gen)
+                        or finding.cls in NOTE_CLASSES):
                     continue
                 self._findings.append(finding)
                 self.events.log("finding", gen=gen, finding=finding.to_json(),

@@ -53,7 +53,7 @@ class AggregatorHandle:
                 time.sleep(0.05)
 
 
-def start_aggregator(run_dir: Path, *, host: str, hang_timeout: float,
+def start_aggregator(run_dir: Path, *, host: str, hang_timeout: float | str,
                      timeout: float = 30.0) -> AggregatorHandle | None:
     """Start the aggregator; None if ``trainkit.detect`` is not installed."""
     try:

@@ -96,7 +96,8 @@ def format_timeline(t: Timeline) -> str:
 
 
 def run_drill(run_dir: Path, *, steps: int = 40, ckpt_every: int = 4, fault_step: int = 14,
-              hang_timeout: float = 5.0, fault_node: int = 2) -> int:
+              hang_timeout: float | str = "auto", fault_node: int = 2,
+              step_delay: float = 0.3) -> int:
     """Run the drill; 0 when node ``fault_node`` was named, excluded, and training finished."""
     run_dir = run_dir.resolve()
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -106,7 +107,7 @@ def run_drill(run_dir: Path, *, steps: int = 40, ckpt_every: int = 4, fault_step
     torchrun_argv = ["--nnodes=2:3", "--nproc-per-node=2", "--monitor-interval=0.1",
                      str(TRAIN_SCRIPT), "--steps", str(steps), "--ckpt-every", str(ckpt_every),
                      "--ckpt-dir", str(run_dir / "ckpt"), "--progress-log", str(progress_log),
-                     "--detect"]
+                     "--detect", "--step-delay", str(step_delay)]
     opts = RunOptions(run_dir=run_dir, local_nodes=3, exclude_after=1, max_restarts=2,
                       hang_timeout=hang_timeout)
     print(f"drill: 3 nodes x 2 processes, hang injected on node{fault_node} at step "

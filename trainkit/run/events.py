@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ __all__ = ["EVENTS_FILE", "EventLog", "read_events"]
 class EventLog:
     """Append-only, line-buffered, thread-safe; each line is flushed and fsynced."""
 
-    def __init__(self, run_dir: str | os.PathLike, *, echo: bool = True) -> None:
+    def __init__(self, run_dir: str | os.PathLike, *,
+                 echo: bool | Callable[[str], None] = True) -> None:
         self.path = Path(run_dir) / EVENTS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -39,7 +41,11 @@ class EventLog:
         if self._echo:
             reason = f": {fields['reason']}" if "reason" in fields else ""
             gen = f" [gen {fields['gen']}]" if "gen" in fields else ""
-            print(f"[trainkit run]{gen} {event}{reason}", file=sys.stderr, flush=True)
+            text = f"[trainkit run]{gen} {event}{reason}"
+            if callable(self._echo):
+                self._echo(text)            # the console: above its live status line
+            else:
+                print(text, file=sys.stderr, flush=True)
         return record
 
 

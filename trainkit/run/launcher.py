@@ -24,6 +24,7 @@ from pathlib import Path
 
 from trainkit.run.agent import NodeAgent, terminate_tree
 from trainkit.rundir import AGG_SECRET_ENV
+from trainkit.run.console import Console
 from trainkit.run.control import AGG_SECRET_KEY, Control, bind_host, connect_store, host_store
 from trainkit.run.coordinator import Coordinator, CoordinatorConfig
 from trainkit.run.detector import start_aggregator
@@ -43,7 +44,7 @@ class RunOptions:
     max_restarts: int = 3
     exclude_after: int = 2
     spare: int = 0
-    hang_timeout: float = 30.0
+    hang_timeout: float | str = "auto"     # seconds, or "auto" (trainkit.detect.hangtime)
     detect: bool = True
     join_timeout: float = 120.0
     stop_timeout: float = 30.0
@@ -51,6 +52,8 @@ class RunOptions:
     traffic_plan: str | None = None   # "TOPOLOGY,PLACEMENT,JOB": re-plan around slow links
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    monitor: bool = True
+    tee: bool = False
 
 
 def _free_port(host: str) -> int:
@@ -75,8 +78,13 @@ def validate(opts: RunOptions, args: TorchrunArgs) -> None:
         raise RunArgumentError(f"--exclude-after must be >= 1, got {opts.exclude_after}")
     if opts.metrics_port is not None and not 0 <= opts.metrics_port <= 65535:
         raise RunArgumentError(f"--metrics-port must be 0..65535, got {opts.metrics_port}")
-    if opts.hang_timeout <= 0:
-        raise RunArgumentError(f"--hang-timeout must be > 0, got {opts.hang_timeout}")
+    from trainkit.detect.hangtime import parse_hang_timeout
+
+    try:
+        parse_hang_timeout(opts.hang_timeout)
+    except ValueError:
+        raise RunArgumentError(f"--hang-timeout must be 'auto' or seconds > 0, got "
+                               f"{opts.hang_timeout!r}") from None
     if opts.local_nodes > 1 and args.rdzv_endpoint and not opts.coordinator:
         raise RunArgumentError("--local-nodes starts the agents of one machine; it needs "
                                "--coordinator when --rdzv-endpoint is given")
@@ -106,7 +114,8 @@ def run_job(opts: RunOptions, torchrun_argv: list[str]) -> int:
     endpoint = f"{host}:{port}"
     if not is_coordinator:
         control = Control(connect_store(host, port))
-        return NodeAgent(control, node_id, args, run_dir=run_dir, endpoint=endpoint).run()
+        return NodeAgent(control, node_id, args, run_dir=run_dir, endpoint=endpoint,
+                         tee=opts.tee).run()
     traffic = _traffic_replanner(opts, run_dir)
     return _coordinate(opts, args, run_dir, node_id, host, port, torchrun_argv, traffic)
 
@@ -126,7 +135,8 @@ def _traffic_replanner(opts: RunOptions, run_dir: Path):
 
 def _coordinate(opts: RunOptions, args: TorchrunArgs, run_dir: Path, node_id: str, host: str,
                 port: int, torchrun_argv: list[str], traffic=None) -> int:
-    events = EventLog(run_dir)
+    console = Console(run_dir).start()
+    events = EventLog(run_dir, echo=console.line)
     store = host_store(host, port)
     control = Control(store)
     endpoint = f"{host}:{port}"
@@ -149,7 +159,8 @@ def _coordinate(opts: RunOptions, args: TorchrunArgs, run_dir: Path, node_id: st
         policy=PolicyConfig(max_restarts=opts.max_restarts, exclude_after=opts.exclude_after,
                             min_nodes=args.min_nodes),
         join_timeout=opts.join_timeout, stop_timeout=opts.stop_timeout,
-        aggregator=aggregator, warm_start=opts.warm_start, traffic=traffic)
+        aggregator=aggregator, warm_start=opts.warm_start, traffic=traffic,
+        monitor=opts.monitor)
     agent_rc: list[int] = []
     # Local nodes share one hostname, and torchrun's c10d rendezvous orders ranks by
     # (address, pid): by pid here, so ranks would move between nodes at every restart and
@@ -161,7 +172,7 @@ def _coordinate(opts: RunOptions, args: TorchrunArgs, run_dir: Path, node_id: st
     if pin or (args.rdzv_endpoint is None and not own_addr):
         args = dataclasses.replace(args, passthrough=("--local-addr=127.0.0.1", *args.passthrough))
     agent = NodeAgent(Control(connect_store(host, port)), node_id, args, run_dir=run_dir,
-                      endpoint=endpoint)
+                      endpoint=endpoint, tee=opts.tee)
     agent_thread = threading.Thread(target=lambda: agent_rc.append(agent.run()),
                                     name="trainkit-local-agent", daemon=True)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -172,7 +183,7 @@ def _coordinate(opts: RunOptions, args: TorchrunArgs, run_dir: Path, node_id: st
             argv = [f"--rdzv-endpoint={endpoint}", *argv]
         for i in range(1, opts.local_nodes):
             cmd = [sys.executable, "-m", "trainkit", "run", "--run-dir", str(run_dir),
-                   "--node-id", f"node{i}", "--",
+                   "--node-id", f"node{i}", *(["--tee"] if opts.tee else []), "--",
                    *([f"--local-addr=127.0.0.{i + 1}"] if pin else []), *argv]
             children.append(subprocess.Popen(cmd, start_new_session=True))
         coordinator = Coordinator(control, cfg, events)
@@ -197,6 +208,7 @@ def _coordinate(opts: RunOptions, args: TorchrunArgs, run_dir: Path, node_id: st
                 terminate_tree(child, 5)
         if aggregator is not None:
             aggregator.stop()
+        console.close()
         if metrics is not None:
             metrics.close()
 

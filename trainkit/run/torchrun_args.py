@@ -114,8 +114,8 @@ def _parse_nnodes(value: str) -> tuple[int, int]:
 
 
 def warm_start_supported(args: TorchrunArgs) -> bool:
-    """A warm generation wraps the script in ``-m trainkit.run.warm``: only for a plain
-    Python script (not ``--module`` or ``--no-python`` launches)."""
+    """Workers start in ``-m trainkit.run.boot`` (zero-code monitoring, warm start): only
+    for a plain Python script (not ``--module`` or ``--no-python`` launches)."""
     flags = {_canonical(o) for o in args.passthrough if o.startswith("-")}
     return args.script.endswith(".py") and not flags & {"-m", "--module", "--no-python"}
 
@@ -128,10 +128,13 @@ def generation_command(python: str, args: TorchrunArgs, *, nnodes: int, endpoint
     client (``is_host=false``); the member count is fixed per generation, so the
     rendezvous closes as soon as everybody joined instead of waiting for ``last_call``.
     It runs torchrun through :mod:`trainkit.run.torchrun_main`, which binds the workers'
-    bootstrap store to the node's address instead of every interface.
+    bootstrap store to the node's address instead of every interface. ``warm`` is
+    accepted for callers of the older signature: whether workers wait warm is told by
+    their environment (``TRAINKIT_WARM_GO``), not by the command line.
     """
     conf = ",".join(filter(None, [args.rdzv_conf, rdzv_conf, "is_host=false"]))
-    entry = ["-m", "trainkit.run.warm", args.script] if warm else [args.script]
+    entry = ["-m", "trainkit.run.boot", args.script] if warm_start_supported(args) \
+        else [args.script]
     return [python, "-m", "trainkit.run.torchrun_main", f"--nnodes={nnodes}",
             "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}",
             f"--rdzv-conf={conf}", "--max-restarts=0", *args.passthrough,

@@ -10,9 +10,10 @@ membership, the agent says go and the restart costs about one ``init_process_gro
 When membership changes (a node excluded), the warm generation is discarded and a cold
 one is started as before.
 
-    torchrun ... -m trainkit.run.warm train.py [args]
+    torchrun ... -m trainkit.run.boot train.py [args]    # with TRAINKIT_WARM_GO set
 
-Environment (set by the agent): ``TRAINKIT_WARM_GO``, a file path; the worker writes
+The entry is :mod:`trainkit.run.boot` (which also installs zero-code monitoring); this
+module holds the warm part. Environment (set by the agent): ``TRAINKIT_WARM_GO``, a file path; the worker writes
 ``<path>.ready.<LOCAL_RANK>`` once warm and runs the script when ``<path>`` exists.
 A worker whose torchrun parent disappears exits instead of waiting forever.
 """
@@ -20,18 +21,15 @@ A worker whose torchrun parent disappears exits instead of waiting forever.
 from __future__ import annotations
 
 import os
-import runpy
 import sys
 import time
 
-from trainkit.rundir import WARM_GO_ENV
-
-__all__ = ["main"]
+__all__ = ["main", "wait_for_go", "warm_imports"]
 
 _POLL_S = 0.005
 
 
-def _warm_imports() -> None:
+def warm_imports() -> None:
     """What nearly every torch training script imports, done ahead of time. Measured on
     torch 2.13 CPU: ``DistributedDataParallel(...)`` imports ``torch._dynamo`` on first
     use, 2.8 s alone and 5-8 s with four ranks starting together on two cores; that
@@ -61,19 +59,10 @@ def wait_for_go(go: str, local_rank: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        print("usage: python -m trainkit.run.warm SCRIPT [ARGS]", file=sys.stderr)
-        return 2
-    script = argv[0]
-    _warm_imports()
-    go = os.environ.get(WARM_GO_ENV)
-    if go and not wait_for_go(go, os.environ.get("LOCAL_RANK", "0")):
-        return 1
-    sys.argv = [script, *argv[1:]]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    runpy.run_path(script, run_name="__main__")
-    return 0
+    """Kept for ``-m trainkit.run.warm`` command lines: the bootstrap does the work."""
+    from trainkit.run.boot import main as boot
+
+    return boot(argv)
 
 
 if __name__ == "__main__":

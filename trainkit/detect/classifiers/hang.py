@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from trainkit.detect.classifiers.base import make_finding
+from trainkit.detect.hangtime import HangTimeout
 from trainkit.detect.knobs import ClassifierConfig
 from trainkit.detect.peerprobe import localise
 from trainkit.detect.timeline import Coll, Timeline, p2p_pair
@@ -24,6 +25,41 @@ class HangClassifier:
         self.cfg = cfg
         self._suspects: dict[tuple[str, int], dict[str, Any]] = {}
         self.reported: set[tuple[str, int]] = set()
+        self.timeout = HangTimeout(fixed=None if cfg.hang_timeout_auto else cfg.hang_timeout,
+                                   fallback_s=cfg.hang_timeout, floor_s=cfg.hang_floor_s,
+                                   multiple=cfg.hang_multiple, warmup_steps=cfg.warmup_steps)
+        self._step_seen: dict[int, float] = {}     # rank -> time of the last step learned
+
+    @property
+    def cfg(self) -> ClassifierConfig:
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, cfg: ClassifierConfig) -> None:
+        """The aggregator replaces the config when the ranks announce their timeout."""
+        self._cfg = cfg
+        if getattr(self, "timeout", None) is not None:
+            self.timeout.fixed = None if cfg.hang_timeout_auto else cfg.hang_timeout
+
+    def carry_over(self, previous: HangClassifier) -> None:
+        """A new attempt of the same job: keep what was learned of its durations."""
+        self.timeout = previous.timeout
+        self.timeout.restart()
+
+    def _learn_steps(self, tl: Timeline) -> None:
+        for rank, info in tl.ranks.items():
+            last = self._step_seen.get(rank)
+            new = []
+            for _, t in reversed(info.steps):      # newest first, up to what was learned
+                if last is not None and t <= last:
+                    break
+                new.append(t)
+            for t in reversed(new):
+                if last is not None:
+                    self.timeout.observe_step(t - last)
+                last = t
+            if last is not None:
+                self._step_seen[rank] = last
 
     @property
     def waiting(self) -> bool:
@@ -31,10 +67,15 @@ class HangClassifier:
         return bool(self._suspects)
 
     def observe(self, coll: Coll, tl: Timeline) -> None:
-        return None
+        if self.timeout.auto and coll.issue and coll.done and p2p_pair(coll.group) is None:
+            self.timeout.observe_collective(max(coll.done.values()) - min(coll.issue.values()))
 
     def check(self, tl: Timeline, now: float) -> list[Finding]:
         out: list[Finding] = []
+        if self.timeout.auto:
+            self._learn_steps(tl)
+        floor = min(self.cfg.hang_floor_s, self.cfg.hang_timeout) if self.timeout.auto \
+            else self.cfg.hang_timeout
         if tl.fatal_time is None:
             for coll in tl.oldest_incomplete():
                 key = (coll.group, coll.seq)
@@ -48,7 +89,7 @@ class HangClassifier:
                     first = min(coll.waiting.values())
                 else:
                     first = min(coll.issue.values())
-                if now - first <= self.cfg.hang_timeout:
+                if now - first <= floor or now - first <= self.timeout.value():
                     continue
                 self._suspect(tl, coll, now, first)
         for key, entry in list(self._suspects.items()):
@@ -101,7 +142,8 @@ class HangClassifier:
         evidence: dict[str, Any] = {
             "op": coll.op, "bytes": coll.nbytes, "group_ranks": members,
             "waiting_since_s": round(now - entry["first"], 3),
-            "hang_timeout_s": self.cfg.hang_timeout,
+            "hang_timeout_s": round(self.timeout.value(), 3),
+            "hang_timeout_auto": self.timeout.auto,
             "arrived": sorted(coll.issue), "completed": sorted(coll.done),
             "last_seq_issued": {str(r): tl.ranks[r].last_seq.get(coll.group)
                                 for r in members if r in tl.ranks},
