@@ -7,6 +7,8 @@ training loop can catch one type.
 
 from __future__ import annotations
 
+from trainkit.errors import TrainkitError
+
 __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
@@ -19,7 +21,7 @@ __all__ = [
 ]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(TrainkitError, RuntimeError):
     """Base class of every checkpoint failure."""
 
 
