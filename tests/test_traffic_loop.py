@@ -208,3 +208,32 @@ def test_replanner_restarts_once_per_link_set_and_writes_the_plan(tmp_path):
     inside = t.consider(Finding(time=2.0, cls="slow_link", ranks=(0, 1), hosts=("node0", "node0"), link=(0, 1)))
     assert not inside.restart and "host or NIC" in inside.reason
     assert t.consider(Finding(time=2.0, cls="straggler", ranks=(3,), hosts=("node1",))) is None
+    # the run dir's plan is what the job runs under from now on
+    from trainkit.traffic.fromdiag import running_plan
+
+    running, source = running_plan(t.inputs, tmp_path)
+    assert source == "plan.gen1.json (split)" and running.method == "split"
+
+
+def test_replanner_on_a_spraying_fabric_never_restarts(tmp_path):
+    from trainkit.run.replan import TrafficReplanner
+
+    topo_file, job = _files(tmp_path, topo=TOPO + "spraying = true\n" + PLACEMENT)
+    t = TrafficReplanner(f"{topo_file},,{job}", tmp_path)
+    slow = _finding("slow_link", 1, 2, ("h1", "h2"))
+    first = t.consider(slow)
+    assert not first.restart and "does nothing useful" in first.reason
+    assert t.consider(slow) is None and not list(tmp_path.glob("plan.gen*.json"))
+
+
+def test_bad_traffic_plan_is_a_run_argument_error(tmp_path):
+    from trainkit.run.launcher import RunOptions, run_job
+    from trainkit.run.torchrun_args import RunArgumentError
+
+    script = tmp_path / "train.py"
+    script.write_text("")
+    topo_file, job = _files(tmp_path)
+    for spec, message in [("only,two", "TOPOLOGY,PLACEMENT,JOB"),
+                          (f"{topo_file},{tmp_path / 'missing.toml'},{job}", "file not found")]:
+        with pytest.raises(RunArgumentError, match=message):
+            run_job(RunOptions(run_dir=tmp_path / "run", traffic_plan=spec), [str(script)])
