@@ -208,3 +208,93 @@ def test_replanner_restarts_once_per_link_set_and_writes_the_plan(tmp_path):
     inside = t.consider(Finding(time=2.0, cls="slow_link", ranks=(0, 1), hosts=("node0", "node0"), link=(0, 1)))
     assert not inside.restart and "host or NIC" in inside.reason
     assert t.consider(Finding(time=2.0, cls="straggler", ranks=(3,), hosts=("node1",))) is None
+    # the run dir's plan is what the job runs under from now on
+    from trainkit.traffic.fromdiag import running_plan
+
+    running, source = running_plan(t.inputs, tmp_path)
+    assert source == "plan.gen1.json (split)" and running.method == "split"
+
+
+def test_replanner_on_a_spraying_fabric_never_restarts(tmp_path):
+    from trainkit.run.replan import TrafficReplanner
+
+    topo_file, job = _files(tmp_path, topo=TOPO + "spraying = true\n" + PLACEMENT)
+    t = TrafficReplanner(f"{topo_file},,{job}", tmp_path)
+    slow = _finding("slow_link", 1, 2, ("h1", "h2"))
+    first = t.consider(slow)
+    assert not first.restart and "does nothing useful" in first.reason
+    assert t.consider(slow) is None and not list(tmp_path.glob("plan.gen*.json"))
+
+
+def test_bad_traffic_plan_is_a_run_argument_error(tmp_path):
+    from trainkit.run.launcher import RunOptions, run_job
+    from trainkit.run.torchrun_args import RunArgumentError
+
+    script = tmp_path / "train.py"
+    script.write_text("")
+    topo_file, job = _files(tmp_path)
+    for spec, message in [("only,two", "TOPOLOGY,PLACEMENT,JOB"),
+                          (f"{topo_file},{tmp_path / 'missing.toml'},{job}", "file not found")]:
+        with pytest.raises(RunArgumentError, match=message):
+            run_job(RunOptions(run_dir=tmp_path / "run", traffic_plan=spec), [str(script)])
+
+
+# -- the coordinator, against an in-memory store (no torchrun) -------------------------------
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("max_restarts", [1, 0])
+def test_coordinator_replans_within_max_restarts(tmp_path, max_restarts):
+    import time
+
+    import torch.distributed as dist
+
+    from trainkit.rundir import DIAGNOSIS_FILE
+    from trainkit.run.control import Control
+    from trainkit.run.coordinator import Coordinator, CoordinatorConfig
+    from trainkit.run.events import EventLog, read_events
+    from trainkit.run.policy import PolicyConfig
+    from trainkit.run.replan import TrafficReplanner
+
+    born = [float("inf")]
+
+    class Agents(Control):
+        """Generation 0 runs until stopped (or 3 s), generation 1 finishes at once."""
+
+        def get(self, key):
+            value = super().get(key)
+            if value is None and "/exit/" in key:
+                gen = int(key.split("/")[2])
+                if gen > 0 or time.time() - born[0] > 3:
+                    return {"rc": 0, "exitcodes": [0], "time": time.time()}
+                if super().get("tk/gen/0/stop") is not None:
+                    return {"rc": -15, "exitcodes": [-15], "time": time.time(), "stopped": True}
+            return value
+
+    topo_file, job = _files(tmp_path, topo=TOPO + "\n[placement]\nnode0 = { leaf = 0, nic = 1 }\n"
+                                               "node1 = { leaf = 1, nic = 2 }\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    control = Agents(dist.HashStore())
+    for n in ("node0", "node1"):
+        control.register(n, {"host": "h"})
+    cfg = CoordinatorConfig(run_dir=run, max_nodes=2, warm_start=False, stop_timeout=5,
+                            policy=PolicyConfig(min_nodes=2, max_restarts=max_restarts),
+                            traffic=TrafficReplanner(f"{topo_file},,{job}", run))
+    slow = Finding(time=time.time() + 60, cls="slow_link", ranks=(0, 1), hosts=("node0", "node1"), link=(0, 1),
+                   ids=({"rank": 0, "host": "node0", "local_rank": 0, "attempt": 0},
+                        {"rank": 1, "host": "node1", "local_rank": 0, "attempt": 0}),
+                   evidence={"normal_duration_s": 0.01, "recent_duration_s": {"median": 0.04}}, confidence=0.9)
+    coordinator = Coordinator(control, cfg, EventLog(run, echo=False))   # tails from the file's end
+    (run / DIAGNOSIS_FILE).write_text(json.dumps(slow.to_json()) + "\n")
+    born[0] = time.time()
+    assert coordinator.run() == 0
+    events = read_events(run)
+    (tp,) = [e for e in events if e["event"] == "traffic_plan"]
+    decisions = [e["action"] for e in events if e["event"] == "decision"]
+    if max_restarts:
+        assert tp["restart"] and decisions == ["continue", "restart"]
+        plan1 = control.get("tk/gen/1/plan")
+        assert plan1["env"]["TRAINKIT_PLAN"] == str(run / "plan.gen1.json")
+        assert control.get("tk/gen/0/plan")["env"] == {}
+    else:
+        assert not tp["restart"] and "--max-restarts=0 exhausted" in tp["reason"]
+        assert decisions == ["continue"] and not (run / "plan.gen1.json").exists()

@@ -20,12 +20,15 @@ Example::
 from trainkit.traffic.collectives import COLLECTIVES, DenseGroup, Flows, Phase, collective, combine, flows_from_pairs
 from trainkit.traffic.errors import JobError, TopologyError, TrafficError, UnroutableError
 from trainkit.traffic.hashing import HashModel
+from trainkit.traffic.infer import Inference, InferredLink, infer_links
 from trainkit.traffic.plan import Plan, Subflow
+from trainkit.traffic.placement import Placement, PlacementError, load_placement
 from trainkit.traffic.planners import PLANNERS, Planner, lower_bound, plan, planner_options, replan
 from trainkit.traffic.topology import LeafSpine, LinkSpec, parse_link
 
 __all__ = [
-    "COLLECTIVES", "DenseGroup", "Flows", "HashModel", "JobError", "LeafSpine", "LinkSpec", "PLANNERS",
-    "Phase", "Plan", "Planner", "Subflow", "TopologyError", "TrafficError", "UnroutableError",
-    "collective", "combine", "flows_from_pairs", "lower_bound", "parse_link", "plan", "planner_options", "replan",
+    "COLLECTIVES", "DenseGroup", "Flows", "HashModel", "Inference", "InferredLink", "JobError", "LeafSpine",
+    "LinkSpec", "PLANNERS", "Phase", "Placement", "PlacementError", "Plan", "Planner", "Subflow", "TopologyError",
+    "TrafficError", "UnroutableError", "collective", "combine", "flows_from_pairs", "infer_links", "load_placement",
+    "lower_bound", "parse_link", "plan", "planner_options", "replan",
 ]
