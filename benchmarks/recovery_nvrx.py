@@ -104,12 +104,11 @@ def install_nvrx(site: Path) -> str:
     return dist.name[len("nvidia_resiliency_ext-"):-len(".dist-info")]
 
 
-def _env(work: Path, **extra: str) -> dict[str, str]:
+def _env(work: Path, site: Path | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINKIT_")}
     env.update(BENCH_WORK=str(work), OMP_NUM_THREADS="1", **extra)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), extra.get("_site", ""),
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(site or ""),
                                                     env.get("PYTHONPATH", "")) if p)
-    env.pop("_site", None)
     return env
 
 
@@ -147,7 +146,7 @@ def run_nvrx(work: Path, job: Path, cfg: argparse.Namespace, fault: str | None,
              site: Path) -> dict:
     port = _free_port()
     env = _env(work, BENCH_STEPS=str(cfg.steps), BENCH_FAULT=fault or "",
-               BENCH_FAULT_STEP=str(cfg.fault_step), BENCH_NVRX="1", _site=str(site))
+               BENCH_FAULT_STEP=str(cfg.fault_step), BENCH_NVRX="1", site=site)
     procs = []
     for node in range(2):
         cmd = [sys.executable, "-m", "nvidia_resiliency_ext.fault_tolerance.launcher",
