@@ -22,6 +22,10 @@ extra time of the 3 steps after each save over the median step. The fault is inj
 a step halfway between two baseline checkpoints (its average case).
 
     python benchmarks/recovery_bench.py [--quick] [--json out.json]
+
+The peer users would pick instead, NVIDIA's ``ft_launcher`` (nvidia-resiliency-ext), is
+measured by ``benchmarks/recovery_nvrx.py`` (its own install under /tmp), which also
+reports trainkit's goodput from ``goodput.json``.
 """
 
 from __future__ import annotations
