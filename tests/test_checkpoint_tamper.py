@@ -334,3 +334,22 @@ def test_gc_skips_files_links_and_young_leftovers(pristine, tmp_path, capsys):
     os.utime(old, (0, 0))
     rc, out, _ = _cli(capsys, "ckpt", "gc", str(ck), "--keep", "1", "--json")
     assert json.loads(out)["leftovers"] == [0] and not old.exists()
+
+
+def test_set_aside_on_a_tier_without_rename_keeps_the_record():
+    pytest.importorskip("fsspec")
+    import uuid
+
+    from trainkit.checkpoint.reader import committed_steps
+    from trainkit.checkpoint.tiers import TIERS
+    from trainkit.checkpoint.tiers.retention import set_aside
+
+    tier = TIERS["fsspec"](f"memory://tamper-{uuid.uuid4().hex[:8]}")
+    tier.prepare(4, "rank_00000")
+    tier.write("step_0000000004/rank_00000/data/c/0", memoryview(b"abc"))
+    doc = {"zarr_format": 3, "node_type": "group", "attributes": {"trainkit": {"kind": "step"}}}
+    tier.publish(4, doc)
+    where = set_aside(tier, 4)
+    assert where.endswith("step_0000000004/zarr.json.corrupt") and committed_steps(tier) == []
+    assert json.loads(tier.read("step_0000000004/zarr.json.corrupt")) == doc
+    assert tier.read("step_0000000004/rank_00000/data/c/0") == b"abc"
