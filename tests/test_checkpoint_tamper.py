@@ -308,29 +308,61 @@ def test_own_newer_steps_after_a_resume_are_uncommitted(tmp_path):
 def test_gc_skips_files_links_and_young_leftovers(pristine, tmp_path, capsys):
     ck = tmp_path / "ck"
     shutil.copytree(pristine, ck)
-    (ck / "step_0000000000").write_text("a file named like a step")
-    (ck / "step_3").mkdir()                                    # not a canonical name
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "keep").write_text("x")
-    (ck / "step_0000000001.lnk").symlink_to(victim)
-    os.symlink(victim, ck / "step_0000000000x")
-    young = ck / "step_0000000001"
-    shutil.move(str(young), ck / "step_0000000009")            # uncommitted? no: committed 9
-    (ck / "step_0000000009" / "zarr.json").unlink()            # now uncommitted, fresh
-    (ck / "step_0000000000").unlink()
-    os.symlink(victim, ck / "step_0000000000")                 # a link named like a step
+    shutil.rmtree(ck / "step_0000000001")
+    (ck / "step_0000000000").write_text("a file named like a step")
+    (ck / "step_0000000001").symlink_to(victim, target_is_directory=True)   # a link, likewise
+    (ck / "step_3").mkdir()                                    # not a canonical name
+    os.utime(ck / "step_3", (0, 0))
     rc, out, err = _cli(capsys, "ckpt", "gc", str(ck), "--keep", "1", "--json")
     assert rc == 0, err
     done = json.loads(out)
-    assert done["delete"] == [] and done["leftovers"] == [] and done["young_kept"] == []
+    assert done["delete"] == [] and done["leftovers"] == [] and done["kept"] == [2]
     assert (victim / "keep").exists() and (ck / "step_3").is_dir()
-    assert (ck / "step_0000000009").is_dir()                   # newer than the newest commit
-    old = ck / "step_0000000000"
-    old.unlink()
-    old.mkdir()                                                # a young leftover of a save
+    assert (ck / "step_0000000000").is_file() and (ck / "step_0000000001").is_symlink()
+    for p in ("step_0000000000", "step_0000000001"):
+        (ck / p).unlink()
+    (ck / "step_0000000000").mkdir()                           # a young leftover of a save
     rc, out, _ = _cli(capsys, "ckpt", "gc", str(ck), "--keep", "1", "--json")
-    assert json.loads(out)["young_kept"] == [0] and old.is_dir()
-    os.utime(old, (0, 0))
+    assert json.loads(out)["young_kept"] == [0] and (ck / "step_0000000000").is_dir()
+    os.utime(ck / "step_0000000000", (0, 0))                   # long dead
     rc, out, _ = _cli(capsys, "ckpt", "gc", str(ck), "--keep", "1", "--json")
-    assert json.loads(out)["leftovers"] == [0] and not old.exists()
+    assert json.loads(out)["leftovers"] == [0] and not (ck / "step_0000000000").exists()
+    rc, out, _ = _cli(capsys, "ckpt", "gc", str(ck), "--keep", "1")
+    assert rc == 0 and "deleted uncommitted leftovers none" in out
+
+
+def test_set_aside_on_a_tier_without_rename_keeps_the_record():
+    pytest.importorskip("fsspec")
+    import uuid
+
+    from trainkit.checkpoint.reader import committed_steps
+    from trainkit.checkpoint.tiers import TIERS
+    from trainkit.checkpoint.tiers.retention import set_aside
+
+    tier = TIERS["fsspec"](f"memory://tamper-{uuid.uuid4().hex[:8]}")
+    tier.prepare(4, "rank_00000")
+    tier.write("step_0000000004/rank_00000/data/c/0", memoryview(b"abc"))
+    doc = {"zarr_format": 3, "node_type": "group", "attributes": {"trainkit": {"kind": "step"}}}
+    tier.publish(4, doc)
+    where = set_aside(tier, 4)
+    assert where.endswith("step_0000000004/zarr.json.corrupt") and committed_steps(tier) == []
+    assert json.loads(tier.read("step_0000000004/zarr.json.corrupt")) == doc
+    assert tier.read("step_0000000004/rank_00000/data/c/0") == b"abc"
+
+
+def test_gc_reports_only_what_it_removed(pristine, tmp_path, capsys, monkeypatch):
+    from trainkit.checkpoint.tiers import LocalTier
+
+    ck = tmp_path / "ck"
+    shutil.copytree(pristine, ck)
+
+    def refuse(self, step):
+        raise PermissionError(13, "Permission denied", self.path(f"step_{step:010d}"))
+
+    monkeypatch.setattr(LocalTier, "remove", refuse)
+    rc, out, err = _cli(capsys, "ckpt", "gc", str(ck), "--keep", "1")
+    assert rc == 1 and "deleted committed steps none" in out, out
+    assert "could not remove step 1" in err and "Permission denied" in err

@@ -46,7 +46,7 @@ import torch
 
 from trainkit.checkpoint.errors import CorruptCheckpointError
 
-__all__ = ["encode", "decode", "format_key_path", "TableRef"]
+__all__ = ["encode", "decode", "format_key_path", "TableRef", "MalformedValueError"]
 
 _SAFE_INT = 2**53
 
