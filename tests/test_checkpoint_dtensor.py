@@ -346,3 +346,46 @@ def test_piece_table_checks():
     assert "cover 4 of 8" in check_pieces("w", gap["w"])[0]
     bad = global_dtensors([manifest(0, [0, 0, [0, 0], [3, 2]]), manifest(1, [1, 0, [2, 0], [3, 2]])])
     assert any("outside" in p for p in check_pieces("w", bad["w"]))
+
+
+def _killed(rank: int, world: int, root: str) -> None:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from trainkit.checkpoint import CheckpointError, Checkpointer
+
+    model, opt, dp = _build(0)
+    ck = Checkpointer(os.path.join(root, "p"), timeout=5, chunk_bytes=CHUNK)
+    ck.attach(opt)
+    _train(model, opt, dp, 1)
+    m_sd, o_sd = get_state_dict(model, opt)
+    ref = _full(model, opt)
+    ck.save(1, {"model": m_sd, "optim": o_sd}).result(timeout=60)
+    if rank == 0:
+        torch.save(ref, os.path.join(root, "ref1.pt"))
+    _train(model, opt, dp, 2)
+    m_sd, o_sd = get_state_dict(model, opt)
+    handle = ck.save(2, {"model": m_sd, "optim": o_sd})
+    if rank == 1:               # SIGKILL while its shard of step 2 is being written
+        os.kill(os.getpid(), 9)
+    try:
+        handle.result(timeout=60)
+    except CheckpointError:
+        pass
+    try:
+        ck.close(persist_last=False)
+    except CheckpointError:
+        pass
+
+
+def test_kill_9_during_fsdp2_save_leaves_the_previous_step_intact(tmp_path):
+    from trainkit.checkpoint import Checkpointer, verify_step
+
+    run_ranks(_killed, 2, str(tmp_path), timeout=90, expect_dead=[1])
+    p = str(tmp_path / "p")
+    ck = Checkpointer(p)
+    assert 1 in ck.steps()
+    state = ck.load(1)
+    _assert_same(torch.load(tmp_path / "ref1.pt", weights_only=False),
+                 {"model": state["model"], "optim": state["optim"]})
+    for step in ck.steps():       # step 2 too, if rank 1 was done before it died
+        assert verify_step(p, step) == [], step
