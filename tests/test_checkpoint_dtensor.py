@@ -175,6 +175,9 @@ def _four(rank: int, world: int, root: str) -> dict:
 
     # 4. Shard -> Replicate, the model only: strict=False reports the rest
     ref = torch.load(os.path.join(root, "ref2.pt"), weights_only=False)["ref"]
+    with _ckpt(root) as ck:         # and without a target: each DTensor whole
+        whole = ck.load(2)
+    _assert_same(ref["model"], whole["model"])
     mesh = model_sd["emb.weight"].device_mesh
     target = {"model": {k: distribute_tensor(torch.zeros(v.shape), mesh, [Replicate()])
                         for k, v in model_sd.items()}}
@@ -250,6 +253,19 @@ def _read_back(tmp_path, caplog) -> None:
     ref10 = torch.load(os.path.join(root, "ref10.pt"), weights_only=False)
     _assert_same(ref10["model"], Checkpointer(p).load(10)["model"])
 
+    # a few rows of a piece that spans two chunk files: one checksum segment is read
+    from trainkit.checkpoint.reader import read_commit_record
+    from trainkit.checkpoint.reshard import PieceReaders, fill_region
+    from trainkit.checkpoint.tiers import open_tier
+
+    tier = open_tier(p)
+    readers = PieceReaders(tier, 10, read_commit_record(tier, 10))
+    rows = torch.empty(2, DIM)
+    pieces = readers.record["dtensor"]["model/emb.weight"]["pieces"]
+    fill_region(rows, ((2, 0), (2, DIM)), pieces, readers, "model/emb.weight")
+    assert torch.equal(rows, ref10["model"]["emb.weight"][2:4])
+    assert readers.bytes_read == CHUNK < 25 * DIM * 4, readers.bytes_read   # of rank 0's 25 rows
+
     # the CLI: pieces per rank, every piece verified, full tensors exported and merged
     info = _ckpt_cli("info", p, "2", "--json")
     assert info.returncode == 0, info.stderr
@@ -292,17 +308,15 @@ def _read_back(tmp_path, caplog) -> None:
     assert verify.returncode == 1 and "rank 1" in verify.stdout
 
 
-def test_sharded_tensor_and_partial_are_refused(tmp_path):
+def test_sharded_tensor_is_refused_naming_dcp(tmp_path):
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
     from trainkit.checkpoint import Checkpointer
-    from trainkit.checkpoint.dtensor import check_not_sharded_tensor
 
-    class ShardedTensor(torch.Tensor):      # the name is what FSDP1's class is checked by
-        pass
-
-    t = torch.zeros(2).as_subclass(ShardedTensor)
-    with pytest.raises(TypeError, match="ZarrWriter"):
-        check_not_sharded_tensor(("model", "w"), t)
-    with Checkpointer(tmp_path / "c") as ck, pytest.raises(TypeError, match="ShardedTensor"):
+    # a real ShardedTensor instance (built without a process group; only its type matters)
+    t = torch.Tensor._make_subclass(ShardedTensor, torch.empty(0))
+    with Checkpointer(tmp_path / "c") as ck, pytest.raises(
+            TypeError, match=r"ShardedTensor \(FSDP1 SHARDED_STATE_DICT\) at state\['w'\].*ZarrWriter"):
         ck.save(1, {"w": t})
 
 
@@ -332,3 +346,46 @@ def test_piece_table_checks():
     assert "cover 4 of 8" in check_pieces("w", gap["w"])[0]
     bad = global_dtensors([manifest(0, [0, 0, [0, 0], [3, 2]]), manifest(1, [1, 0, [2, 0], [3, 2]])])
     assert any("outside" in p for p in check_pieces("w", bad["w"]))
+
+
+def _killed(rank: int, world: int, root: str) -> None:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from trainkit.checkpoint import CheckpointError, Checkpointer
+
+    model, opt, dp = _build(0)
+    ck = Checkpointer(os.path.join(root, "p"), timeout=5, chunk_bytes=CHUNK)
+    ck.attach(opt)
+    _train(model, opt, dp, 1)
+    m_sd, o_sd = get_state_dict(model, opt)
+    ref = _full(model, opt)
+    ck.save(1, {"model": m_sd, "optim": o_sd}).result(timeout=60)
+    if rank == 0:
+        torch.save(ref, os.path.join(root, "ref1.pt"))
+    _train(model, opt, dp, 2)
+    m_sd, o_sd = get_state_dict(model, opt)
+    handle = ck.save(2, {"model": m_sd, "optim": o_sd})
+    if rank == 1:               # SIGKILL while its shard of step 2 is being written
+        os.kill(os.getpid(), 9)
+    try:
+        handle.result(timeout=60)
+    except CheckpointError:
+        pass
+    try:
+        ck.close(persist_last=False)
+    except CheckpointError:
+        pass
+
+
+def test_kill_9_during_fsdp2_save_leaves_the_previous_step_intact(tmp_path):
+    from trainkit.checkpoint import Checkpointer, verify_step
+
+    run_ranks(_killed, 2, str(tmp_path), timeout=90, expect_dead=[1])
+    p = str(tmp_path / "p")
+    ck = Checkpointer(p)
+    assert 1 in ck.steps()
+    state = ck.load(1)
+    _assert_same(torch.load(tmp_path / "ref1.pt", weights_only=False),
+                 {"model": state["model"], "optim": state["optim"]})
+    for step in ck.steps():       # step 2 too, if rank 1 was done before it died
+        assert verify_step(p, step) == [], step
