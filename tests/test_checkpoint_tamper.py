@@ -366,3 +366,40 @@ def test_gc_reports_only_what_it_removed(pristine, tmp_path, capsys, monkeypatch
     rc, out, err = _cli(capsys, "ckpt", "gc", str(ck), "--keep", "1")
     assert rc == 1 and "deleted committed steps none" in out, out
     assert "could not remove step 1" in err and "Permission denied" in err
+
+
+@pytest.mark.parametrize("case", ["entry-out-of-range", "rank-out-of-range", "dtype-load",
+                                  "size-negative"])
+def test_tampered_dcp_metadata_is_refused_cleanly(case, tmp_path, capsys):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from trainkit.checkpoint.interop.dcp import ZarrWriter
+
+    ck = tmp_path / "dcp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": {"w": torch.arange(6.0)}}, storage_writer=ZarrWriter(ck, step=0))
+    meta = ck / "step_0000000000" / "dcp_metadata.json"
+    doc = _load_json(meta)
+    if case == "entry-out-of-range":
+        doc["storage_data"][0][3] = 99
+    elif case == "rank-out-of-range":
+        doc["storage_data"][0][2] = 5
+    elif case == "dtype-load":
+        doc["state_dict_metadata"]["model.w"]["tensor"]["properties"]["dtype"] = "load"
+    else:
+        doc["state_dict_metadata"]["model.w"]["tensor"]["size"] = [-6]
+    raw = json.dumps(doc).encode()
+    meta.write_bytes(raw)
+    record_path = ck / "step_0000000000" / "zarr.json"
+    rec = _load_json(record_path)
+    rec["attributes"]["trainkit"]["files"]["dcp_metadata.json"] = [len(raw), crc32(raw)]
+    record_path.write_text(json.dumps(rec))
+    rc, _, err = _cli(capsys, "ckpt", "export", str(ck), "0", "--to", str(tmp_path / "x.st"))
+    _one_line(rc, err)
+    with pytest.raises((CheckpointError, ValueError)):
+        reader = open_input(f"trainkit:{ck}@0#model.")
+        for name in reader.keys():
+            reader.get(name)

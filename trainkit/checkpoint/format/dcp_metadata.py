@@ -55,10 +55,27 @@ def _encode_props(p: TensorProperties) -> dict:
             "pin_memory": bool(p.pin_memory)}
 
 
+def _torch_attr(name: Any, kind: type) -> Any:
+    """``torch.<name>`` only when it is a ``kind`` (a dtype, layout, memory format):
+    never any other attribute of torch, whatever the file says."""
+    value = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(value, kind):
+        raise ValueError(f"{name!r:.40} is not a torch {kind.__name__}")
+    return value
+
+
+def _size(values: Any) -> torch.Size:
+    if not isinstance(values, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62 for v in values):
+        raise ValueError(f"size {values!r:.60} is not a list of non-negative integers")
+    return torch.Size(values)
+
+
 def _decode_props(d: dict) -> TensorProperties:
-    return TensorProperties(dtype=getattr(torch, d["dtype"]), layout=getattr(torch, d["layout"]),
+    return TensorProperties(dtype=_torch_attr(d["dtype"], torch.dtype),
+                            layout=_torch_attr(d["layout"], torch.layout),
                             requires_grad=d["requires_grad"],
-                            memory_format=getattr(torch, d["memory_format"]),
+                            memory_format=_torch_attr(d["memory_format"], torch.memory_format),
                             pin_memory=d["pin_memory"])
 
 
@@ -103,9 +120,15 @@ def decode_metadata(doc: dict, *, allow_pickle: bool = False) -> Metadata:
             continue
         t = d["tensor"]
         items[fqn] = TensorStorageMetadata(
-            properties=_decode_props(t["properties"]), size=torch.Size(t["size"]),
-            chunks=[ChunkStorageMetadata(offsets=torch.Size(c["offsets"]),
-                                         sizes=torch.Size(c["sizes"])) for c in t["chunks"]])
+            properties=_decode_props(t["properties"]), size=_size(t["size"]),
+            chunks=[ChunkStorageMetadata(offsets=_size(c["offsets"]),
+                                         sizes=_size(c["sizes"])) for c in t["chunks"]])
+        size = items[fqn].size
+        for c in items[fqn].chunks:
+            if len(c.offsets) != len(size) or len(c.sizes) != len(size) or any(
+                    o + n > d for o, n, d in zip(c.offsets, c.sizes, size)):
+                raise ValueError(f"{fqn}: chunk {list(c.offsets)}+{list(c.sizes)} lies outside "
+                                 f"its tensor {list(size)}")
     planner = doc.get("planner_data")
     if isinstance(planner, dict) and set(planner) == {"$pickle"}:
         if not allow_pickle:

@@ -180,6 +180,15 @@ class ShardBlobReader:
         self.index = read_rank_index(tier, step, rank, record)
         self._checked: set[str] = set()
 
+    def _in_range(self, i: object, table: str) -> int:
+        """``i`` as an index of the rank's ``table``: the DCP metadata that names it is a
+        file too, so an entry out of range is corruption, not an IndexError."""
+        n = len(self.index[table])
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
+            raise CorruptCheckpointError(f"step {self.step}, rank {self.rank}: the step's DCP "
+                                         f"metadata names {table} entry {i!r:.20} of {n}")
+        return i
+
     def _where(self, rel: str) -> str:
         return f"{self.tier.url}/{step_dirname(self.step)}/{rel}"
 
@@ -200,7 +209,7 @@ class ShardBlobReader:
 
     def blob(self, i: int) -> torch.Tensor:
         """Blob ``i`` as a fresh uint8 tensor, checksum-verified."""
-        b = self.index["blobs"][i]
+        b = self.index["blobs"][self._in_range(i, "blobs")]
         info = self.index["arrays"][b.get("array", "rank")]
         cb = info["chunk_bytes"]
         out = torch.empty(b["nbytes"], dtype=torch.uint8)
@@ -213,7 +222,7 @@ class ShardBlobReader:
             piece = view[start - off:stop - off]
             try:
                 self.tier.read_into(f"{step_dirname(self.step)}/{rel}", [piece], start - c * cb)
-            except (EOFError, FileNotFoundError) as exc:
+            except (EOFError, OSError) as exc:     # OSError: ELOOP for a planted link too
                 raise CorruptCheckpointError(f"step {self.step}, rank {self.rank}: "
                                              f"{self._where(rel)}: {exc}") from exc
             if crc32(piece) != b["crc32"][k]:
@@ -225,7 +234,7 @@ class ShardBlobReader:
 
     def tensor(self, entry: int) -> torch.Tensor:
         """Tensor-table entry ``entry`` (a view of its freshly read blob)."""
-        t = self.index["tensors"][entry]
+        t = self.index["tensors"][self._in_range(entry, "tensors")]
         return tensor_from_blob(t, self.blob(t["blob"]))
 
     def raw(self, entry: int) -> bytes:
