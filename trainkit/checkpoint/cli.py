@@ -153,6 +153,9 @@ def register(subparsers: Any) -> None:
                         help=f"largest shard before splitting: {SIZE_HELP} (e.g. 500MB, "
                              f"2GiB; default %(default)s)")
     export.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    export.add_argument("--hf-config", default=None, metavar="DIR",
+                        help="copy config.json, generation_config.json and tokenizer files from this "
+                             "Hugging Face directory, so from_pretrained loads the export")
     _add_progress(export)
     export.set_defaults(func=_quiet_pipe(_export))
 
@@ -511,7 +514,8 @@ def _export(args: argparse.Namespace) -> int:
             files = export_safetensors(args.dir, args.step, args.to, prefix=args.prefix,
                                        max_shard_bytes=max_shard, overwrite=args.overwrite,
                                        on_bytes=bar.update,
-                                       on_total=lambda n: setattr(bar, "total", n))
+                                       on_total=lambda n: setattr(bar, "total", n),
+                                       hf_config=args.hf_config)
     except CheckpointError as exc:
         print(f"trainkit ckpt export: {exc}", file=sys.stderr)
         return 1
@@ -521,6 +525,9 @@ def _export(args: argparse.Namespace) -> int:
         return 1
     for f in files:
         print(f)
+    if args.hf_config is None:
+        print("trainkit ckpt export: note: no config.json written; from_pretrained will need a config "
+              "(pass --hf-config DIR with the model's Hugging Face files)", file=sys.stderr)
     return 0
 
 

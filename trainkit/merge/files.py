@@ -26,6 +26,7 @@ from trainkit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, plan_shards
 from trainkit.merge.engine import MergeStats, run_merge
 from trainkit.merge.methods import MergeConfig
 from trainkit.merge.plan import plan_merge
+from trainkit.merge.tied import untie_inputs
 
 __all__ = ["check_output", "merge_files", "open_input", "sha256_file", "WEIGHT_SUFFIXES"]
 
@@ -160,6 +161,8 @@ def _merge_into(
     model_specs = [parse_input_spec(str(m)) for m in models]
     base_r = open_input(base_spec)
     model_rs = [open_input(s) for s in model_specs]
+    base_dir = base_spec.path if not base_spec.checkpoint and base_spec.path.is_dir() else None
+    (base_r, *model_rs), tied = untie_inputs(base_dir, [base_r, *model_rs])  # tie_word_embeddings
     plan = plan_merge(base_r, model_rs, cfg)
     shard_plan = plan_shards({t.name: base_r.meta(t.name) for t in plan.tasks}, shard_bytes)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,6 +206,7 @@ def _merge_into(
             "total_size": shard_plan.total_size,
             "tensors": len(plan.tasks),
             "copied_files": copied,
+            "tied_lm_head": tied,
         },
         "threads": threads,
         "device": device,
