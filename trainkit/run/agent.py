@@ -262,6 +262,7 @@ class NodeAgent:
             launch = self._launch(gen, plan, plan["rdzv_id"], warm_go=None)
         proc = launch.proc
         stopped = False
+        stop_at = 0.0
         warm_at = time.monotonic() + WARM_DELAY_S
         while proc.poll() is None:
             if (self.control.get(f"tk/gen/{gen}/stop") is not None
@@ -270,13 +271,19 @@ class NodeAgent:
                 # Stopped on purpose: torchrun's SignalException traceback and the
                 # workers' goodbyes go to the log only, never to the console.
                 launch.tee.clear()
+                stop_at = time.monotonic()
                 terminate_tree(proc, self.stop_grace)
                 break
             if self._warm is None and time.monotonic() > warm_at:
                 warm_at = float("inf")
                 self._start_warm(gen + 1, plan)
             time.sleep(0.1)
+        exited_at = time.monotonic()
         launch.reader.join(timeout=5)
+        if stopped:
+            self._note(f"generation {gen} stopped: torchrun gone {exited_at - stop_at:.2f} s "
+                       f"after the stop, its output closed {time.monotonic() - stop_at:.2f} s "
+                       f"after")
         if launch.go is not None:
             shutil.rmtree(launch.go.parent, ignore_errors=True)
         self.control.put(f"tk/gen/{gen}/exit/{self.node_id}",
