@@ -38,6 +38,15 @@ def _add_progress(parser: argparse.ArgumentParser) -> None:
                              "shown on a terminal anyway)")
 
 
+def _error_code(exc: Exception) -> int:
+    """Exit status for a checkpoint error: 2 when the input is bad (a damaged or malformed
+    checkpoint, the CLI's rule for bad input), 1 for anything else (a step that is not
+    committed, an output that exists)."""
+    from trainkit.checkpoint.errors import CorruptCheckpointError
+
+    return 2 if isinstance(exc, CorruptCheckpointError) else 1
+
+
 def _quiet_pipe(handler: Callable[[argparse.Namespace], int]
                 ) -> Callable[[argparse.Namespace], int]:
     """Run ``handler``; if the reader of stdout went away, point stdout at devnull (so
@@ -440,7 +449,7 @@ def _info(args: argparse.Namespace) -> int:
         table = catalog.tensor_table(args.dir, args.step)
     except CheckpointError as exc:
         print(f"trainkit ckpt info: {exc}", file=sys.stderr)
-        return 1
+        return _error_code(exc)
     if args.json:
         print(json.dumps(table, indent=1))
         return 0
@@ -518,7 +527,7 @@ def _export(args: argparse.Namespace) -> int:
                                        hf_config=args.hf_config)
     except CheckpointError as exc:
         print(f"trainkit ckpt export: {exc}", file=sys.stderr)
-        return 1
+        return _error_code(exc)
     except OSError as exc:
         print(f"trainkit ckpt export: cannot write {exc.filename or args.to}: "
               f"{exc.strerror or exc}", file=sys.stderr)
@@ -556,7 +565,7 @@ def _import_dcp(args: argparse.Namespace) -> int:
                               metadata=md)
     except CheckpointError as exc:
         print(f"trainkit ckpt import-dcp: {exc}", file=sys.stderr)
-        return 1
+        return _error_code(exc)
     except OSError as exc:
         print(f"trainkit ckpt import-dcp: {exc.filename or args.dst}: {exc.strerror or exc}",
               file=sys.stderr)
