@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/checkpoint_bench.py            # 2 x ~1 GiB states + tiers
     .venv/bin/python benchmarks/checkpoint_bench.py --quick    # 2 x 64 MiB, ~1 minute
     .venv/bin/python benchmarks/checkpoint_bench.py --parts tiers   # only the issue-3 part
+    .venv/bin/python benchmarks/checkpoint_bench.py --parts fsdp --scale 8   # FSDP2, 4 ranks
 
 ``--parts loop`` is the training-loop comparison below; ``--parts tiers`` is
 ``benchmarks/checkpoint_tiers.py``: persistence of a replicated state from 1, 2 and 4
@@ -357,19 +358,27 @@ def main() -> int:
     p.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
     p.add_argument("--only", default=None, help="run only competitors whose name contains this")
     p.add_argument("--json", default=None, help="also write the rows here")
-    p.add_argument("--parts", default="loop,tiers", help="loop, tiers, or both (comma-separated)")
+    p.add_argument("--parts", default="loop,tiers",
+                   help="loop, tiers, fsdp (comma-separated; default loop,tiers)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="fsdp part: divide its ~1 GiB of model + AdamW state by this")
     args = p.parse_args()
     parts = set(args.parts.split(","))
-    if parts - {"loop", "tiers"}:
-        p.error(f"unknown part(s) {sorted(parts - {'loop', 'tiers'})}; use loop and/or tiers")
+    if parts - {"loop", "tiers", "fsdp"}:
+        p.error(f"unknown part(s) {sorted(parts - {'loop', 'tiers', 'fsdp'})}; use loop, "
+                f"tiers and/or fsdp")
     torch.set_num_threads(1)    # training uses one core; the other is left for checkpointing
     scale = 16 if args.quick else 1
     reps = args.reps or (2 if args.quick else 3)
     root = Path(args.dir or tempfile.mkdtemp(prefix="trainkit-bench-"))
     comps = [c for c in competitors(args.quick) if not args.only or args.only in c.name]
     rows: list[dict] = []
-    tiers_result = None
+    tiers_result = fsdp_result = None
     try:
+        if "fsdp" in parts:
+            import checkpoint_fsdp
+
+            fsdp_result = checkpoint_fsdp.run(args.scale, root / "fsdp")
         if "tiers" in parts:
             import checkpoint_tiers
 
@@ -394,8 +403,13 @@ def main() -> int:
         import checkpoint_tiers
 
         print(checkpoint_tiers.report(tiers_result))
+    if fsdp_result is not None:
+        import checkpoint_fsdp
+
+        print(checkpoint_fsdp.report(fsdp_result))
     if args.json:
-        Path(args.json).write_text(json.dumps({"loop": rows, "tiers": tiers_result}, indent=1))
+        Path(args.json).write_text(json.dumps({"loop": rows, "tiers": tiers_result,
+                                               "fsdp": fsdp_result}, indent=1))
     return 0
 
 

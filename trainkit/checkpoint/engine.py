@@ -112,6 +112,13 @@ class Checkpointer:
             filesystem (``endpoint_url``, ``key``, ``secret``, ...); without them the
             standard AWS environment variables apply. See
             :mod:`~trainkit.checkpoint.tiers.fsspec`.
+        host_budget_bytes: most host memory the snapshot may hold (None: the whole state,
+            reused across saves). A larger state goes out in waves of
+            ``host_budget_bytes // chunk_bytes`` chunks (at least one): a wave is copied,
+            written to the fastest tier, and its buffer takes the next wave. Peak extra
+            host memory stays at or below the budget plus one chunk, at the price of a
+            longer ``save()`` (eager part) and ``optimizer.step()`` stall (lazy part):
+            they wait for writes, not only copies. ``stats["host_buffer_peak_bytes"]``.
     """
 
     def __init__(self, path: str | os.PathLike, *, local_dir: str | os.PathLike | None = None,
@@ -120,7 +127,14 @@ class Checkpointer:
                  keep_every: int | None = None, memory_dir: str | os.PathLike | None = None,
                  keeper_ttl: float = 300.0, timeout: float = 300.0,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, io_threads: int = 4,
-                 direct_io: bool = True, storage_options: dict | None = None) -> None:
+                 direct_io: bool = True, storage_options: dict | None = None,
+                 host_budget_bytes: int | None = None) -> None:
+        if host_budget_bytes is not None and (isinstance(host_budget_bytes, bool) or not
+                                              isinstance(host_budget_bytes, int)
+                                              or host_budget_bytes <= 0):
+            raise ValueError(f"host_budget_bytes must be a positive int, got "
+                             f"{host_budget_bytes!r}")
+        self.host_budget_bytes = host_budget_bytes
         path = os.fspath(path)
         self.path = path if is_url(path) else os.path.abspath(path)
         config = TierConfig(local_dir=local_dir, keep_in_memory=keep_in_memory,
@@ -226,14 +240,19 @@ class Checkpointer:
         if self._lazy is not None:        # the previous lazy copy must not outlive its save
             self._lazy.wait()
             self._lazy = None
-        buffer = self._pool.acquire(plan.array_bytes)
+        slots = None
+        if self.host_budget_bytes is not None and plan.array_bytes > self.host_budget_bytes:
+            slots = max(1, self.host_budget_bytes // plan.chunk_bytes)      # waves
+        buffer = self._pool.acquire(plan.array_bytes if slots is None
+                                    else slots * plan.chunk_bytes)
         try:
-            if plan.array_bytes > plan.nbytes:
-                buffer[plan.nbytes:].zero_()
-            snap = Snapshot(plan, buffer, tensors, lazy)
+            snap = Snapshot(plan, buffer, tensors, lazy, slots=slots)
         except BaseException:
             self._pool.release()
             raise
+        self.stats["waves"] = 1 if slots is None else -(-plan.nchunks // slots)
+        self.stats["host_buffer_bytes"] = self._pool.capacity
+        self.stats["host_buffer_peak_bytes"] = self._pool.peak_bytes
         job = ShardJob(tier=self._tier, step=step, seq=self._seq, rank=self.rank,
                        world_size=self.world_size, plan=plan, specs=tuple(specs), tree=tree,
                        snapshot=snap, direct_io=self._direct_io, sharded=tuple(split.items()),

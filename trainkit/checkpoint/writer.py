@@ -146,8 +146,6 @@ def write_shard(job: ShardJob, io_pool: Executor) -> dict:
     step_dir = step_dirname(job.step)
     try:
         tier.prepare(job.step, rank_dirname(job.rank))
-        flat = snap.buffer.numpy()
-        view = memoryview(flat) if flat.size else memoryview(b"")
         segments = chunk_segments([(b.offset, b.nbytes) for b in plan.blobs], plan.chunk_bytes,
                                   plan.nchunks)
         direct = (job.direct_io and snap.buffer.device.type == "cpu"
@@ -161,9 +159,10 @@ def write_shard(job: ShardJob, io_pool: Executor) -> dict:
                 if snap.error is not None:
                     raise snap.error
                 continue
-            data = view[c * plan.chunk_bytes:(c + 1) * plan.chunk_bytes]
-            pending.append(io_pool.submit(_write_chunk, tier, f"{step_dir}/{array}", c, data,
-                                          segments[c], direct))
+            fut = io_pool.submit(_write_chunk, tier, f"{step_dir}/{array}", c,
+                                 snap.chunk_view(c), segments[c], direct)
+            fut.add_done_callback(lambda _f, c=c: snap.chunk_written(c))   # frees a wave slot
+            pending.append(fut)
         snap.wait()
         manifest, _ = finish_shard(tier, job.step, job.rank, job.world_size, plan,
                                    [f.result() for f in pending], job.specs, job.tree,

@@ -1,0 +1,371 @@
+"""FSDP2 checkpointing on 4 gloo ranks, side by side (``checkpoint_bench.py --parts fsdp``).
+
+    .venv/bin/python benchmarks/checkpoint_bench.py --parts fsdp             # ~1 GiB in all
+    .venv/bin/python benchmarks/checkpoint_bench.py --parts fsdp --scale 8   # ~128 MiB
+
+An Embedding / LayerNorm / Linear model under ``fully_shard`` with AdamW: parameters and
+optimizer state together are about 1 GiB over the 4 ranks (divided by ``--scale``).
+Every arm saves the same DTensor state (``get_state_dict``) while training continues:
+
+* ``trainkit lazy``: ``Checkpointer.attach(optimizer)`` + ``save()``; skipped, with the
+  reason printed, where ``Checkpointer`` does not take DTensor state yet;
+* ``dcp.async_save`` + ``DefaultStager(StagingOptions(False, False, True, False))`` into
+  ``FileSystemWriter``;
+* ``dcp.async_save`` + ``LazyStager(optimizer)`` into ``ZarrWriter``;
+* ``dcp.save`` into ``FileSystemWriter``;
+* ``trainkit, host budget``: ``Checkpointer(host_budget_bytes=B)`` on each rank's local
+  shards as plain tensors (eager; what the budget costs and bounds, independent of the
+  DTensor path).
+
+Per arm, on the slowest rank: *loop cost per checkpoint* = time from the save call to
+the end of the next 3 training steps minus 3 steps just before without a checkpoint;
+time until durable; peak extra RSS over the rank's state bytes. DCP's collectives run on
+a gloo group of their own, as torchtitan does. Then a 2-rank job restores the 4-rank
+steps into its own FSDP2 model (resharding), page cache dropped first: ``dcp.load`` from
+``FileSystemReader`` against ``ZarrReader`` (checksums verified) and, where it exists,
+``Checkpointer.load(step, into=...)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import multiprocessing as mp
+import os
+import socket
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MiB = 1 << 20
+STEPS_AFTER = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, vocab: int, dim: int, blocks: int) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 4 * dim),
+                                torch.nn.Linear(4 * dim, dim)) for _ in range(blocks))
+        self.norm = torch.nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.norm(h) @ self.emb.weight.t()
+
+
+def _shape(total_bytes: int) -> tuple[int, int, int]:
+    """(vocab, dim, blocks) whose parameters + AdamW state (3 fp32 copies) ~ total."""
+    dim = 1024 if total_bytes >= 512 * MiB else 512
+    vocab = 4096
+    per_block = (8 * dim * dim + 7 * dim) * 12
+    blocks = max(1, round((total_bytes - vocab * dim * 12) / per_block))
+    return vocab, dim, blocks
+
+
+def _build(total_bytes: int, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = _Model(*_shape(total_bytes))
+    for b in model.blocks:
+        fully_shard(b)
+    fully_shard(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        x = torch.randint(0, 4096, (1, 8))
+        model(x).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return time.perf_counter() - t0
+
+
+def _local_nbytes(obj: Any) -> int:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, DTensor):
+        return obj.to_local().numel() * obj.element_size()
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_local_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_local_nbytes(v) for v in obj)
+    return 0
+
+
+def _to_local(obj: Any) -> Any:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, DTensor):
+        return obj.to_local()
+    if isinstance(obj, dict):
+        return {k: _to_local(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_local(v) for v in obj]
+    return obj
+
+
+def _arms(root: Path, budget: int) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+    """(name, start(model, opt, state, step) -> wait()) for every arm, and what they hold."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    from trainkit.checkpoint import Checkpointer, LazyStager, ZarrWriter
+
+    pg = dist.new_group(backend="gloo")
+    held: dict[str, Any] = {}
+
+    def trainkit_lazy(model, opt, state, step):
+        ck = held.setdefault("ck", Checkpointer(root / "trainkit", timeout=600))
+        ck.attach(opt)
+        h = ck.save(step, state)
+        return h.result
+
+    def dcp_default(model, opt, state, step):
+        stager = held.setdefault("default", DefaultStager(StagingOptions(False, False, True,
+                                                                         False)))
+        r = dcp.async_save(state, storage_writer=FileSystemWriter(str(root / f"fs_{step}")),
+                           async_stager=stager, process_group=pg)
+        return r.upload_completion.result
+
+    def dcp_lazy(model, opt, state, step):
+        stager = held.setdefault("lazy", LazyStager(opt))
+        r = dcp.async_save(state, storage_writer=ZarrWriter(root / "zarr", step=step),
+                           async_stager=stager, process_group=pg)
+        return r.upload_completion.result
+
+    def dcp_save(model, opt, state, step):
+        dcp.save(state, storage_writer=FileSystemWriter(str(root / f"sync_{step}")),
+                 process_group=pg)
+        return lambda: None
+
+    def trainkit_budget(model, opt, state, step):
+        ck = held.setdefault("budget", Checkpointer(root / "budget", timeout=600,
+                                                    chunk_bytes=MiB,
+                                                    host_budget_bytes=budget))
+        h = ck.save(step, _to_local(state), replicated=False)
+        held["budget_stats"] = ck.stats
+        return h.result
+
+    arms = [("trainkit lazy", trainkit_lazy),
+            ("dcp.async_save DefaultStager(async) -> FileSystemWriter", dcp_default),
+            ("dcp.async_save LazyStager -> ZarrWriter", dcp_lazy),
+            ("dcp.save -> FileSystemWriter", dcp_save),
+            (f"trainkit, host_budget_bytes={budget // MiB} MiB (local shards, eager)",
+             trainkit_budget)]
+    return arms, held
+
+
+def _init_rank(rank: int, world: int, port: int) -> Any:
+    """A rank process: its environment, one intra-op thread, the gloo group."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    warnings.filterwarnings("ignore")
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    return dist
+
+
+def _save_rank(rank: int, world: int, port: int, root: str, total: int, budget: int,
+               queue: Any) -> None:
+    try:
+        dist = _init_rank(rank, world, port)
+        from checkpoint_bench import PeakRSS
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, opt = _build(total, 0)
+        _train(model, opt, 1)
+        arms, held = _arms(Path(root), budget)
+        rows = []
+        for step, (name, start) in enumerate(arms):
+            dist.barrier()
+            base = _train(model, opt, STEPS_AFTER)
+            model_sd, optim_sd = get_state_dict(model, opt)
+            state = {"model": model_sd, "optim": optim_sd}
+            nbytes = _local_nbytes(state)
+            row: dict[str, Any] = {"arm": name, "state_bytes": nbytes}
+            with PeakRSS() as rss:
+                t0 = time.perf_counter()
+                try:
+                    wait = start(model, opt, state, step)
+                except (TypeError, RuntimeError) as exc:
+                    if name != "trainkit lazy":
+                        raise
+                    row["skipped"] = (f"skipped: Checkpointer cannot store DTensor state on "
+                                      f"this branch ({type(exc).__name__}: "
+                                      f"{str(exc).splitlines()[0][:90]})")
+                    rows.append(row)
+                    continue
+                blocked = time.perf_counter() - t0
+                after = _train(model, opt, STEPS_AFTER)
+                loop = time.perf_counter() - t0
+                wait()
+                durable = time.perf_counter() - t0
+            row.update(blocked_s=blocked, loop_cost_s=loop - base, durable_s=durable,
+                       steps_s=base, peak_extra=rss.peak - rss.base)
+            if "budget_stats" in held and name.startswith("trainkit, host"):
+                row["buffer_peak"] = held["budget_stats"].get("host_buffer_peak_bytes")
+                row["waves"] = held["budget_stats"].get("waves")
+            rows.append(row)
+            del state, model_sd, optim_sd
+        for key in ("ck", "budget"):
+            if key in held:
+                try:
+                    held[key].close(persist_last=False)
+                except Exception:  # noqa: BLE001 - a skipped arm's checkpointer
+                    pass
+        for key in ("lazy", "default"):
+            if key in held:
+                held[key].close()
+        queue.put((rank, True, rows))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001
+        queue.put((rank, False, traceback.format_exc()))
+
+
+def _restore_rank(rank: int, world: int, port: int, root: str, total: int, steps: dict,
+                  queue: Any) -> None:
+    try:
+        dist = _init_rank(rank, world, port)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from checkpoint_tiers import drop_cache, files_under
+        from trainkit.checkpoint import Checkpointer, ZarrReader
+
+        model, opt = _build(total, 1)
+        _train(model, opt, 1)
+        out: dict[str, Any] = {}
+
+        def timed(name: str, files_root: Path, load: Any) -> None:
+            if rank == 0:
+                drop_cache(files_under(files_root))
+            dist.barrier()
+            m_sd, o_sd = get_state_dict(model, opt)
+            t0 = time.perf_counter()
+            load({"model": m_sd, "optim": o_sd})
+            dist.barrier()
+            out[name] = time.perf_counter() - t0
+
+        r = Path(root)
+        timed("dcp.load <- FileSystemReader", r / f"fs_{steps['fs']}",
+              lambda s: dcp.load(s, storage_reader=FileSystemReader(str(r / f"fs_{steps['fs']}"))))
+        timed("dcp.load <- ZarrReader (checksums)", r / "zarr",
+              lambda s: dcp.load(s, storage_reader=ZarrReader(r / "zarr", step=steps["zarr"])))
+        if "into" in inspect.signature(Checkpointer.load).parameters and \
+                (r / "trainkit").is_dir() and steps.get("trainkit") is not None:
+            ck = Checkpointer(r / "trainkit", timeout=600)
+            timed("Checkpointer.load(into=)", r / "trainkit",
+                  lambda s: ck.load(steps["trainkit"], into=s))
+            ck.close(persist_last=False)
+        else:
+            out["Checkpointer.load(into=)"] = ("skipped: Checkpointer.load has no into= on "
+                                               "this branch (DTensor restore, issue 12 part 2)")
+        queue.put((rank, True, out))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001
+        queue.put((rank, False, traceback.format_exc()))
+
+
+def _spawn(target: Any, world: int, *args: Any, timeout: float = 3000) -> dict[int, Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, queue), daemon=False)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    got: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(got) < world:
+            rank, ok, payload = queue.get(timeout=max(1.0, deadline - time.monotonic()))
+            if not ok:
+                raise RuntimeError(f"rank {rank} failed:\n{payload}")
+            got[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return got
+
+
+def run(scale: float, root: Path, budget: int | None = None) -> dict:
+    total = int(1024 * MiB / scale)
+    budget = budget or max(4 * MiB, total // 4 // 8)        # 1/8 of a rank's state
+    root.mkdir(parents=True, exist_ok=True)
+    per_rank = _spawn(_save_rank, 4, str(root), total, budget)
+    rows = []
+    for i, row in enumerate(per_rank[0]):
+        worst = dict(row)
+        for r in per_rank.values():
+            other = r[i]
+            for k in ("blocked_s", "loop_cost_s", "durable_s", "peak_extra", "buffer_peak"):
+                if other.get(k) is not None and worst.get(k) is not None:
+                    worst[k] = max(worst[k], other[k])
+        rows.append(worst)
+    steps = {"fs": 1, "zarr": 2}
+    if "skipped" not in rows[0]:
+        steps["trainkit"] = 0
+    restore = _spawn(_restore_rank, 2, str(root), total, steps)
+    times = {k: max(r[k] for r in restore.values()) if not isinstance(restore[0][k], str)
+             else restore[0][k] for k in restore[0]}
+    return {"total_bytes": total, "budget": budget, "model": _shape(total), "rows": rows,
+            "restore_4_to_2": times}
+
+
+def report(res: dict) -> str:
+    vocab, dim, blocks = res["model"]
+    out = [f"FSDP2, 4 gloo ranks, {res['total_bytes'] / MiB:.0f} MiB of parameters + AdamW "
+           f"state (vocab {vocab}, dim {dim}, {blocks} blocks); the slowest rank per figure",
+           "", "| arm | blocked (ms) | loop cost / ckpt (ms) | % of dcp.save | durable (s) "
+           "| peak extra RSS / rank state |", "|---|---|---|---|---|---|"]
+    ref = next((r for r in res["rows"] if r["arm"].startswith("dcp.save")), None)
+    for r in res["rows"]:
+        if "skipped" in r:
+            out.append(f"| {r['arm']} | {r['skipped']} | | | | |")
+            continue
+        pct = "" if ref is None else f"{100 * r['loop_cost_s'] / ref['loop_cost_s']:.1f}%"
+        out.append(f"| {r['arm']} | {1000 * r['blocked_s']:.0f} | {1000 * r['loop_cost_s']:.0f} "
+                   f"| {pct} | {r['durable_s']:.2f} | {r['peak_extra'] / r['state_bytes']:.2f}x |")
+    budget_row = next((r for r in res["rows"] if "buffer_peak" in r), None)
+    if budget_row is not None:
+        out += ["", f"host budget {res['budget'] / MiB:.1f} MiB per rank, rank state "
+                    f"{budget_row['state_bytes'] / MiB:.1f} MiB, {budget_row['waves']} waves: "
+                    f"snapshot buffer peak {budget_row['buffer_peak'] / MiB:.2f} MiB "
+                    f"({budget_row['buffer_peak'] / res['budget']:.2f}x the budget), "
+                    f"peak extra RSS {budget_row['peak_extra'] / MiB:.1f} MiB "
+                    f"({budget_row['peak_extra'] / res['budget']:.2f}x)"]
+    out += ["", "restore of the 4-rank steps on 2 ranks (FSDP2, resharded, page cache dropped):"]
+    dcp_t = res["restore_4_to_2"].get("dcp.load <- FileSystemReader")
+    for k, v in res["restore_4_to_2"].items():
+        if isinstance(v, str):
+            out.append(f"- {k}: {v}")
+        else:
+            out.append(f"- {k}: {v:.2f} s ({v / dcp_t:.2f}x dcp.load)")
+    return "\n".join(out)
