@@ -12,6 +12,8 @@ What it does, in one run:
      lambda 1, dtype float32, -j <cores>);
    - ``trainkit merge ties --scope tensor --compat mergekit`` on the same inputs;
    - ``trainkit merge ties --scope tensor`` and ``--scope global`` (authors' rule);
+   - a plain vectorised torch TIES (``PLAIN_TIES``: stack, ``kthvalue``, sign vote,
+     masked mean, tensor scope), the baseline issue #14 asks trainkit to beat 2x;
    - a raw read of the same input bytes.
    Each is a separate process; peak anonymous memory (RssAnon summed over the
    process tree) is sampled from /proc every 10 ms.
@@ -187,6 +189,33 @@ print(n)
 """
 
 
+# The plain vectorised torch TIES of issue #14 (tensor scope): the baseline trainkit must beat.
+# Per tensor: stack the task vectors, kthvalue threshold per model, sign vote, masked mean.
+PLAIN_TIES = """
+import sys, torch
+from pathlib import Path
+from safetensors import safe_open
+from safetensors.torch import save_file
+torch.set_num_threads(int(sys.argv[1])); density = float(sys.argv[2]); out = Path(sys.argv[3])
+base, *fts = map(Path, sys.argv[4:])
+out.mkdir(parents=True, exist_ok=True)
+for shard in sorted(base.glob('*.safetensors')):
+    fb, fm, res = safe_open(shard, 'pt'), [safe_open(d / shard.name, 'pt') for d in fts], {}
+    for k in fb.keys():
+        b = fb.get_tensor(k)
+        tv = torch.stack([f.get_tensor(k).reshape(-1) for f in fm]) - b.reshape(1, -1)
+        kth = tv.shape[1] - int(tv.shape[1] * density)
+        if kth > 0:
+            tv = tv * (tv.abs() >= tv.abs().kthvalue(kth, dim=1, keepdim=True).values)
+        agree = (torch.sign(tv) == torch.sign(tv.sum(0))) & (tv != 0)
+        mean = (tv * agree).sum(0) / agree.sum(0).clamp(min=1)
+        res[k] = (b.reshape(-1) + mean).reshape(b.shape)
+    save_file(res, out / shard.name)
+for index in base.glob('*.safetensors.index.json'):
+    (out / index.name).write_bytes(index.read_bytes())
+"""
+
+
 def ulp_compare(a_dir: Path, b_dir: Path) -> dict:
     """Max float32 ulp distance and count of differing elements between two model dirs."""
     a, b = open_reader(a_dir), open_reader(b_dir)
@@ -237,7 +266,8 @@ def main() -> int:
     outs = args.work / "outputs"
     shutil.rmtree(outs, ignore_errors=True)
     outs.mkdir()
-    trainkit = [str(ROOT / ".venv" / "bin" / "python"), "-m", "trainkit", "merge", "ties", "--base", str(base),
+    py = ROOT / ".venv" / "bin" / "python"
+    trainkit = [str(py if py.exists() else sys.executable), "-m", "trainkit", "merge", "ties", "--base", str(base),
                 "--models", *map(str, fts), "--density", str(args.density), "--lam", "1.0",
                 "--threads", str(args.threads), "--progress", "off", "--overwrite"]
     jobs = {
@@ -245,6 +275,8 @@ def main() -> int:
         "trainkit_tensor_compat": [*trainkit, "--scope", "tensor", "--compat", "mergekit", "--out", str(outs / "tk_compat")],
         "trainkit_tensor": [*trainkit, "--scope", "tensor", "--out", str(outs / "tk_tensor")],
         "trainkit_global": [*trainkit, "--scope", "global", "--out", str(outs / "tk_global")],
+        "plain_torch_ties": [sys.executable, "-c", PLAIN_TIES, str(args.threads), str(args.density),
+                             str(outs / "plain_ties"), str(base), *map(str, fts)],
     }
     if not args.skip_mergekit:
         exe = ensure_mergekit(args.venv)
@@ -258,7 +290,7 @@ def main() -> int:
         )
         jobs["mergekit"] = [str(exe), str(cfg), str(outs / "mergekit"), "--no-copy-tokenizer",
                             "--no-write-model-card", "--quiet", "-j", str(args.threads)]
-    order = ["raw_read", "mergekit", "trainkit_tensor_compat", "trainkit_tensor", "trainkit_global"]
+    order = ["raw_read", "mergekit", "trainkit_tensor_compat", "trainkit_tensor", "trainkit_global", "plain_torch_ties"]
     for r in range(repeats):
         for name in order:
             if name not in jobs:
@@ -289,6 +321,15 @@ def main() -> int:
         )
         summary["anon_memory_ratio_vs_mergekit"] = R["trainkit_tensor_compat"]["peak_rss_anon_mib"] / R["mergekit"]["peak_rss_anon_mib"]
         summary["mergekit_vs_trainkit_compat"] = ulp_compare(outs / "mergekit", outs / "tk_compat")
+    raw = R["raw_read"]["median_seconds"]
+    for name in R:
+        R[name]["time_over_raw_read"] = R[name]["median_seconds"] / raw
+    # issue #14's bar: tensor-scope trainkit at least 2x faster than the plain torch TIES
+    summary["tensor_speedup_vs_plain_torch_ties"] = R["plain_torch_ties"]["median_seconds"] / R["trainkit_tensor"]["median_seconds"]
+    summary["tensor_cpu_speedup_vs_plain_torch_ties"] = (
+        R["plain_torch_ties"]["median_cpu_seconds"] / R["trainkit_tensor"]["median_cpu_seconds"]
+    )
+    summary["plain_torch_ties_vs_trainkit_tensor"] = ulp_compare(outs / "plain_ties", outs / "tk_tensor")
     summary["global_over_tensor_time"] = R["trainkit_global"]["median_seconds"] / R["trainkit_tensor"]["median_seconds"]
     summary["global_over_tensor_cpu"] = R["trainkit_global"]["median_cpu_seconds"] / R["trainkit_tensor"]["median_cpu_seconds"]
     print(json.dumps(summary, indent=2))

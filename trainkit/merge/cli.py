@@ -16,6 +16,7 @@ from pathlib import Path
 
 from trainkit._units import SIZE_HELP, parse_size
 from trainkit.merge.methods import METHODS  # no torch: the merge package resolves names lazily
+from trainkit.merge.sweep import register_sweep  # no torch at import either
 
 __all__ = ["register"]
 
@@ -28,6 +29,19 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+class _MergeParser(argparse.ArgumentParser):
+    """``trainkit merge sweep METHOD ...`` beside ``trainkit merge METHOD ...``: the optional
+    positional METHOD leaves argparse no room for sub-subcommands, so the word ``sweep``
+    first hands the rest of the line to the sweep parser."""
+
+    sweep_parser: argparse.ArgumentParser
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if args and args[0] == "sweep":
+            return self.sweep_parser.parse_known_args(list(args[1:]), namespace)
+        return super().parse_known_args(args, namespace)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "merge",
@@ -38,7 +52,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "file, a torch .pt/.bin file, or a trainkit checkpoint written trainkit:DIR@STEP#PREFIX "
             "(e.g. trainkit:runs/ckpt@1000#model.)."
         ),
+        epilog="trainkit merge sweep METHOD --base B --models A B --density D.. --lam L.. --eval PKG.MOD:FN "
+               "--out OUT: pick density and lam by your eval function (trainkit merge sweep --help)",
     )
+    p.__class__ = _MergeParser
+    p.sweep_parser = argparse.ArgumentParser(
+        prog=f"{p.prog} sweep",
+        description="Merge every (density, lam) grid point, score each with your eval function "
+                    "(path of the merged model -> score, higher is better), keep only the best so far, "
+                    "and write it with sweep.json to --out.",
+    )
+    register_sweep(p.sweep_parser, list(METHODS))
     p.add_argument("method", nargs="?", choices=list(METHODS), help="merge method (preset); omit with --config")
     p.add_argument("--config", default=None, metavar="CFG.yaml",
                    help="a mergekit YAML config (merge_method, base_model, models, parameters, dtype, "
