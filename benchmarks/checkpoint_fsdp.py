@@ -274,7 +274,7 @@ def _restore_rank(rank: int, world: int, port: int, root: str, total: int, steps
         timed("dcp.load <- FileSystemReader", r / f"fs_{steps['fs']}",
               lambda s: dcp.load(s, storage_reader=FileSystemReader(str(r / f"fs_{steps['fs']}"))))
         timed("dcp.load <- ZarrReader (checksums)", r / "zarr",
-              lambda s: dcp.load(s, storage_reader=ZarrReader(r / "zarr", step=steps["zarr"])))
+              lambda s: dcp.load(s, storage_reader=ZarrReader(r / "zarr", step=steps["zarr"], allow_pickle=True)))
         if "into" in inspect.signature(Checkpointer.load).parameters and \
                 (r / "trainkit").is_dir() and steps.get("trainkit") is not None:
             ck = Checkpointer(r / "trainkit", timeout=600)

@@ -122,7 +122,7 @@ def bench_state(name: str, state: dict, rounds: int, work: Path) -> dict:
         drop_cache(fs_dir)
         drop_cache(z_dir)
         pair = [("fs", lambda: dcp.load(tgt_fs, storage_reader=FileSystemReader(fs_dir))),
-                ("z", lambda: dcp.load(tgt_z, storage_reader=ZarrReader(z_dir, step=0)))]
+                ("z", lambda: dcp.load(tgt_z, storage_reader=ZarrReader(z_dir, step=0, allow_pickle=True)))]
         if r % 2:
             pair.reverse()
         t = {k: timed(fn) for k, fn in pair}

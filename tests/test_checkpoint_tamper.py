@@ -248,7 +248,7 @@ def test_tampered_step_is_refused_cleanly(case, pristine, tmp_path, capsys):
     rc, out, err = _cli(capsys, "ckpt", "ls", d)
     _one_line(rc, err, codes=(0, 2))
     rc, out, err = _cli(capsys, "ckpt", "export", d, "2", "--to", str(tmp_path / "x.safetensors"))
-    _one_line(rc, err)
+    _one_line(rc, err, codes=(2,))                            # bad input: exit 2
     with pytest.raises((CheckpointError, OSError, ValueError)) as info:
         reader = open_input(f"trainkit:{d}@2")
         for name in reader.keys():

@@ -529,7 +529,14 @@ def _export(args: argparse.Namespace) -> int:
         print(f"trainkit ckpt export: {exc}", file=sys.stderr)
         return _error_code(exc)
     except OSError as exc:
-        print(f"trainkit ckpt export: cannot write {exc.filename or args.to}: "
+        name = str(exc.filename) if exc.filename is not None else None
+        if name is not None and not name.startswith(str(args.to)):
+            # a read of the checkpoint failed (a link where a step should be, say): bad input
+            where = name if os.path.isabs(name) else f"{args.dir}/{name}"
+            print(f"trainkit ckpt export: cannot read {where}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 2
+        print(f"trainkit ckpt export: cannot write {name or args.to}: "
               f"{exc.strerror or exc}", file=sys.stderr)
         return 1
     for f in files:
