@@ -329,6 +329,16 @@ def _read_back(tmp_path, caplog) -> None:
     assert ck.loaded_from == "persistent"
     _assert_same(ref["model"], state["model"])
     assert "falling back to the persistent tier" in caplog.text
+    # the same with into= (4 saved ranks into one process's whole tensors): the bad
+    # piece is named, and the persistent tier fills the target
+    caplog.clear()
+    target = {"model": {k: torch.zeros_like(v) for k, v in ref["model"].items()}}
+    ck = Checkpointer(p, local_dir=local)
+    got = ck.load(2, into=target, strict=False)
+    assert ck.loaded_from == "persistent"
+    assert got["model"]["emb.weight"] is target["model"]["emb.weight"]
+    _assert_same(ref["model"], got["model"])
+    assert "piece at offsets [13, 0]" in caplog.text and "rank 1" in caplog.text, caplog.text
     verify = _ckpt_cli("verify", local, "2")
     assert verify.returncode == 1 and "rank 1" in verify.stdout
 
