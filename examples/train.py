@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-delay", type=float, default=0.0,
                    help="sleep per step (seconds), to make a run long enough to kill")
     p.add_argument("--no-attach", action="store_true", help="eager snapshots (no lazy mode)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="FSDP2 (fully_shard) instead of DDP: DTensor state, loaded with into=")
     p.add_argument("--detect", action=argparse.BooleanOptionalAction,
                    default=bool(os.environ.get("TRAINKIT_AGGREGATOR")),
                    help="record collectives with trainkit.detect.CollectiveMonitor (default: on "
@@ -147,11 +149,12 @@ def this_ranks_view(state: object, rank: int) -> object:
     return state
 
 
-def restore(ckpt: object, rank: int) -> tuple[int | None, dict | None]:
-    """The newest checkpoint every rank can load (collective), or (None, None)."""
+def restore(ckpt: object, rank: int, into: dict | None = None) -> tuple[int | None, dict | None]:
+    """The newest checkpoint every rank can load (collective), or (None, None). ``into``
+    (FSDP2): a target whose DTensors say where each saved piece goes."""
     if isinstance(ckpt, Checkpointer):
         try:
-            state = ckpt.load()
+            state = ckpt.load() if into is None else ckpt.load(into=into)
         except CheckpointNotFoundError as exc:
             if rank == 0:
                 print(f"[train] starting fresh: {exc}", flush=True)
@@ -181,7 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.Linear(FEATURES, args.hidden), torch.nn.BatchNorm1d(args.hidden),
         torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(args.hidden, args.hidden),
         torch.nn.ReLU(), torch.nn.Linear(args.hidden, CLASSES))
-    ddp = DDP(model)
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in (model[0], model[4], model[6]):
+            fully_shard(layer)
+        ddp = fully_shard(model)
+    else:
+        ddp = DDP(model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
     x_all, y_all = make_data(args.seed)
@@ -202,10 +212,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_attach:
         ckpt.attach(opt)
     start = 1
-    resumed, state = restore(ckpt, rank)
+    target = None
+    if args.fsdp:
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        m_sd, o_sd = get_state_dict(model, opt)
+        target = {"model": m_sd, "optim": o_sd, "sched": sched.state_dict(), "step": 0,
+                  "data": data.state_dict(), "rng": rng_state()}
+    resumed, state = restore(ckpt, rank, target)
     if resumed is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
+        if args.fsdp:
+            set_state_dict(model, opt, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+        else:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
         data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
@@ -243,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
                            + "\n")
             progress.flush()
         if step % args.ckpt_every == 0:
-            ckpt.save(step, {"model": model.state_dict(), "optim": opt.state_dict(),
+            m_sd, o_sd = (get_state_dict(model, opt) if args.fsdp else
+                          (model.state_dict(), opt.state_dict()))
+            ckpt.save(step, {"model": m_sd, "optim": o_sd,
                              "sched": sched.state_dict(), "step": step, "data": data.state_dict(),
                              "rng": rng_state()})
         if args.stop_after is not None and step == args.stop_after:

@@ -8,12 +8,11 @@ import json
 import logging
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from distributed import REPO_ROOT, run_ranks, subprocess_env
+from distributed import run_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -223,12 +222,28 @@ def _two(rank: int, world: int, root: str) -> None:
     dist.barrier()
 
 
+_capsys = None
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """``trainkit ARGS`` in this process (torch is imported already: no 5 s start-up)."""
+    from trainkit.cli import main
+
+    try:
+        rc = main(list(args))
+    except SystemExit as exc:
+        rc = exc.code if isinstance(exc.code, int) else 1
+    out = _capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out.out, out.err)
+
+
 def _ckpt_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainkit", "ckpt", *args], env=subprocess_env(),
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    return _cli("ckpt", *args)
 
 
-def test_fsdp2_and_tp_save_reshard_and_read_back(tmp_path, caplog):
+def test_fsdp2_and_tp_save_reshard_and_read_back(tmp_path, caplog, capsys):
+    global _capsys
+    _capsys = capsys
     root = str(tmp_path)
     out = run_ranks(_four, 4, root, timeout=150)
     # FSDP over TP's Shard(0) is a strided shard: its pieces are still boxes
@@ -286,6 +301,16 @@ def _read_back(tmp_path, caplog) -> None:
     _assert_same(ref["model"], load_file(str(tmp_path / "hf" / "model.safetensors")))
     merged = StepTensorReader(p, 10, "model.")
     _assert_same(ref10["model"], {k: merged.get(k) for k in merged.keys()})
+    # `trainkit merge` over two DTensor steps (4-rank FSDP and 2x2 FSDP x TP) equals the
+    # in-memory merge of the full tensors gathered at save()
+    from trainkit.merge import merge
+
+    out = tmp_path / "merged"
+    done = _cli("merge", "ties", "--base", f"trainkit:{p}@2#model.", "--models",
+                f"trainkit:{p}@10#model.", "--out", str(out), "--threads", "2")
+    assert done.returncode == 0, done.stderr
+    want = merge("ties", ref["model"], [ref10["model"]])
+    _assert_same(want, load_file(str(out / "model.safetensors")))
 
     # one corrupt piece on the local tier: a clear error there, the persistent copy loads
     chunk = os.path.join(local, "step_0000000002", "rank_00001", "data", "c", "0")
@@ -304,6 +329,16 @@ def _read_back(tmp_path, caplog) -> None:
     assert ck.loaded_from == "persistent"
     _assert_same(ref["model"], state["model"])
     assert "falling back to the persistent tier" in caplog.text
+    # the same with into= (4 saved ranks into one process's whole tensors): the bad
+    # piece is named, and the persistent tier fills the target
+    caplog.clear()
+    target = {"model": {k: torch.zeros_like(v) for k, v in ref["model"].items()}}
+    ck = Checkpointer(p, local_dir=local)
+    got = ck.load(2, into=target, strict=False)
+    assert ck.loaded_from == "persistent"
+    assert got["model"]["emb.weight"] is target["model"]["emb.weight"]
+    _assert_same(ref["model"], got["model"])
+    assert "piece at offsets [13, 0]" in caplog.text and "rank 1" in caplog.text, caplog.text
     verify = _ckpt_cli("verify", local, "2")
     assert verify.returncode == 1 and "rank 1" in verify.stdout
 

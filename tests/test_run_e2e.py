@@ -186,6 +186,30 @@ def test_crash_restarts_and_resumes_with_identical_losses(tmp_path):
     assert gp["generations"][1]["restored_step"] == resumed - 1
 
 
+def test_crash_restart_restores_an_fsdp2_job_from_the_memory_tier(tmp_path):
+    """FSDP2 (DTensor state, saved lazily, loaded with into=): a crash of one node, and
+    the next generation restores from the agents' /dev/shm and repeats the lost steps."""
+    proc, events, steps = _train_job(
+        tmp_path, ["--local-nodes", "2", "--hang-timeout", "5"],
+        ["--fsdp", "--steps", "8", "--ckpt-every", "2", "--keep-in-memory", "2",
+         "--hidden", "32", "--persist-every", "100"],
+        env={"TRAINKIT_FAULT": "node=1,step=6,kind=crash"})
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    decision = next(e for e in events if e["event"] == "decision")
+    assert decision["action"] == "restart" and decision["culprits"] == ["node1"]
+    by_gen: dict[str, dict[int, float]] = {}
+    for s in steps:
+        by_gen.setdefault(s["generation"], {})[s["step"]] = s["loss"]
+    first, second = by_gen["0"], by_gen["1"]
+    resumed = min(second)
+    assert resumed - 1 in (2, 4) and max(second) == 8, sorted(second)
+    assert f"restored step {resumed - 1} from the memory tier" in proc.stdout, proc.stdout[-3000:]
+    overlap = sorted(set(first) & set(second))
+    assert overlap, "some steps were recomputed after the crash"
+    for step in overlap:
+        assert math.isclose(second[step], first[step], rel_tol=4 * 2.0 ** -23), step
+
+
 def test_aggregator_killed_training_continues_unmonitored(tmp_path):
     import psutil
 
