@@ -189,8 +189,9 @@ def test_crash_restarts_and_resumes_with_identical_losses(tmp_path):
 def test_crash_restart_restores_an_fsdp2_job_from_the_memory_tier(tmp_path):
     """FSDP2 (DTensor state, saved lazily, loaded with into=): a crash of one node, and
     the next generation restores from the agents' /dev/shm and repeats the lost steps."""
+    # --tee: the "restored step" line below is the workers' output (run_dir/logs otherwise)
     proc, events, steps = _train_job(
-        tmp_path, ["--local-nodes", "2", "--hang-timeout", "5"],
+        tmp_path, ["--local-nodes", "2", "--hang-timeout", "5", "--tee"],
         ["--fsdp", "--steps", "8", "--ckpt-every", "2", "--keep-in-memory", "2",
          "--hidden", "32", "--persist-every", "100"],
         env={"TRAINKIT_FAULT": "node=1,step=6,kind=crash"})
