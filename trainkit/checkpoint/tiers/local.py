@@ -11,12 +11,13 @@ safetensors output, ``import-dcp``'s source reads).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from trainkit.checkpoint.errors import UnsafeDirectoryError
 from trainkit.checkpoint.format.layout import COMMIT_FILE, parse_step_dirname, step_dirname
@@ -284,10 +285,13 @@ class LocalTier:
             raise OSError(errno.EINVAL, "not a file path", self.path(rel))
         return self._open_dir(dirs, create=create), name
 
-    def _open_file(self, rel: str) -> int:
-        fd, name = self._parent(rel)
+    @contextlib.contextmanager
+    def _in_parent(self, rel: str, *, create: bool = False) -> Iterator[tuple[int, str]]:
+        """(parent directory's fd, file name) for ``rel``, closed afterwards; an error about
+        the bare name is re-labelled with the tier path, so messages name the real file."""
+        fd, name = self._parent(rel, create=create)
         try:
-            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+            yield fd, name
         except OSError as exc:
             if exc.filename is None or exc.filename == name:
                 exc.filename = self.path(rel)
@@ -295,18 +299,15 @@ class LocalTier:
         finally:
             os.close(fd)
 
+    def _open_file(self, rel: str) -> int:
+        with self._in_parent(rel) as (fd, name):
+            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+
     # -- the Tier protocol --------------------------------------------------------------
     def write(self, rel: str, data: memoryview, *, direct: bool = False) -> None:
-        fd, name = self._parent(rel, create=True)
-        try:
+        with self._in_parent(rel, create=True) as (fd, name):
             write_file(name, data, fsync=self._fsync, direct=direct and self._fsync,
                        dir_fd=fd, mode=self._file_mode)
-        except OSError as exc:
-            if exc.filename is None or exc.filename == name:
-                exc.filename = self.path(rel)
-            raise
-        finally:
-            os.close(fd)
 
     def read_into(self, rel: str, buffers: Sequence[memoryview], offset: int = 0) -> None:
         fd = self._open_file(rel)
