@@ -8,6 +8,7 @@ them; for FSDP2 (DTensor) and DDP (plain tensor) state, with DCP plan caching on
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 import uuid
@@ -210,6 +211,10 @@ def _save_while_training(rank: int, world_size: int, root: str) -> dict:
                                       async_stager=stager, process_group=ckpt_pg)
             _train(model, opt, 2, seed=10 + i)     # training continues during the upload
             response.upload_completion.result(60)
+            # the buffer is reused only once nothing holds the previous staged state: drop
+            # the response (and DCP's cycles around it) so reuse does not depend on GC timing
+            del response
+            gc.collect()
             saved.append(expected)
             local = next(iter(stager._slots)).pool._buf                 # noqa: SLF001
             ptrs.add(local.data_ptr())
