@@ -154,7 +154,10 @@ def test_not_a_checkpoint_directory(tmp_path):
     (tmp_path / "file").write_text("x")
     for action in (("info", str(tmp_path / "file"), "1"), ("verify", str(tmp_path / "file")),
                    ("ls", str(tmp_path / "nope")), ("gc", str(tmp_path / "nope"), "--keep", "1")):
-        _one_line_error(_cli(*action), "is not a directory")
+        out = _cli(*action)
+        _one_line_error(out, "is not a directory")
+        assert out.returncode == 2, out.stderr      # bad input, as every other bad input
+    _one_line_error(_cli("ls", str(tmp_path / "nope")), "does not exist")
 
 
 def test_corrupt_commit_record_is_a_row_not_a_crash(ckpt_dir):
@@ -181,7 +184,9 @@ def test_unreachable_url(monkeypatch, exc, needle):
     from trainkit.checkpoint import reader
 
     monkeypatch.setattr(reader, "as_tier", lambda where: _Unreachable(exc))
-    _one_line_error(_cli("ls", "s3://bucket/ck"), needle)
+    out = _cli("ls", "s3://bucket/ck")
+    _one_line_error(out, needle, "s3://bucket/ck")
+    assert out.returncode == 2
 
 
 def test_export_and_import_errors(ckpt_dir, dcp_dir, tmp_path, monkeypatch):

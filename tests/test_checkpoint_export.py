@@ -112,7 +112,7 @@ def test_export_errors(ckpt, tmp_path, capsys):
                       "--max-shard-size", "lots")
     assert rc != 0 and "bad size" in err
     rc, _, err = _cli(capsys, "export", str(tmp_path / "nope"), "10", "--to", str(out))
-    assert rc != 0 and "is not a directory" in err
+    assert rc == 2 and "is not a directory" in err and "nope" in err
     assert not out.exists()
     rc, stdout, _ = _cli(capsys, "export", str(ckpt), "10", "--to", str(out))
     assert rc == 0 and str(out) in stdout

@@ -86,8 +86,9 @@ def _bad_input() -> tuple[type[BaseException], ...]:
 def _one_line(exc: BaseException, where: str | None) -> str:
     """One line naming the file and the problem, for an error out of a bad checkpoint."""
     from trainkit.checkpoint.errors import CheckpointError
+    from trainkit.errors import TrainkitError
 
-    if isinstance(exc, CheckpointError):
+    if isinstance(exc, (CheckpointError, TrainkitError)):
         text = str(exc)
     elif isinstance(exc, OSError) and exc.filename:
         text = f"{exc.filename}: {exc.strerror or exc}"
@@ -328,8 +329,11 @@ def _need(what: str) -> float:
 
 def _require_dir(path: str) -> None:
     """A local directory must exist; a URL (s3://...) must be listable (endpoint and
-    credentials from the standard AWS environment), else one clear line, no traceback."""
+    credentials from the standard AWS environment). Otherwise an :class:`InputError`
+    naming the path: the handler wrapper prints it as one line and exits 2, as for
+    any other bad input, with no traceback."""
     from trainkit.checkpoint.tiers import is_url
+    from trainkit.errors import InputError
 
     if is_url(path):
         from trainkit.checkpoint import reader
@@ -337,13 +341,14 @@ def _require_dir(path: str) -> None:
         try:
             reader.as_tier(path).step_dirs()
         except ImportError as exc:
-            raise SystemExit(f"trainkit ckpt: cannot open {path}: URL support is not "
-                             f"available ({exc})") from None
+            raise InputError(f"{path}: cannot open: URL support is not available "
+                             f"({exc})") from None
         except (OSError, ValueError) as exc:
-            raise SystemExit(f"trainkit ckpt: cannot read {path}: {exc}") from None
+            raise InputError(f"{path}: cannot read: {exc}") from None
         return
     if not os.path.isdir(path):
-        raise SystemExit(f"trainkit ckpt: {path} is not a directory")
+        missing = "" if os.path.exists(path) else " (it does not exist)"
+        raise InputError(f"{path}: is not a directory{missing}")
 
 
 def _ls(args: argparse.Namespace) -> int:
