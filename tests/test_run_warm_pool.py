@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -87,8 +88,31 @@ def test_hang_excludes_the_node_and_survivors_restart_on_their_warm_pools(tmp_pa
            "--steps", "26", "--ckpt-every", "4", "--keep-in-memory", "2",
            "--ckpt-dir", str(tmp_path / "ckpt"), "--progress-log", str(progress),
            "--step-delay", "0.3"]
+    seen: list = []
+
+    def listeners_during_the_warm_generation(_run_dir: Path) -> None:
+        """Once generation 1 trains, every listener of the job's processes (the
+        coordinator's stores, the pools' torchruns, the aggregator) is on loopback."""
+        import psutil
+        from test_run_listeners import _is_loopback, _listeners, _socket_inodes
+
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            rows = progress.read_text().splitlines() if progress.exists() else []
+            if any(json.loads(x)["generation"] == "1" for x in rows):
+                break
+            time.sleep(0.2)
+        pids = set()
+        for p in psutil.process_iter(["cmdline"]):
+            if str(tmp_path) in " ".join(p.info["cmdline"] or []):
+                pids.add(p.pid)
+        seen.extend(_listeners(_socket_inodes(pids)))
+        seen.append([e for e in seen if not _is_loopback(e[1])])
+
     proc, events = _launch(cmd, run_dir, env={"TRAINKIT_FAULT": "node=2,step=16,kind=hang"},
-                           timeout=280)
+                           timeout=280, during=listeners_during_the_warm_generation)
+    *listeners, exposed = seen
+    assert len(listeners) >= 3 and exposed == [], (listeners, exposed)
     assert proc.returncode == 0, proc.stdout[-5000:]
     decision = next(e for e in events if e["event"] == "decision")
     assert decision["fault"].startswith("hang") and decision["exclude"] == ["node2"]
