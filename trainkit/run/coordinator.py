@@ -176,7 +176,8 @@ class Coordinator:
         self._stop(gen, outcome.fault.reason)
         # Only the nodes that stay are waited for: an excluded node's workers may take
         # their time to die, and the restart does not need them.
-        wait_for = state.members if decision.action == "give_up" else decision.state.members
+        wait_for = state.members if decision.action == "give_up" else tuple(
+            m for m in state.members if m in decision.state.members)   # not a promoted spare
         lost = self._lost_members(gen, wait_for)
         self.events.log("decision", gen=gen, action=decision.action,
                         exclude=list(decision.exclude), fault=outcome.fault.kind,
