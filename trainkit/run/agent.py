@@ -335,8 +335,12 @@ class NodeAgent:
             w = self._start_pool(plan)
             self._note(f"generation {gen}: the ready pool is gone; a fresh one joins instead")
         w.gen = gen
-        w.sink.path = self._gen_log(gen)
-        w.sink.path.parent.mkdir(parents=True, exist_ok=True)
+        log = self._gen_log(gen)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a", encoding="utf-8") as f:    # the generation's log exists from go on
+            f.write(f"[trainkit agent] generation {gen} runs on warm pool {w.seq} (its output "
+                    f"before go: {rundir.LOGS_DIR}/pool/{self.node_id}.{w.seq}.log)\n")
+        w.sink.path = log
         if self.tee:
             w.tee.set()
         assert w.go is not None
