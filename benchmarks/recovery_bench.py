@@ -22,6 +22,11 @@ extra time of the 3 steps after each save over the median step. The fault is inj
 a step halfway between two baseline checkpoints (its average case).
 
     python benchmarks/recovery_bench.py [--quick] [--json out.json]
+    python benchmarks/recovery_bench.py --case exclusion [--repeats 3]   # a node excluded
+
+``--case exclusion`` (``benchmarks/recovery_exclusion.py``) measures a hang that gets a
+node excluded: time lost until the two remaining nodes are back at the fault's step, and
+the decision to the first step after the restart, warm pools against ``--no-warm-start``.
 
 The peer users would pick instead, NVIDIA's ``ft_launcher`` (nvidia-resiliency-ext), is
 measured by ``benchmarks/recovery_nvrx.py`` (its own install under /tmp), which also
@@ -207,7 +212,23 @@ def main() -> int:
     p.add_argument("--no-warm-start", action="store_true",
                    help="trainkit side: run without pre-started generations")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--case", choices=("faults", "exclusion"), default="faults",
+                   help="faults: crash and hang against the torchrun baseline; exclusion: a "
+                        "hung node excluded, warm pools against cold restarts")
+    p.add_argument("--repeats", type=int, default=3, help="exclusion: runs per arm")
+    p.add_argument("--exclusion-fault-step", type=int, default=14)
+    p.add_argument("--exclusion-nproc", type=int, default=2, help="exclusion: ranks per node")
     cfg = p.parse_args()
+    if cfg.case == "exclusion":
+        from recovery_exclusion import exclusion_case, exclusion_markdown
+
+        root = Path(tempfile.mkdtemp(prefix="recovery-exclusion-"))
+        print(f"work dir: {root}", flush=True)
+        out = {"config": vars(cfg) | {"json": str(cfg.json)}} | exclusion_case(cfg, root)
+        if cfg.json:
+            cfg.json.write_text(json.dumps(out, indent=1))
+        print(exclusion_markdown(out), flush=True)
+        return 0 if all(a["ok"] for a in out["medians"].values()) else 1
     if cfg.quick:
         cfg.hidden, cfg.calib_saves, cfg.pg_timeout = 1024, 4, 30.0
     root = Path(tempfile.mkdtemp(prefix="recovery-bench-"))

@@ -249,7 +249,11 @@ def test_drill_hang_isolates_node2_and_finishes_on_two_nodes(tmp_path):
     assert decision["exclude"] == ["node2"]
     gen1 = next(e for e in events if e["event"] == "generation_start" and e["gen"] == 1)
     assert gen1["members"] == ["node0", "node1"]
-    assert gen1["warm"] is False        # membership changed: the warm generation is discarded
+    # membership changed, and the survivors' warm pools still take the restart
+    assert gen1["warm"] is True and gen1["path"] == "warm"
+    first = next(e for e in events if e["event"] == "first_step")
+    assert first["gen"] == 1 and first["path"] == "warm" and first["since_decision_s"] > 0
+    assert "decision to first step" in proc.stdout and "(warm)" in proc.stdout
     progress = [json.loads(x) for x in (run_dir / "progress.jsonl").read_text().splitlines()]
     assert progress[-1]["step"] == 40 and progress[-1]["world"] == 4
     assert "recovery timeline" in proc.stdout and "job finished: yes" in proc.stdout

@@ -103,8 +103,9 @@ def test_a_fault_after_every_restore_of_a_step_ends_in_an_older_restore(tmp_path
     assert restores == {1: 4, 2: 2}                  # the loop left behind: step 2 restored
     assert events[-1]["event"] == "done"
     gens = [e["gen"] for e in events if e["event"] == "generation_start"]
-    assert gens == [0, 1, 2] and not next(e for e in events if e["event"] ==
-                                          "generation_start" and e["gen"] == 2)["warm"]
+    # Generation 2 may run on the warm pool or cold: either way the restore bound reached
+    # its workers (restores[2] == 2 above; a pool gets it through its go file).
+    assert gens == [0, 1, 2]
 
 
 class _LoopingAgents:

@@ -6,7 +6,8 @@ Every worker of every generation starts here rather than in the user's script, s
 script that never imports trainkit is still monitored (:mod:`trainkit.detect.auto`
 patches ``init_process_group`` and hooks optimizer steps before the script runs). In a
 pre-started ("warm") generation (``TRAINKIT_WARM_GO`` set, see :mod:`trainkit.run.warm`)
-it first imports what a training script needs and waits for go. ``TRAINKIT_AUTO_MONITOR=0``
+it first imports what a training script needs, waits for go and takes the generation's
+membership from the go file. ``TRAINKIT_AUTO_MONITOR=0``
 (``trainkit run --no-monitor``) skips the patching. The script then runs as
 ``__main__``, exactly as ``python train.py`` would run it.
 
@@ -34,11 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     script = argv[0]
     go = os.environ.get(rundir.WARM_GO_ENV)
     if go:
-        from trainkit.run.warm import wait_for_go, warm_imports
+        from trainkit.run.warm import join_generation, wait_for_go, warm_imports
 
         warm_imports()
         if not wait_for_go(go, os.environ.get("LOCAL_RANK", "0")):
             return 1
+        join_generation(go)
     if os.environ.get(rundir.AUTO_MONITOR_ENV, "1") not in ("0", "false", "off"):
         from trainkit.detect import auto
 

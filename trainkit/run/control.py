@@ -14,6 +14,9 @@ Keys (all JSON values):
 - ``tk/gen/<g>/exit/<id>``: how generation g ended on an agent (rc, stopped, exit codes).
 - ``tk/final``: the job is over (``done`` or ``give_up``); agents exit.
 - ``tk/bye/<id>`` / ``tk/left/<id>``: an agent saw the end, or was excluded and left.
+- ``tk/pool/<id>``: the node's warm pool (sequence number, ``started`` / ``ready`` /
+  ``failed``), see :mod:`trainkit.run.pool`; a plan's ``warm`` names the pools to use and
+  the store the coordinator hosts for that generation.
 - ``tk/agg_secret``: the aggregator's secret, only for a multi-host job whose hosts were
   not given ``TRAINKIT_AGG_SECRET`` (the store has no authentication: see the README).
 

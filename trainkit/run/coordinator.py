@@ -5,10 +5,13 @@ when a finding or a failed node arrives ask the policy (``trainkit.run.policy``)
 do; stop the workers if the answer is a restart, and publish the next plan. Every
 decision goes to ``events.jsonl`` with its reason.
 
-Warm start: each plan also names a rendezvous id for the *next* generation, which the
-agents pre-start with the same members (:mod:`trainkit.run.warm`). A restart with
-unchanged members whose warm generation is ready on every node uses it; otherwise the
-agents discard it and start cold.
+Warm start: every agent keeps a warm pool, a one-node torchrun whose workers have done
+their imports and wait for a go file (:mod:`trainkit.run.pool`). A restart whose members
+all have a ready pool runs on the pools, whatever the membership (a node excluded or
+not): the coordinator hosts the generation's store and the plan tells the agents where
+it is; otherwise the generation starts cold, through torchrun's own c10d rendezvous.
+Once the first step of a restarted generation is reported, a ``first_step`` event says
+which path it took and how long after the decision it came.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainkit.rundir import BAD_STEP_EXIT, NOTE_CLASSES, REPORTS_FILE, Finding, FindingTail, read_jsonl
+from trainkit.rundir import (BAD_STEP_EXIT, NOTE_CLASSES, REPORTS_FILE, Finding, FindingTail,
+                             JsonlTail, read_jsonl)
 from trainkit.run.control import Control
 from trainkit.run.detector import AggregatorHandle
 from trainkit.run.events import EventLog, read_events
@@ -29,6 +33,7 @@ from trainkit.run.findings import fault_from_finding
 from trainkit.run.goodput import write_goodput
 from trainkit.run.loops import Suspect, check_loop, generation_records
 from trainkit.run.policy import Decision, Fault, PolicyConfig, PolicyState, decide
+from trainkit.run.pool import GenerationStore, pools_ready
 
 if TYPE_CHECKING:
     from trainkit.run.replan import TrafficReplanner
@@ -56,6 +61,7 @@ class CoordinatorConfig:
     aggregator: AggregatorHandle | None = None
     warm_start: bool = True
     warm_wait: float = 60.0
+    store_host: str = "127.0.0.1"   # where a warm generation's store listens (the rendezvous host)
     traffic: TrafficReplanner | None = None   # --traffic-plan: re-plan around slow links
     monitor: bool = True          # zero-code monitoring in the workers' bootstrap
 
@@ -93,6 +99,9 @@ class Coordinator:
         self._failed_gens: list[int] = []
         self._restore_before: int | None = None     # the restart-loop guard's, see loops
         self._suspect: Suspect | None = None
+        self._gen_store: GenerationStore | None = None
+        self._reports = JsonlTail(cfg.run_dir / REPORTS_FILE)
+        self._resume: dict[str, Any] | None = None   # the restarted generation's first step pending
 
     # -- membership -------------------------------------------------------------------
     def _wait_for_agents(self) -> list[str]:
@@ -119,85 +128,115 @@ class Coordinator:
         self.events.log("start", nodes=nodes, members=list(state.members),
                         standby=list(state.standby), reason=f"{len(nodes)} node(s) registered")
         gen = 0
-        use_warm, previous, previous_rb = False, state.members, None
-        env: dict[str, str] = {}
-        while True:
-            started = time.time()
-            # a new traffic plan or a restore bound changes the workers' environment: the warm ones lack it
-            env, previous_env = (dict(self.cfg.traffic.env) if self.cfg.traffic else {}), env
-            if gen and self.cfg.warm_start:
-                use_warm = (state.members == previous and env == previous_env
-                            and previous_rb == self._restore_before
-                            and self._warm_ready(gen, state.members))
-            previous, previous_rb = state.members, self._restore_before
-            self.control.put(f"tk/gen/{gen}/plan", {
-                "members": list(state.members), "index": index, "time": started,
-                "rdzv_id": self._rdzv_id(gen, use_warm), "use_warm": use_warm,
-                "warm": {"rdzv_id": self._rdzv_id(gen + 1, True)} if self.cfg.warm_start
-                else None,
-                "aggregator": self.cfg.aggregator.address if self.cfg.aggregator else None,
-                "rdzv_conf": FAST_RDZV_CONF, "env": env,
-                "restore_before": self._restore_before, "monitor": self.cfg.monitor})
-            self.events.log("generation_start", gen=gen, members=list(state.members),
-                            warm=use_warm,
-                            reason=f"launching torchrun on {len(state.members)} node(s)"
-                                   + (": the pre-started (warm) generation" if use_warm else ""))
-            outcome = self._watch(gen, state, started)
-            if outcome.status == "done":
+        decided: float | None = None
+        try:
+            while True:
+                started = time.time()
+                # the generation's environment reaches warm workers through their go file
+                env = dict(self.cfg.traffic.env) if self.cfg.traffic else {}
+                warm = self._warm_plan(gen, state.members)
+                self.control.put(f"tk/gen/{gen}/plan", {
+                    "members": list(state.members), "index": index, "time": started,
+                    "rdzv_id": self._rdzv_id(gen, False), "use_warm": warm is not None,
+                    "warm": warm, "pool": {"rdzv_id": f"{self.cfg.rdzv_id}-pool"}
+                    if self.cfg.warm_start else None,
+                    "aggregator": self.cfg.aggregator.address if self.cfg.aggregator else None,
+                    "rdzv_conf": FAST_RDZV_CONF, "env": env,
+                    "restore_before": self._restore_before, "monitor": self.cfg.monitor})
+                path = "warm" if warm is not None else "cold"
+                self.events.log("generation_start", gen=gen, members=list(state.members),
+                                warm=warm is not None, path=path,
+                                reason=f"launching torchrun on {len(state.members)} node(s)"
+                                       + (": the warm pools take it" if warm else ""))
+                if decided is not None:
+                    self._resume = {"gen": gen, "decided": decided, "path": path}
+                outcome = self._watch(gen, state, started)
+                self._note_first_step()
+                if outcome.status != "done":
+                    state, decided, rc = self._after_fault(gen, state, outcome)
+                    if rc is not None:
+                        return rc
+                    gen += 1
+                    continue
                 self._write_goodput({"event": "done", "gen": gen})
                 self.events.log("done", gen=gen, restarts=state.restarts,
                                 excluded=list(state.excluded), reason="all workers finished")
                 self.control.put("tk/final", {"status": "done"})
                 return 0
-            assert outcome.fault is not None
-            decision = outcome.decision or decide(outcome.fault, outcome.state, self.cfg.policy)
-            decided = time.time()
-            self._stop(gen, outcome.fault.reason)
-            lost = self._lost_members(gen, state.members)
-            self.events.log("decision", gen=gen, action=decision.action,
-                            exclude=list(decision.exclude), fault=outcome.fault.kind,
-                            culprits=list(outcome.fault.nodes), reason=decision.reason,
-                            restarts=decision.state.restarts, decided=decided,
-                            **outcome.detail)
-            self._check_loop(gen)
-            if decision.action == "give_up":
+        finally:
+            self._gen_store = None
+
+    def _after_fault(self, gen: int, state: PolicyState, outcome: _Outcome
+                     ) -> tuple[PolicyState, float, int | None]:
+        """Stop generation ``gen`` and apply the policy's decision: the next state, when
+        it was decided, and an exit code when the job ends here."""
+        assert outcome.fault is not None
+        decision = outcome.decision or decide(outcome.fault, outcome.state, self.cfg.policy)
+        decided = time.time()
+        self._stop(gen, outcome.fault.reason)
+        # Only the nodes that stay are waited for: an excluded node's workers may take
+        # their time to die, and the restart does not need them.
+        wait_for = state.members if decision.action == "give_up" else tuple(
+            m for m in state.members if m in decision.state.members)   # not a promoted spare
+        lost = self._lost_members(gen, wait_for)
+        self.events.log("decision", gen=gen, action=decision.action,
+                        exclude=list(decision.exclude), fault=outcome.fault.kind,
+                        culprits=list(outcome.fault.nodes), reason=decision.reason,
+                        restarts=decision.state.restarts, decided=decided,
+                        **outcome.detail)
+        self._check_loop(gen)
+        if decision.action == "give_up":
+            self.control.put("tk/final", {"status": "give_up"})
+            self._summary(decision)
+            return decision.state, decided, 1
+        state = decision.state
+        lost = tuple(m for m in lost if m in state.members)
+        if lost:
+            state = PolicyState(members=tuple(m for m in state.members if m not in lost),
+                                standby=state.standby, excluded=state.excluded + lost,
+                                restarts=state.restarts, strikes=state.strikes)
+            self.events.log("exclude", gen=gen, exclude=list(lost),
+                            reason="agent did not report after the stop: node lost")
+            if len(state.members) < self.cfg.policy.min_nodes:
                 self.control.put("tk/final", {"status": "give_up"})
                 self._summary(decision)
-                return 1
-            state = decision.state
-            lost = tuple(m for m in lost if m in state.members)
-            if lost:
-                state = PolicyState(members=tuple(m for m in state.members if m not in lost),
-                                    standby=state.standby, excluded=state.excluded + lost,
-                                    restarts=state.restarts, strikes=state.strikes)
-                self.events.log("exclude", gen=gen, exclude=list(lost),
-                                reason="agent did not report after the stop: node lost")
-                if len(state.members) < self.cfg.policy.min_nodes:
-                    self.control.put("tk/final", {"status": "give_up"})
-                    self._summary(decision)
-                    return 1
-            gen += 1
+                return state, decided, 1
+        return state, decided, None
 
-    def _warm_ready(self, gen: int, members: tuple[str, ...]) -> bool:
-        """Whether every member's warm generation ``gen`` is ready. One that was started
-        but is still importing is waited for (up to ``warm_wait``): it is ahead of a cold
-        start in every case. One never started, or dead, means a cold start."""
-        deadline = time.monotonic() + self.cfg.warm_wait
-        while time.monotonic() < deadline:
-            keys = {k: [self.control.get(f"tk/gen/{gen}/{k}/{m}") for m in members]
-                    for k in ("warm_started", "warm_ready", "warm_failed")}
-            if any(v is None for v in keys["warm_started"]) or any(
-                    v is not None for v in keys["warm_failed"]):
-                return False
-            if all(v is not None for v in keys["warm_ready"]):
-                return True
-            time.sleep(0.05)
-        return False
+    def _warm_plan(self, gen: int, members: tuple[str, ...]) -> dict[str, Any] | None:
+        """The plan's ``warm`` part when every member has a ready pool (waiting for one
+        still importing, up to ``warm_wait``): the pools to use and the generation's
+        store, hosted here. None: a cold start."""
+        self._gen_store = None          # the previous warm generation's store is done
+        if not gen or not self.cfg.warm_start:
+            return None
+        pools = pools_ready(self.control, members, wait=self.cfg.warm_wait)
+        if pools is None:
+            return None
+        self._gen_store = store = GenerationStore(self.cfg.store_host)
+        return {"pools": pools, "master_addr": store.host, "master_port": store.port,
+                "run_id": self._rdzv_id(gen, True)}
 
     def _rdzv_id(self, gen: int, warm: bool) -> str:
-        """Warm generations rendezvous ahead of time under their own id, so a cold
-        start of the same generation never joins a half-formed warm rendezvous."""
+        """A warm generation's run id differs from a cold one's, so a cold start of the
+        same generation never meets anything of the warm one."""
         return f"{self.cfg.rdzv_id}-g{gen}{'w' if warm else ''}"
+
+    def _note_first_step(self) -> None:
+        """The ``first_step`` event of a restarted generation: which path it took (warm
+        pools or cold torchrun) and how long after the decision its first step began."""
+        pending = self._resume
+        if pending is None:
+            return
+        for r in self._reports.poll():
+            if r.get("kind") == "step" and r.get("gen") == pending["gen"]:
+                self._resume = None
+                since = r["time"] - pending["decided"]
+                self.events.log("first_step", gen=pending["gen"], step=r.get("step"),
+                                path=pending["path"], since_decision_s=round(since, 3),
+                                reason=f"step {r.get('step')} began {since:.2f} s after the "
+                                       f"decision ({pending['path']} start)")
+                return
 
     # -- watching one generation ------------------------------------------------------
     def _watch(self, gen: int, state: PolicyState, started: float) -> _Outcome:
@@ -245,6 +284,7 @@ class Coordinator:
                     kind="crash", nodes=tuple(lost), hardware=True,
                     reason=f"node agent(s) {lost} stopped heartbeating"))
             self._check_aggregator(gen)
+            self._note_first_step()
             time.sleep(0.1)
 
     def _traffic_replan(self, gen: int, finding: Finding, fault: Fault,

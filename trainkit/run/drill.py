@@ -40,6 +40,8 @@ class Timeline:
     culprits: tuple[str, ...]
     excluded: tuple[str, ...]
     finished: bool
+    decision_to_first_step_s: float | None = None   # the decision to the first step done
+    restarts: tuple[tuple[int, str], ...] = ()      # (generation, "warm" | "cold") per restart
 
 
 def build_timeline(run_dir: Path, progress_log: Path) -> Timeline:
@@ -60,6 +62,7 @@ def build_timeline(run_dir: Path, progress_log: Path) -> Timeline:
     after = [r for r in losses if restart and r.get("time", 0) >= restart["time"]]
     resumed = after[0] if after else None
     fault_step = fault.get("step") if fault else None
+    decided = decision.get("decided", decision["time"]) if decision else None
     caught = next((r for r in after if fault_step is not None and r["step"] >= fault_step), None)
 
     def rel(e: dict[str, Any] | None) -> float | None:
@@ -72,7 +75,10 @@ def build_timeline(run_dir: Path, progress_log: Path) -> Timeline:
         steps_lost=(fault_step - resumed["step"]) if resumed and fault_step is not None else None,
         culprits=tuple(decision.get("culprits", ())) if decision else (),
         excluded=tuple(decision.get("exclude", ())) if decision else (),
-        finished=done is not None)
+        finished=done is not None,
+        decision_to_first_step_s=(resumed["time"] - decided) if resumed and decided else None,
+        restarts=tuple((e["gen"], e.get("path") or ("warm" if e.get("warm") else "cold"))
+                       for e in events if e["event"] == "generation_start" and e.get("gen")))
 
 
 def format_timeline(t: Timeline) -> str:
@@ -87,6 +93,9 @@ def format_timeline(t: Timeline) -> str:
         ("restarted", s(t.restart_s), "next torchrun generation launched"),
         ("first step after resume", s(t.first_step_s), f"step {t.resumed_step}"),
         ("back at the fault's step", s(t.caught_up_s), f"steps recomputed: {t.steps_lost}"),
+        ("decision to first step", "   n/a" if t.decision_to_first_step_s is None else
+         f"{t.decision_to_first_step_s:7.2f} s", "restart path: " + (", ".join(
+             f"gen {g} ({path})" for g, path in t.restarts) or "none")),
     ]
     width = max(len(r[0]) for r in rows)
     lines = ["recovery timeline (seconds after the fault):"]

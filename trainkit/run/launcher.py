@@ -160,7 +160,7 @@ def _coordinate(opts: RunOptions, args: TorchrunArgs, run_dir: Path, node_id: st
                             min_nodes=args.min_nodes),
         join_timeout=opts.join_timeout, stop_timeout=opts.stop_timeout,
         aggregator=aggregator, warm_start=opts.warm_start, traffic=traffic,
-        monitor=opts.monitor)
+        monitor=opts.monitor, store_host=host)
     agent_rc: list[int] = []
     # Local nodes share one hostname, and torchrun's c10d rendezvous orders ranks by
     # (address, pid): by pid here, so ranks would move between nodes at every restart and
