@@ -66,10 +66,11 @@ def pct(values: list[float], q: float) -> float:
 
 
 # -- matrix --------------------------------------------------------------------------------
-def plan(cls: str, i: int, hang_timeout: float | str) -> dict:
+def plan(cls: str, i: int, hang_timeout: float | str, compute_ms: float = 20.0) -> dict:
     """The i-th run of a class: which rank, which step, which fault, which loop."""
     rank = i % WORLD
-    common = ["--hang-timeout", str(hang_timeout), "--gloo-timeout", "300", "--compute-ms", "20"]
+    common = ["--hang-timeout", str(hang_timeout), "--gloo-timeout", "300",
+              "--compute-ms", f"{compute_ms:g}"]
     if cls in ("hang_noncomm", "hang_comm", "crash"):
         step = 5 + (i * 7) % 20
         kind = {"hang_noncomm": "hang", "hang_comm": "hang_comm", "crash": "crash"}[cls]
@@ -103,11 +104,11 @@ def correct(cls: str, p: dict, f: dict) -> bool:
 
 
 def run_matrix(runs: int, hang_timeout: float | str, workdir: Path, log,
-               classes: tuple[str, ...] = (*CLASSES, "clean")) -> dict:
+               classes: tuple[str, ...] = (*CLASSES, "clean"), compute_ms: float = 20.0) -> dict:
     results: dict[str, list[dict]] = {c: [] for c in (*CLASSES, "clean")}
     order = [(c, i) for i in range(runs) for c in classes]   # interleave classes
     for n, (cls, i) in enumerate(order):
-        p = plan(cls, i, hang_timeout)
+        p = plan(cls, i, hang_timeout, compute_ms)
         run_dir = workdir / f"{cls}-{i}"
         res = run_drill(DEMO, world=WORLD, run_dir=run_dir, fault=p["fault"],
                         script_args=p["args"], timeout=p["timeout"])
@@ -508,6 +509,9 @@ def main() -> int:
     ap.add_argument("--runs-per-class", type=int, default=20)
     ap.add_argument("--hang-timeout", default="10.0",
                     help="seconds, or 'auto' (learned; the default of `trainkit run`)")
+    ap.add_argument("--compute-ms", type=float, default=20.0,
+                    help="matrix: simulated compute per step (the step time; 300 gives the "
+                         "issue's 0.3 s steps)")
     ap.add_argument("--quick", action="store_true", help="3 runs per class, hang_timeout 3 s")
     ap.add_argument("--parts", default="matrix,overhead,contrast")
     ap.add_argument("--classes", default=",".join((*CLASSES, "clean")),
@@ -537,7 +541,10 @@ def main() -> int:
         unknown = set(classes) - {*CLASSES, "clean"}
         if unknown:
             ap.error(f"unknown classes {sorted(unknown)}")
-        results = run_matrix(args.runs_per_class, args.hang_timeout, workdir, log, classes)
+        if not args.compute_ms > 0:
+            ap.error(f"--compute-ms must be > 0, got {args.compute_ms}")
+        results = run_matrix(args.runs_per_class, args.hang_timeout, workdir, log, classes,
+                             args.compute_ms)
         report["matrix"] = results
         report["summary"] = summarise(results)
         print(json.dumps(report["summary"], indent=1))
