@@ -181,11 +181,16 @@ class MonitoredProcessGroup(dist.ProcessGroup):
         work = getattr(self._inner, method)(*args, **kwargs)
         if self._use_cuda_events:
             return self._track_cuda(work, group, seq)
+        return self._stamp_completion(work, group, seq)
+
+    def _stamp_completion(self, work: Any, group: str, seq: int) -> Any:
+        """Stamp the work's completion: its future's callback, or (a gloo point-to-point
+        work, which has no future) when the caller's ``wait()`` returns."""
         try:
             future = work.get_future()
         except RuntimeError:
             return self._wrap_p2p(work, group, seq)
-        future.add_done_callback(_partial(stamp_done, rec, group, seq))
+        future.add_done_callback(_partial(stamp_done, self._recorder, group, seq))
         return work
 
     def _track_cuda(self, work: Any, group: str, seq: int) -> Any:
@@ -228,7 +233,7 @@ def _make_collective(method: str, index: int, op: str) -> Callable[..., Any]:
     The common case (a gloo/NCCL collective, no fault injection, not inside
     ``unmonitored()``) is one flat frame: no call into ``_issue``, the one-tensor payload
     measured inline, the completion stamped by a ``functools.partial`` of a module-level
-    function (no closure nor method object made per call). Everything else takes
+    function (no closure made per call). Everything else takes
     ``_issue``, which records the same events.
     """
 
@@ -246,13 +251,7 @@ def _make_collective(method: str, index: int, op: str) -> Callable[..., Any]:
         else:
             nbytes, dtype = payload_info(payload)
         rec.put(("i", group, seq, op, nbytes, dtype, _now(), rec.step, None))
-        work = getattr(self._inner, method)(*args, **kwargs)
-        try:
-            future = work.get_future()
-        except RuntimeError:
-            return self._wrap_p2p(work, group, seq)
-        future.add_done_callback(_partial(stamp_done, rec, group, seq))
-        return work
+        return self._stamp_completion(getattr(self._inner, method)(*args, **kwargs), group, seq)
 
     collective.__name__ = method
     collective.__doc__ = f"Record, then forward ``{method}`` to the wrapped group."
