@@ -226,12 +226,8 @@ def worker(argv: list[str]) -> int:
             cpu[name] += time.process_time() - c0
             agg_cpu[name] += _proc_cpu(mon.aggregator_pid) - g0
         mon.close()
-        per_rank = [None] * dist.get_world_size()
-        dist.all_gather_object(per_rank, cpu, group=raw)
+        _cpu_result(times, cpu, agg_cpu, a.blocks * a.block_steps, raw)
         if rank == 0:
-            steps = a.blocks * a.block_steps
-            times["cpu_per_step_s"] = {k: sum(c[k] for c in per_rank) / steps for k in cpu}
-            times["aggregator_cpu_per_step_s"] = {k: v / steps for k, v in agg_cpu.items()}
             print("RESULT " + json.dumps(times), flush=True)
     elif a.mode == "steps":
         step_fn = _manual_ddp(model())
@@ -281,8 +277,11 @@ def _zero_code_overhead(a: argparse.Namespace, model, x) -> int:
     opts = {"on": torch.optim.SGD(on.parameters(), lr=1e-6),
             "off": torch.optim.SGD(off.parameters(), lr=1e-6)}
     times: dict = {"on": [], "off": [], "blocks": []}
+    cpu = {"on": 0.0, "off": 0.0}
+    agg_cpu = {"on": 0.0, "off": 0.0}
     for block in range(2 * a.blocks):
         name, ddp = (("on", on), ("off", off))[(block + block // 2) % 2]   # ABBA, "on" first
+        c0, g0 = time.process_time(), _proc_cpu(mon.aggregator_pid)
         steps = []
         for _ in range(a.block_steps):
             dist.barrier(group=raw)
@@ -292,11 +291,25 @@ def _zero_code_overhead(a: argparse.Namespace, model, x) -> int:
             steps.append(time.perf_counter() - t0)
         times[name] += steps
         times["blocks"].append([name, statistics.median(steps)])
+        cpu[name] += time.process_time() - c0
+        agg_cpu[name] += _proc_cpu(mon.aggregator_pid) - g0
     times["auto_steps"] = mon.recorder.step
+    _cpu_result(times, cpu, agg_cpu, a.blocks * a.block_steps, raw)
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(times), flush=True)
     dist.destroy_process_group()
     return 0
+
+
+def _cpu_result(times: dict, cpu: dict, agg_cpu: dict, steps: int, group) -> None:
+    """Add every rank's CPU per step (all its threads) and the aggregator's to ``times``
+    (collective: every rank calls it; the aggregator's is read by rank 0)."""
+    import torch.distributed as dist
+
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, cpu, group=group)
+    times["cpu_per_step_s"] = {k: sum(c[k] for c in per_rank) / steps for k in cpu}
+    times["aggregator_cpu_per_step_s"] = {k: v / steps for k, v in agg_cpu.items()}
 
 
 def _proc_cpu(pid: int | None) -> float:
