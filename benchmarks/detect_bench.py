@@ -66,10 +66,11 @@ def pct(values: list[float], q: float) -> float:
 
 
 # -- matrix --------------------------------------------------------------------------------
-def plan(cls: str, i: int, hang_timeout: float | str) -> dict:
+def plan(cls: str, i: int, hang_timeout: float | str, compute_ms: float = 20.0) -> dict:
     """The i-th run of a class: which rank, which step, which fault, which loop."""
     rank = i % WORLD
-    common = ["--hang-timeout", str(hang_timeout), "--gloo-timeout", "300", "--compute-ms", "20"]
+    common = ["--hang-timeout", str(hang_timeout), "--gloo-timeout", "300",
+              "--compute-ms", f"{compute_ms:g}"]
     if cls in ("hang_noncomm", "hang_comm", "crash"):
         step = 5 + (i * 7) % 20
         kind = {"hang_noncomm": "hang", "hang_comm": "hang_comm", "crash": "crash"}[cls]
@@ -103,11 +104,11 @@ def correct(cls: str, p: dict, f: dict) -> bool:
 
 
 def run_matrix(runs: int, hang_timeout: float | str, workdir: Path, log,
-               classes: tuple[str, ...] = (*CLASSES, "clean")) -> dict:
+               classes: tuple[str, ...] = (*CLASSES, "clean"), compute_ms: float = 20.0) -> dict:
     results: dict[str, list[dict]] = {c: [] for c in (*CLASSES, "clean")}
     order = [(c, i) for i in range(runs) for c in classes]   # interleave classes
     for n, (cls, i) in enumerate(order):
-        p = plan(cls, i, hang_timeout)
+        p = plan(cls, i, hang_timeout, compute_ms)
         run_dir = workdir / f"{cls}-{i}"
         res = run_drill(DEMO, world=WORLD, run_dir=run_dir, fault=p["fault"],
                         script_args=p["args"], timeout=p["timeout"])
@@ -225,12 +226,8 @@ def worker(argv: list[str]) -> int:
             cpu[name] += time.process_time() - c0
             agg_cpu[name] += _proc_cpu(mon.aggregator_pid) - g0
         mon.close()
-        per_rank = [None] * dist.get_world_size()
-        dist.all_gather_object(per_rank, cpu, group=raw)
+        _cpu_result(times, cpu, agg_cpu, a.blocks * a.block_steps, raw)
         if rank == 0:
-            steps = a.blocks * a.block_steps
-            times["cpu_per_step_s"] = {k: sum(c[k] for c in per_rank) / steps for k in cpu}
-            times["aggregator_cpu_per_step_s"] = {k: v / steps for k, v in agg_cpu.items()}
             print("RESULT " + json.dumps(times), flush=True)
     elif a.mode == "steps":
         step_fn = _manual_ddp(model())
@@ -280,8 +277,11 @@ def _zero_code_overhead(a: argparse.Namespace, model, x) -> int:
     opts = {"on": torch.optim.SGD(on.parameters(), lr=1e-6),
             "off": torch.optim.SGD(off.parameters(), lr=1e-6)}
     times: dict = {"on": [], "off": [], "blocks": []}
+    cpu = {"on": 0.0, "off": 0.0}
+    agg_cpu = {"on": 0.0, "off": 0.0}
     for block in range(2 * a.blocks):
         name, ddp = (("on", on), ("off", off))[(block + block // 2) % 2]   # ABBA, "on" first
+        c0, g0 = time.process_time(), _proc_cpu(mon.aggregator_pid)
         steps = []
         for _ in range(a.block_steps):
             dist.barrier(group=raw)
@@ -291,11 +291,25 @@ def _zero_code_overhead(a: argparse.Namespace, model, x) -> int:
             steps.append(time.perf_counter() - t0)
         times[name] += steps
         times["blocks"].append([name, statistics.median(steps)])
+        cpu[name] += time.process_time() - c0
+        agg_cpu[name] += _proc_cpu(mon.aggregator_pid) - g0
     times["auto_steps"] = mon.recorder.step
+    _cpu_result(times, cpu, agg_cpu, a.blocks * a.block_steps, raw)
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(times), flush=True)
     dist.destroy_process_group()
     return 0
+
+
+def _cpu_result(times: dict, cpu: dict, agg_cpu: dict, steps: int, group) -> None:
+    """Add every rank's CPU per step (all its threads) and the aggregator's to ``times``
+    (collective: every rank calls it; the aggregator's is read by rank 0)."""
+    import torch.distributed as dist
+
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, cpu, group=group)
+    times["cpu_per_step_s"] = {k: sum(c[k] for c in per_rank) / steps for k in cpu}
+    times["aggregator_cpu_per_step_s"] = {k: v / steps for k, v in agg_cpu.items()}
 
 
 def _proc_cpu(pid: int | None) -> float:
@@ -508,6 +522,9 @@ def main() -> int:
     ap.add_argument("--runs-per-class", type=int, default=20)
     ap.add_argument("--hang-timeout", default="10.0",
                     help="seconds, or 'auto' (learned; the default of `trainkit run`)")
+    ap.add_argument("--compute-ms", type=float, default=20.0,
+                    help="matrix: simulated compute per step (the step time; 300 gives the "
+                         "issue's 0.3 s steps)")
     ap.add_argument("--quick", action="store_true", help="3 runs per class, hang_timeout 3 s")
     ap.add_argument("--parts", default="matrix,overhead,contrast")
     ap.add_argument("--classes", default=",".join((*CLASSES, "clean")),
@@ -537,7 +554,10 @@ def main() -> int:
         unknown = set(classes) - {*CLASSES, "clean"}
         if unknown:
             ap.error(f"unknown classes {sorted(unknown)}")
-        results = run_matrix(args.runs_per_class, args.hang_timeout, workdir, log, classes)
+        if not args.compute_ms > 0:
+            ap.error(f"--compute-ms must be > 0, got {args.compute_ms}")
+        results = run_matrix(args.runs_per_class, args.hang_timeout, workdir, log, classes,
+                             args.compute_ms)
         report["matrix"] = results
         report["summary"] = summarise(results)
         print(json.dumps(report["summary"], indent=1))

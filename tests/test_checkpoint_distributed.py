@@ -103,3 +103,22 @@ def test_rank_killed_during_save(tmp_path, victim):
         if victim != 0:                            # rank 0 alive: it names the dead rank
             assert f"rank {victim}" in res["message"], res["message"]
         assert "step 2" in res["message"] or "lost contact" in res["message"], res["message"]
+
+
+def _uneven_restart_counts(rank: int, world: int, path: str) -> dict:
+    import torch.distributed as dist
+
+    from trainkit.checkpoint import Checkpointer
+
+    # An elastic agent that restarted for a membership change does not count a retry; the
+    # one whose worker failed does: the ranks of one group see different restart counts.
+    os.environ["TORCHELASTIC_RESTART_COUNT"] = str(rank)
+    with Checkpointer(path, timeout=20) as ck:
+        assert ck.save(1, {"rank": rank}).result(timeout=60) == 1
+        dist.barrier()
+        assert ck.latest() == 1
+    return {"rank": rank}
+
+
+def test_ranks_with_different_restart_counts_agree(tmp_path):
+    run_ranks(_uneven_restart_counts, 2, str(tmp_path / "ck"), timeout=120)

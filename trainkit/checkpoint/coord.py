@@ -278,6 +278,14 @@ def make_coordinator(path: str, *, timeout: float) -> Coordinator:
 
     All ranks must construct their Checkpointers for ``path`` in the same order; rank 0
     publishes a fresh id so keys never collide with an earlier instance or launch.
+
+    The id's key holds no restart count: ``TORCHELASTIC_RESTART_COUNT`` differs between
+    nodes once an elastic agent restarts for a membership change (which does not count
+    as a retry) on one node and for a failure on another (seen with NVRx's
+    ``ft_launcher`` after a crash: rank 1 waited on attempt 1's key, rank 0 published
+    attempt 0's, and both timed out). It is not needed either: torch's env rendezvous
+    already prefixes a shared agent store per attempt, and otherwise every round has a
+    fresh store.
     """
     import torch.distributed as dist
 
@@ -292,8 +300,7 @@ def make_coordinator(path: str, *, timeout: float) -> Coordinator:
     with _instances_lock:
         n = _instances.get(digest, 0)
         _instances[digest] = n + 1
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    id_key = f"trainkit/ckpt/{digest}/{attempt}/{n}"
+    id_key = f"trainkit/ckpt/{digest}/{n}"
     if rank == 0:
         base.set(id_key, uuid.uuid4().hex)
     nonce = base.get(id_key).decode()

@@ -22,6 +22,7 @@ the completion stamp. ``CollectiveMonitor.close()`` calls :func:`unregister_grou
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import threading
@@ -33,7 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from trainkit.detect.recorder import RecordedWork, Recorder, payload_info
+from trainkit.detect.recorder import (_DTYPE_NAMES, RecordedWork, Recorder, _dtype_name,
+                                      payload_info, stamp_done)
 
 __all__ = ["MonitoredProcessGroup", "register_group", "unmonitored", "unregister_group"]
 
@@ -43,6 +45,8 @@ __all__ = ["MonitoredProcessGroup", "register_group", "unmonitored", "unregister
 _OFF_THREADS: dict[int, int] = {}
 _get_ident = threading.get_ident
 _now = time.time
+_partial = functools.partial
+_Tensor = torch.Tensor
 
 
 @contextlib.contextmanager
@@ -177,11 +181,16 @@ class MonitoredProcessGroup(dist.ProcessGroup):
         work = getattr(self._inner, method)(*args, **kwargs)
         if self._use_cuda_events:
             return self._track_cuda(work, group, seq)
+        return self._stamp_completion(work, group, seq)
+
+    def _stamp_completion(self, work: Any, group: str, seq: int) -> Any:
+        """Stamp the work's completion: its future's callback, or (a gloo point-to-point
+        work, which has no future) when the caller's ``wait()`` returns."""
         try:
             future = work.get_future()
         except RuntimeError:
             return self._wrap_p2p(work, group, seq)
-        future.add_done_callback(rec.completion_callback(group, seq))
+        future.add_done_callback(_partial(stamp_done, self._recorder, group, seq))
         return work
 
     def _track_cuda(self, work: Any, group: str, seq: int) -> Any:
@@ -189,7 +198,7 @@ class MonitoredProcessGroup(dist.ProcessGroup):
             self._recorder.cuda_poller().track(work, group, seq)
         except Exception:  # noqa: BLE001 - fall back to the future
             self._use_cuda_events = False
-            work.get_future().add_done_callback(self._recorder.completion_callback(group, seq))
+            work.get_future().add_done_callback(_partial(stamp_done, self._recorder, group, seq))
         return work
 
     def _wrap_p2p(self, work: Any, group: str, seq: int) -> Any:
@@ -219,9 +228,30 @@ class MonitoredProcessGroup(dist.ProcessGroup):
 
 
 def _make_collective(method: str, index: int, op: str) -> Callable[..., Any]:
+    """The recording override of ``method``.
+
+    The common case (a gloo/NCCL collective, no fault injection, not inside
+    ``unmonitored()``) is one flat frame: no call into ``_issue``, the one-tensor payload
+    measured inline, the completion stamped by a ``functools.partial`` of a module-level
+    function (no closure made per call). Everything else takes
+    ``_issue``, which records the same events.
+    """
+
     def collective(self: MonitoredProcessGroup, *args: Any, **kwargs: Any) -> Any:
+        rec = self._recorder
+        if (rec.injector is not None or self._use_cuda_events
+                or (_OFF_THREADS and _get_ident() in _OFF_THREADS)):
+            payload = args[index] if 0 <= index < len(args) else None
+            return self._issue(method, op, payload, args, kwargs, self._name, self._seq, None)
+        seq = next(self._seq)
+        group = self._name
         payload = args[index] if 0 <= index < len(args) else None
-        return self._issue(method, op, payload, args, kwargs, self._name, self._seq, None)
+        if type(payload) is list and len(payload) == 1 and type(tensor := payload[0]) is _Tensor:
+            nbytes, dtype = tensor.nbytes, _DTYPE_NAMES.get(tensor.dtype) or _dtype_name(tensor.dtype)
+        else:
+            nbytes, dtype = payload_info(payload)
+        rec.put(("i", group, seq, op, nbytes, dtype, _now(), rec.step, None))
+        return self._stamp_completion(getattr(self._inner, method)(*args, **kwargs), group, seq)
 
     collective.__name__ = method
     collective.__doc__ = f"Record, then forward ``{method}`` to the wrapped group."

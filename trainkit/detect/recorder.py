@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 from trainkit.faults import FaultInjector
 
-__all__ = ["RecordedWork", "Recorder", "payload_info"]
+__all__ = ["RecordedWork", "Recorder", "payload_info", "stamp_done"]
 
 _now = time.time
 
@@ -43,7 +44,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _nbytes(obj: Any) -> int:
     if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
+        return obj.nbytes
     if isinstance(obj, (list, tuple)):
         return sum(_nbytes(o) for o in obj)
     return 0
@@ -64,7 +65,7 @@ def payload_info(obj: Any) -> tuple[int, str]:
     """(bytes, dtype) of a collective's payload; one tensor in a list is the fast path."""
     if type(obj) is list and len(obj) == 1 and isinstance(obj[0], torch.Tensor):
         t = obj[0]
-        return t.numel() * t.element_size(), _dtype_name(t.dtype)
+        return t.nbytes, _dtype_name(t.dtype)
     return _nbytes(obj), _first_dtype(obj)
 
 
@@ -95,23 +96,24 @@ class Recorder:
             self.comm_error = error or "collective failed"
 
     def completion_callback(self, group: str, seq: int) -> Callable[[Any], None]:
-        """The future callback that stamps a collective's completion.
+        """The future callback that stamps a collective's completion (see :func:`stamp_done`)."""
+        return functools.partial(stamp_done, self, group, seq)
 
-        It runs on the backend's worker thread (gloo) with the GIL, inline in the
-        future's completion, so it must be as short as possible: one clock read
-        and one append on success; the slow path only on failure.
-        """
-        put = self.put
 
-        def _on_done(fut: Any) -> None:
-            try:
-                fut.value()
-            except Exception as exc:  # noqa: BLE001 - a failed collective is evidence
-                self.done(group, seq, False, str(exc))
-                return
-            put(("d", group, seq, _now(), True))
+def stamp_done(rec: Recorder, group: str, seq: int, fut: Any) -> None:
+    """Stamp a collective's completion; bound with ``functools.partial`` per call.
 
-        return _on_done
+    It runs on the backend's worker thread (gloo) with the GIL, inline in the
+    future's completion, so it must be as short as possible: one clock read
+    and one append on success; the slow path only on failure. ``rec.put`` is read
+    here, not when the call was issued, so a lost channel stops the appends at once.
+    """
+    try:
+        fut.value()
+    except Exception as exc:  # noqa: BLE001 - a failed collective is evidence
+        rec.done(group, seq, False, str(exc))
+        return
+    rec.put(("d", group, seq, _now(), True))
 
 
 class RecordedWork(dist.Work):

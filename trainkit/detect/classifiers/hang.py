@@ -115,7 +115,12 @@ class HangClassifier:
             cls, culprits = "hang_noncomm", [r for r in missing if tl.alive(r)] or missing
             stack_from = culprits
         else:
-            not_done = [r for r in members if r not in coll.done]
+            # A rank that said goodbye has returned from every collective it issued: a
+            # completion stamp it lacks was still on its way (the backend's callback runs
+            # after the waiter wakes, and can miss the channel's last flush at close).
+            not_done = [r for r in members if r not in coll.done and not _said_bye(tl, r)]
+            if not not_done:
+                return
             cls = "hang_comm"
             partial = 0 < len(not_done) < len(members)
             culprits = not_done if partial else members
@@ -174,3 +179,8 @@ class HangClassifier:
                     confidence = 0.85 if probe["link"] or len(culprits) == 1 else 0.7
         return make_finding(tl, now, cls, culprits, link=link, step=coll.step(), group=coll.group,
                         seq=coll.seq, evidence=evidence, confidence=confidence)
+
+
+def _said_bye(tl: Timeline, rank: int) -> bool:
+    info = tl.ranks.get(rank)
+    return info is not None and info.bye
