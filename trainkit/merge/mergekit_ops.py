@@ -145,39 +145,34 @@ def _sort_input(tensor: torch.Tensor) -> torch.Tensor:
     return w.float() if w.device.type == "cpu" else w
 
 
-def _magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
-    """mergekit's ``magnitude``: keep exactly ``max(1, int(density * n))`` largest |x|.
+def _magnitude_mask(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """mergekit's ``magnitude`` mask (``density < 1``): 1 on exactly ``max(1, int(density * n))`` largest |x|.
 
     mergekit takes the first k of ``torch.argsort(w, descending=True)``. When the
     k-th largest value has no ties beyond the cut, that set is ``w >= threshold``,
     which exact radix selection finds without the sort; otherwise the same argsort
-    breaks the ties as mergekit's does.
+    breaks the ties as mergekit's does. (density <= 0 gives zeros, as mergekit's.)
     """
-    if density >= 1:
-        return tensor
-    if density <= 0 or tensor.numel() == 0:
-        return torch.zeros_like(tensor)
     n = tensor.numel()
+    if density <= 0 or n == 0:
+        return torch.zeros_like(tensor)
     k = max(1, int(density * n))
     w = _sort_input(tensor)
-    mask = None
     if w.dtype in (torch.float32, torch.float64):
         sel = RadixSelect([n - k + 1], w.dtype)
         while not sel.done:
             sel.add(0, sel.histogram(w, 0))
             sel.advance()
         if sel.count_greater(0, n) + sel.count_equal(0) == k:  # no tie straddles the cut
-            mask = (w >= sel.threshold(0)).to(tensor.dtype)
-    if mask is None:
-        mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
-        mask[torch.argsort(w, descending=True)[:k]] = 1
-    return _rescaled_masked(tensor, mask.reshape_as(tensor), False)
+            return (w >= sel.threshold(0)).to(tensor.dtype).reshape_as(tensor)
+    mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
+    mask[torch.argsort(w, descending=True)[:k]] = 1
+    return mask.reshape_as(tensor)
 
 
-def _magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """mergekit's ``magnitude_outliers`` (Model Breadcrumbs): drop the gamma largest, keep the next density."""
-    if density >= 1:
-        return tensor
+def _outliers_mask(tensor: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """mergekit's ``magnitude_outliers`` mask (Model Breadcrumbs, ``density < 1``): drop the
+    gamma largest |x|, keep the next ``int(density * n)``."""
     num_elems = tensor.numel()
     target_n = int(density * num_elems)
     n_top = int(gamma * num_elems)
@@ -185,7 +180,7 @@ def _magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float) -> t
     indices = torch.sort(_sort_input(tensor), descending=False).indices
     mask = torch.zeros(num_elems, dtype=tensor.dtype, device=tensor.device)
     mask[indices[n_bot: n_bot + target_n]] = 1
-    return _rescaled_masked(tensor, mask.reshape_as(tensor), False)
+    return mask.reshape_as(tensor)
 
 
 def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -234,17 +229,22 @@ def merge_tensor(
     """
     method = cfg.method
     rescale = method.trim in ("random", "della")  # mergekit's default_rescale (the only one supported)
-    deltas_in = [m - base for m in models]
+    # mergekit forms each delta, sparsifies it and copies it into one (n, *shape) stack;
+    # here each delta is formed in its row and the deterministic trims mask it in place
+    # (x * mask in place gives the same values as mergekit's x * mask).
+    deltas = base.new_empty((len(models), *base.shape))
+    for i, m in enumerate(models):
+        torch.sub(m, base, out=deltas[i])
     if method.trim in ("random", "della"):
         probs: list[torch.Tensor | None] = []
-        for i, d in enumerate(deltas_in):
+        for i in range(len(models)):
             density = cfg.density_of(i)
             if density >= 1:
                 probs.append(None)
             elif method.trim == "random":
-                probs.append(_bernoulli_probs(d, density))
+                probs.append(_bernoulli_probs(deltas[i], density))
             else:
-                probs.append(_della_probs(d, density, cfg.epsilon))
+                probs.append(_della_probs(deltas[i], density, cfg.epsilon))
         if stream is None:
             if any(p is not None for p in probs):
                 raise ValueError("merge_tensor: a random trim needs a DrawStream")
@@ -252,15 +252,16 @@ def merge_tensor(
             with stream.turn(name) as g:
                 masks = [None if p is None else torch.bernoulli(p, generator=g) for p in probs]
             del probs
-            deltas_in = [d if m is None else _apply_mask(d, m, rescale) for d, m in zip(deltas_in, masks)]
-    elif method.trim == "magnitude":
-        deltas_in = [_magnitude(d, cfg.density_of(i)) for i, d in enumerate(deltas_in)]
-    elif method.trim == "outliers":
-        deltas_in = [_magnitude_outliers(d, cfg.density_of(i), cfg.gamma) for i, d in enumerate(deltas_in)]
-    deltas = base.new_empty((len(models), *base.shape))
-    for i in range(len(deltas_in)):
-        deltas[i] = deltas_in[i]
-        deltas_in[i] = None  # type: ignore[call-overload]
+            for i, mask in enumerate(masks):
+                if mask is not None:
+                    deltas[i] = _apply_mask(deltas[i], mask, rescale)
+    elif method.trim in ("magnitude", "outliers"):
+        for i in range(len(models)):
+            density = cfg.density_of(i)
+            if density < 1:
+                keep = (_magnitude_mask(deltas[i], density) if method.trim == "magnitude"
+                        else _outliers_mask(deltas[i], density, cfg.gamma))
+                deltas[i].mul_(keep)
     weights = torch.tensor([cfg.weight(i) for i in range(len(models))], dtype=deltas.dtype, device=deltas.device)
     while deltas.dim() > weights.dim():
         weights.unsqueeze_(-1)
@@ -270,8 +271,8 @@ def merge_tensor(
         majority_sign = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
         mask = sign == majority_sign
         del sign
-        mixed_delta = (deltas * mask).sum(dim=0)
         divisor = (weights * mask).sum(dim=0)
+        mixed_delta = deltas.mul_(mask).sum(dim=0)
         divisor[divisor == 0] = 1
     else:
         mixed_delta = deltas.sum(dim=0)
