@@ -118,12 +118,14 @@ def test_cli_writes_mergekits_out_dtype_in_the_files(tmp_path, capsys):
     base = _base(torch.float32)
     models = [_ft(base, 1), _ft(base, 2)]
     bdir, paths = _write_dirs(tmp_path, base, models)
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "float32"}))
     out = tmp_path / "out"
     assert main(["merge", "ties", "--base", bdir, "--models", *paths, "--compat", "mergekit",
                  "--density", "0.5", "--dtype", "bfloat16", "--out", str(out), "--threads", "2"]) == 0
     want = merge("ties", base, models, density=0.5, compat="mergekit", dtype="bfloat16")
     _equal(load_file(out / "model.safetensors"), want)
     assert json.loads((out / "merge.json").read_text())["parameters"]["dtype"] == "bfloat16"
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"  # as mergekit writes it
     rc = main(["merge", "ties", "--base", bdir, "--models", *paths, "--dtype", "bfloat16",
                "--out", str(tmp_path / "o2")])
     assert rc == 2 and "needs compat='mergekit'" in capsys.readouterr().err and not (tmp_path / "o2").exists()

@@ -87,6 +87,24 @@ def _copy_side_files(base: InputSpec, out: Path) -> list[str]:
     return copied
 
 
+def _set_config_dtype(path: Path, cfg: MergeConfig) -> None:
+    """Under compat with ``out_dtype`` or ``dtype``, the copied config names the written dtype,
+    as mergekit's does (else ``from_pretrained`` would load the weights as the base's dtype)."""
+    name = cfg.out_dtype or cfg.dtype
+    if cfg.compat != "mergekit" or name is None:
+        return
+    try:
+        config = json.loads(path.read_text())
+    except ValueError:
+        return  # not JSON: copied as it was
+    if not isinstance(config, dict):
+        return
+    config["torch_dtype"] = name
+    if "dtype" in config:
+        config["dtype"] = name
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def merge_files(
     base: str | Path,
     models: list[str | Path],
@@ -183,6 +201,8 @@ def _merge_into(
     finally:
         torch.set_num_threads(prev_threads)
     copied = _copy_side_files(base_spec, out)
+    if "config.json" in copied:
+        _set_config_dtype(out / "config.json", cfg)
     hasher.join()
     if hasher.error is not None:
         raise hasher.error
