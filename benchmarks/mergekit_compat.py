@@ -10,6 +10,11 @@ Usage::
 
     python benchmarks/mergekit_compat.py --venv /tmp/mk14            # makes the venv if absent
     python benchmarks/mergekit_compat.py --venv /tmp/mk14 --methods ties linear --json out.json
+    python benchmarks/mergekit_compat.py --venv /tmp/mk14 --dtypes float32:bfloat16   # stored:dtype
+
+A ``--dtypes`` entry ``STORED:DTYPE`` writes the models in STORED and sets the
+YAML's ``dtype: DTYPE`` (mergekit casts the inputs and computes in DTYPE); a
+plain entry uses one dtype for both.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ def write_models(root: Path, dtype: torch.dtype) -> tuple[Path, list[Path]]:
     metas = {k: TensorMeta(s, dtype) for k, s in shapes.items()}
     plan = plan_shards(metas, max_shard_bytes=1 << 30)
     dirs = [root / n for n in ("base", "ft_a", "ft_b", "ft_c")]
+    if all((d / "config.json").exists() for d in dirs):  # written for an earlier --dtypes entry
+        return dirs[0], dirs[1:]
     for i, d in enumerate(dirs):
         with ShardedWriter(d, plan) as w:
             for j, (name, shape) in enumerate(shapes.items()):
@@ -108,25 +115,32 @@ def main() -> int:
     ap.add_argument("--venv", type=Path, default=ROOT / "bench_out" / "mergekit-venv")
     ap.add_argument("--work", type=Path, default=ROOT / "bench_out" / "mergekit_compat")
     ap.add_argument("--methods", nargs="+", default=list(CASES))
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float32:bfloat16"],
+                    help="STORED or STORED:DTYPE (models written in STORED, the YAML's dtype: DTYPE)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="trainkit's --threads (the seeded presets must not depend on it)")
     args = ap.parse_args()
     exe = ensure_mergekit(args.venv)
     shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
     results: dict[str, dict] = {}
-    for dtype in args.dtypes:
-        base, fts = write_models(args.work / f"models-{dtype}", getattr(torch, dtype))
+    for entry in args.dtypes:
+        stored, _, dtype = entry.partition(":")
+        dtype = dtype or stored
+        label = stored if dtype == stored else f"{stored}-as-{dtype}"
+        base, fts = write_models(args.work / f"models-{stored}", getattr(torch, stored))
         for method in args.methods:
-            cfg = args.work / f"{method}-{dtype}.yml"
+            cfg = args.work / f"{method}-{label}.yml"
             cfg.write_text(yaml_text(method, base, fts, dtype))
-            mk, tk = args.work / f"mk-{method}-{dtype}", args.work / f"tk-{method}-{dtype}"
+            mk, tk = args.work / f"mk-{method}-{label}", args.work / f"tk-{method}-{label}"
             r1 = subprocess.run([str(exe), str(cfg), str(mk), "--no-copy-tokenizer", "--no-write-model-card",
                                  "--quiet", "--random-seed", str(args.seed)], capture_output=True, text=True)
             r2 = subprocess.run([sys.executable, "-m", "trainkit", "merge", "--config", str(cfg), "--out", str(tk),
-                                 "--seed", str(args.seed), "--threads", "1"],
+                                 "--seed", str(args.seed), "--threads", str(args.threads)],
                                 capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-            key = f"{method}/{dtype}"
+            key = f"{method}/{label}"
             if r1.returncode or r2.returncode:
                 results[key] = {"mergekit_rc": r1.returncode, "trainkit_rc": r2.returncode,
                                 "error": (r1.stderr.strip().splitlines() or [""])[-1] if r1.returncode

@@ -52,25 +52,26 @@ def ref_ties(base, models, density, lam=1.0, scope="global", weights=None):
     return out
 
 
-def ref_mergekit_ties(base, models, density, lam=1.0, weights=None):
-    """mergekit 0.1.5's ties per tensor: argsort exact-k trim (torch's unstable tie order), weights, vote (>= 0 is +)."""
+def ref_mergekit_ties(base, models, density, lam=1.0, weights=None, dtype=torch.float32):
+    """mergekit 0.1.5's ties per tensor: argsort exact-k trim (torch's unstable tie order, on |delta| in
+    float32), weights, vote (>= 0 is +); every op in ``dtype`` (mergekit's ``dtype:``), the result in it."""
     weights = weights or [1.0] * len(models)
     out = {}
     for name, b0 in base.items():
-        b = b0.to(torch.float32)
+        b = b0.to(dtype)
         deltas = []
         for m in models:
-            delta = m[name].to(torch.float32) - b
+            delta = m[name].to(dtype) - b
             if density < 1:
                 k = max(1, int(density * delta.numel()))
-                mask = torch.zeros(delta.numel())
-                mask[torch.argsort(delta.abs().reshape(-1), descending=True)[:k]] = 1
+                mask = torch.zeros(delta.numel(), dtype=dtype)
+                mask[torch.argsort(delta.abs().reshape(-1).float(), descending=True)[:k]] = 1
                 delta = delta * mask.reshape(delta.shape)
             deltas.append(delta)
         deltas = torch.stack(deltas)
-        w = torch.tensor(weights, dtype=torch.float32).reshape(-1, *([1] * b.dim()))
+        w = torch.tensor(weights, dtype=dtype).reshape(-1, *([1] * b.dim()))
         deltas = deltas * w
-        majority = (deltas.sum(0) >= 0).to(torch.float32) * 2 - 1
+        majority = (deltas.sum(0) >= 0).to(dtype) * 2 - 1
         mask = deltas.sign() == majority
         mixed = (deltas * mask).sum(0)
         divisor = (w * mask).sum(0)
@@ -78,5 +79,26 @@ def ref_mergekit_ties(base, models, density, lam=1.0, weights=None):
         mixed = mixed / divisor
         if lam != 1:
             mixed = mixed * lam
-        out[name] = (b + mixed).to(b0.dtype)
+        out[name] = (b + mixed).to(b0.dtype if dtype == torch.float32 else dtype)
     return out
+
+
+def ref_mergekit_dare_linear(base, models, density, seed, weights=None):
+    """mergekit 0.1.5's dare_linear (``--random-seed seed``): one generator seeded once, tensors in
+    sorted name order, models in order, a Bernoulli(density) mask per model, L1 rescale, weighted sum."""
+    weights = weights or [1.0] * len(models)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(base):
+        b = base[name].to(torch.float32)
+        mixed = torch.zeros_like(b)
+        for m, w in zip(models, weights):
+            delta = m[name].to(torch.float32) - b
+            mask = torch.bernoulli(torch.full(delta.shape, density), generator=g)
+            kept = delta * mask
+            l1_before, l1_after = delta.abs().sum(), kept.abs().sum()
+            if l1_before >= 1e-7 and l1_after >= 1e-7:
+                kept = kept * (l1_before / l1_after)
+            mixed = mixed + kept * w
+        out[name] = (b + mixed).to(base[name].dtype)
+    return {k: out[k] for k in base}

@@ -32,13 +32,18 @@ def merge(
     threads: int = 1,
     densities: Sequence[float] | None = None,
     normalize: bool | None = None,
+    dtype: str | None = None,
+    out_dtype: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge fine-tuned state dicts into ``base`` with a method of ``METHODS``.
 
     ``densities`` (one per model) and ``normalize`` (with ``compat="mergekit"``)
-    are mergekit's per-model ``density`` and ``normalize`` parameters.
+    are mergekit's per-model ``density`` and ``normalize`` parameters; ``dtype`` and
+    ``out_dtype`` (with ``compat="mergekit"``) are mergekit's: inputs cast to ``dtype``,
+    arithmetic in it, output in ``out_dtype`` (default ``dtype``).
 
-    Inputs are never modified; the output has the base's keys, shapes and dtypes.
+    Inputs are never modified; the output has the base's keys, shapes and dtypes
+    (under compat, floating tensors take mergekit's ``out_dtype`` / ``dtype`` when set).
     Options are keyword-only and validated by :func:`make_config` (all problems
     reported at once, as ``ValueError``); an unknown keyword is a ``TypeError``.
     """
@@ -54,6 +59,8 @@ def merge(
         vocab_mismatch=vocab_mismatch,
         densities=densities,
         normalize=normalize,
+        dtype=dtype,
+        out_dtype=out_dtype,
     )
     base_r = DictReader(base, "base")
     model_rs = [DictReader(m, f"model {i}") for i, m in enumerate(models)]

@@ -8,6 +8,7 @@ module does not import torch (the handler imports the engine).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 from trainkit._units import SIZE_HELP, parse_size
-from trainkit.merge.methods import METHODS  # no torch: the merge package resolves names lazily
+from trainkit.merge.methods import MERGEKIT_DTYPES, METHODS  # no torch: the merge package resolves names lazily
 from trainkit.merge.sweep import register_sweep  # no torch at import either
 
 __all__ = ["register"]
@@ -75,14 +76,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scope", choices=("global", "tensor"), default=None,
                    help="trim threshold over all tensors or per tensor (default global; tensor with --compat mergekit)")
     p.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per model")
-    p.add_argument("--compat", choices=("mergekit",), default=None, help="reproduce mergekit 0.1.5's ties arithmetic")
+    p.add_argument("--compat", choices=("mergekit",), default=None,
+                   help="reproduce mergekit 0.1.5 bit for bit (tensor scope; its dtypes and seeded draws)")
     p.add_argument(
         "--vocab-mismatch",
         choices=("error", "shared"),
         default="error",
         help="embedding row-count mismatch: error (default) or merge the shared rows",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of dare_ties' random trim")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random trims (dare_*, della*); with --compat mergekit, the same as "
+                        "mergekit-yaml --random-seed")
+    p.add_argument("--dtype", choices=MERGEKIT_DTYPES, default=None,
+                   help="with --compat mergekit: mergekit's dtype (inputs cast to it, arithmetic in it)")
+    p.add_argument("--out-dtype", choices=MERGEKIT_DTYPES, default=None,
+                   help="with --compat mergekit: mergekit's out_dtype (the output's dtype; default --dtype)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                    help="where the arithmetic runs: tensors stream to the GPU and back with cuda "
                         "(auto: cuda when available)")
@@ -115,6 +123,8 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, ConfigError) as exc:
         print(f"trainkit merge: error: {exc}", file=sys.stderr)
         return 2
+    for note in cfg.notes():
+        print(f"trainkit merge: note: {note}", file=sys.stderr)
     try:
         t0 = time.perf_counter()
         record = merge_files(
@@ -149,8 +159,13 @@ def _inputs(args: argparse.Namespace, load_config) -> tuple[str, list[str], str,
         given = [f"--{n}" for n in ("base", "models") if getattr(args, n) is not None]
         if args.method is not None or given:
             raise ValueError(f"--config gives the method and the models; drop {args.method or ' '.join(given)}")
+        given = [f"--{n.replace('_', '-')}" for n in ("dtype", "out_dtype") if getattr(args, n) is not None]
+        if given:
+            raise ValueError(f"--config gives dtype and out_dtype (its dtype: / out_dtype: keys); "
+                             f"drop {' '.join(given)}")
         spec = load_config(args.config)
-        return spec.base, list(spec.models), f"{spec.config.method.name} from {args.config}", spec.config
+        cfg = dataclasses.replace(spec.config, seed=args.seed)  # mergekit-yaml takes the seed on its command line
+        return spec.base, list(spec.models), f"{cfg.method.name} from {args.config}", cfg
     missing = [n for n, v in (("METHOD", args.method), ("--base", args.base), ("--models", args.models)) if v is None]
     if missing:
         raise ValueError(f"give {', '.join(missing)} (or a mergekit YAML with --config)")
@@ -164,5 +179,7 @@ def _inputs(args: argparse.Namespace, load_config) -> tuple[str, list[str], str,
         compat=args.compat,
         seed=args.seed,
         vocab_mismatch=args.vocab_mismatch,
+        dtype=args.dtype,
+        out_dtype=args.out_dtype,
     )
     return args.base, list(args.models), args.method, cfg

@@ -15,7 +15,8 @@ Supported (the rest is refused, naming the key)::
       - model: ./ft-a
         parameters: {density: 0.2, weight: 1.0}
     parameters: {normalize: true, lambda: 1.0, int8_mask: true, density: 0.2, weight: 1.0}
-    dtype: float32
+    dtype: float32                # inputs cast to it, arithmetic in it (mergekit's semantics)
+    out_dtype: bfloat16           # the output's dtype (default: dtype)
     tokenizer_source: base
 
 Example::
@@ -35,7 +36,7 @@ from trainkit.merge.methods import METHODS, MergeConfig, make_config
 
 __all__ = ["ConfigError", "YamlMerge", "load_config", "parse_config"]
 
-_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source"}
+_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 _MODEL_KEYS = {"model", "parameters"}
 _MODEL_PARAMS = {"density", "weight", "gamma", "epsilon"}
 _TOP_PARAMS = {"normalize", "lambda", "int8_mask", "density", "weight", "rescale", "gamma", "epsilon"}
@@ -59,7 +60,7 @@ class YamlMerge:
     models: tuple[str, ...]
     config: MergeConfig
     dtype: str | None
-    """mergekit's ``dtype``: accepted and recorded; trainkit computes in float32 (see docs/merge.md)."""
+    """mergekit's ``dtype``: inputs are cast to it and the arithmetic runs in it (also ``config.dtype``)."""
 
 
 def load_config(path: str | Path) -> YamlMerge:
@@ -155,6 +156,9 @@ def parse_config(data: Any, where: str | Path = "<config>") -> YamlMerge:
     dtype = top.get("dtype")
     if dtype is not None and dtype not in _DTYPES:
         raise _fail(where, "dtype", f"{dtype!r} is not one of {', '.join(sorted(_DTYPES))}")
+    out_dtype = top.get("out_dtype")
+    if out_dtype is not None and out_dtype not in _DTYPES:
+        raise _fail(where, "out_dtype", f"{out_dtype!r} is not one of {', '.join(sorted(_DTYPES))}")
     tok = top.get("tokenizer_source")
     if tok is not None and tok != "base":
         raise _fail(where, "tokenizer_source", f"{tok!r}: only 'base' is supported (the base's tokenizer files "
@@ -211,7 +215,7 @@ def parse_config(data: Any, where: str | Path = "<config>") -> YamlMerge:
     try:
         cfg = make_config(method, len(models), density=densities[0] if uniform else None,
                           densities=None if uniform else densities, lam=lam, weights=weights,
-                          compat="mergekit", normalize=normalize, **extra)
+                          compat="mergekit", normalize=normalize, dtype=dtype, out_dtype=out_dtype, **extra)
     except ValueError as exc:
         raise ConfigError(f"{where}: " + "; ".join(line.strip(" -") for line in str(exc).splitlines()[1:])) from None
     return YamlMerge(base, tuple(models), cfg, dtype)

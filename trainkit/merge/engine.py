@@ -14,6 +14,9 @@ Passes:
 2. The merge pass. In global scope a tensor whose exact-zero vote sums make its
    values depend on the global majority sign (known only at the end) is
    deferred and merged again after the pass; this is rare (exact cancellation).
+   Under mergekit compat each tensor runs :mod:`trainkit.merge.mergekit_ops`
+   instead; when it draws random masks, tensors start in name order and take
+   turns drawing from one seeded generator (:class:`~trainkit.merge.mergekit_ops.DrawStream`).
 
 Parallelism: tensors run in a thread pool (torch kernels release the GIL) while
 the kernel is asked to read ahead the next tensors' bytes (``posix_fadvise``),
@@ -44,6 +47,7 @@ from trainkit.merge.kernel import (
     task_vectors,
     tensor_thresholds,
 )
+from trainkit.merge import mergekit_ops
 from trainkit.merge.methods import MergeConfig
 from trainkit.merge.plan import MergeInputError, MergePlan, TensorTask, plan_merge
 from trainkit.merge.threshold import RadixSelect
@@ -122,12 +126,15 @@ def _parallel(
     threads: int,
     progress: Progress | None,
     nbytes: Callable[[TensorTask], int],
+    ordered: bool = False,
 ) -> None:
     """Run ``work`` over ``tasks`` with at most ``threads`` in flight, reading ahead.
 
     Memory-aware: the elements of the tensors in flight stay within
     ``BUDGET_FACTOR`` x the largest tensor, so the largest tensors (embeddings,
     LM head) never run side by side while smaller ones fill the other workers.
+    ``ordered``: start tasks strictly in list order (a later one never overtakes
+    one that waits for memory), as the seeded draws of compat require.
     """
     budget = BUDGET_FACTOR * max((t.merged_numel for t in tasks), default=0)
     waiting = list(tasks)
@@ -146,7 +153,8 @@ def _parallel(
             while waiting or pending:
                 while waiting and len(pending) < threads:
                     pick = next(
-                        (i for i, t in enumerate(waiting) if not pending or in_flight + t.merged_numel <= budget), None
+                        (i for i, t in enumerate(waiting[:1] if ordered else waiting)
+                         if not pending or in_flight + t.merged_numel <= budget), None
                     )
                     if pick is None:
                         break
@@ -227,12 +235,18 @@ def run_merge(
     checked_finite = False
     problems: list[str] = []
 
+    stream: mergekit_ops.DrawStream | None = None
+    if cfg.compat == "mergekit" and mergekit_ops.draws_masks(cfg, n):
+        # mergekit draws every mask from one generator, tensors in name order
+        merged.sort(key=lambda t: t.name)
+        stream = mergekit_ops.DrawStream(cfg.seed, [t.name for t in merged])
+
     def run_pass(label: str, tasks: list[TensorTask], work, done) -> None:
         # progress=True draws the bar whatever stderr is; False draws nothing
         bar = Progress(sum(nbytes(t) for t in tasks), label, force=True) if progress else None
         t0 = time.perf_counter()
         try:
-            _parallel(tasks, work, done, inputs, max(1, threads), bar, nbytes)
+            _parallel(tasks, work, done, inputs, max(1, threads), bar, nbytes, ordered=stream is not None)
         finally:
             if bar is not None:
                 bar.close()
@@ -276,6 +290,13 @@ def run_merge(
         return res
 
     def _merge_once(t: TensorTask, majority: int | None):
+        if cfg.compat == "mergekit":
+            try:
+                return _merge_mergekit(t)
+            except BaseException:
+                if stream is not None:
+                    stream.abort()
+                raise
         full, b, ms = inputs.operands(t)
         if cfg.method.combine == "linear":  # the models themselves, not task vectors
             bad = [] if checked_finite else _check_finite(t, ms, models)
@@ -296,11 +317,29 @@ def run_merge(
                 tvs[i] = sparsify(tvs[i], cfg, i, t.name)
         return _write(t, full, combine(bf, tvs, cfg, majority))
 
-    def _write(t: TensorTask, full: torch.Tensor, res: TensorResult) -> TensorResult:
+    def _merge_mergekit(t: TensorTask):
+        """mergekit 0.1.5's ops in mergekit's dtypes (:mod:`trainkit.merge.mergekit_ops`)."""
+        full, b, ms = inputs.operands(t)
+        bad = [] if checked_finite else _check_finite(t, [b, *ms], [base, *models])
+        if bad:
+            if stream is not None:
+                with stream.turn(t.name):  # keep the draw order of the tensors after this one
+                    pass
+            return bad
+        dt = mergekit_ops.compute_dtype(cfg, [b.dtype, *(m.dtype for m in ms)])
+        b, ms = b.to(dt), [m.to(dt) for m in ms]
+        if cfg.method.combine == "linear":
+            values = mergekit_ops.linear_tensor(ms, cfg)
+        else:
+            values = mergekit_ops.merge_tensor(b, ms, cfg, name=t.name, stream=stream)
+        return _write(t, full, TensorResult(values, 0.0, False), mergekit_ops.output_dtype(cfg, dt))
+
+    def _write(t: TensorTask, full: torch.Tensor, res: TensorResult,
+               dtype: torch.dtype | None = None) -> TensorResult:
         if res.values is not None:
-            out = res.values.to(device="cpu", dtype=t.dtype)
+            out = res.values.to(device="cpu", dtype=dtype or t.dtype)
             if t.rows is not None:
-                full_out = full.clone()
+                full_out = full.to(dtype=out.dtype, copy=True)
                 full_out[: t.rows] = out
                 out = full_out
             sink.write(t.name, out)

@@ -21,9 +21,11 @@ import torch
 
 from trainkit import __version__
 from trainkit.errors import InputError
+from trainkit.io import TensorMeta
 from trainkit.io.readers import InputSpec, TensorReader, open_reader, parse_input_spec
 from trainkit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, plan_shards
 from trainkit.merge.engine import MergeStats, run_merge
+from trainkit.merge.mergekit_ops import planned_dtype
 from trainkit.merge.methods import MergeConfig
 from trainkit.merge.plan import plan_merge
 from trainkit.merge.tied import untie_inputs
@@ -83,6 +85,24 @@ def _copy_side_files(base: InputSpec, out: Path) -> list[str]:
             shutil.copy2(p, out / p.name)
             copied.append(p.name)
     return copied
+
+
+def _set_config_dtype(path: Path, cfg: MergeConfig) -> None:
+    """Under compat with ``out_dtype`` or ``dtype``, the copied config names the written dtype,
+    as mergekit's does (else ``from_pretrained`` would load the weights as the base's dtype)."""
+    name = cfg.out_dtype or cfg.dtype
+    if cfg.compat != "mergekit" or name is None:
+        return
+    try:
+        config = json.loads(path.read_text())
+    except ValueError:
+        return  # not JSON: copied as it was
+    if not isinstance(config, dict):
+        return
+    config["torch_dtype"] = name
+    if "dtype" in config:
+        config["dtype"] = name
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def merge_files(
@@ -164,7 +184,10 @@ def _merge_into(
     base_dir = base_spec.path if not base_spec.checkpoint and base_spec.path.is_dir() else None
     (base_r, *model_rs), tied = untie_inputs(base_dir, [base_r, *model_rs])  # tie_word_embeddings
     plan = plan_merge(base_r, model_rs, cfg)
-    shard_plan = plan_shards({t.name: base_r.meta(t.name) for t in plan.tasks}, shard_bytes)
+    metas = {t.name: base_r.meta(t.name) for t in plan.tasks}
+    if cfg.compat == "mergekit":  # mergekit's dtype / out_dtype decide what is written
+        metas = {k: TensorMeta(m.shape, planned_dtype(cfg, m.dtype)) for k, m in metas.items()}
+    shard_plan = plan_shards(metas, shard_bytes)
     out.mkdir(parents=True, exist_ok=True)
     hasher = _Hasher([base_r, *model_rs])
     hasher.start()
@@ -178,6 +201,8 @@ def _merge_into(
     finally:
         torch.set_num_threads(prev_threads)
     copied = _copy_side_files(base_spec, out)
+    if "config.json" in copied:
+        _set_config_dtype(out / "config.json", cfg)
     hasher.join()
     if hasher.error is not None:
         raise hasher.error

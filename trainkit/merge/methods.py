@@ -35,12 +35,15 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["MergeMethod", "MergeConfig", "METHODS", "make_config", "Trim", "Combine", "Scope", "Compat"]
+__all__ = ["MergeMethod", "MergeConfig", "METHODS", "make_config", "Trim", "Combine", "Scope", "Compat",
+           "MERGEKIT_DTYPES"]
 
 Trim = Literal["none", "magnitude", "random", "outliers", "della"]
 Combine = Literal["sum", "mean", "disjoint_mean", "linear"]
 Scope = Literal["global", "tensor"]
 Compat = Literal["mergekit"] | None
+MERGEKIT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+"""The names mergekit's ``dtype`` and ``out_dtype`` take."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,10 @@ class MergeMethod:
        ``combine``) -> the sink gets ``base + lam * combined`` in the base dtype.
     5. With ``elect`` in global scope, tensors whose exact-zero vote sums depend
        on the global majority sign are merged again once it is known.
+
+    Under ``compat="mergekit"`` step 4 is :func:`~trainkit.merge.mergekit_ops.merge_tensor`
+    (or ``linear_tensor``) instead: mergekit 0.1.5's ops in mergekit's dtype, random
+    masks from one seeded generator with tensors in name order.
 
     A new preset that reuses these trims and combines is one entry in
     :data:`METHODS`; a new ``trim`` or ``combine`` value also needs its branch in
@@ -116,8 +123,8 @@ class MergeConfig:
         scope: ``"global"`` = one trim threshold per task vector over all merged
             parameters (the authors' code); ``"tensor"`` = one per tensor (mergekit, PEFT).
         weights: per-model weights (None = all 1).
-        compat: ``"mergekit"`` reproduces mergekit 0.1.5's ties arithmetic.
-        seed: seed of the random trim (``dare_ties``).
+        compat: ``"mergekit"`` reproduces mergekit 0.1.5's arithmetic (every preset but ``average``).
+        seed: seed of the random trims (``dare_*``, ``della*``); under compat, mergekit's ``--random-seed``.
         vocab_mismatch: ``"error"`` or ``"shared"`` (merge only the rows all models share
             on embedding-like tensors; extra base rows are kept, extra model rows dropped).
         densities: per-model densities (mergekit's ``models[].parameters.density``);
@@ -126,6 +133,10 @@ class MergeConfig:
             summed weights); None = the method's mergekit default.
         gamma: the ``outliers`` trim's fraction of largest entries dropped (mergekit's default 0.01).
         epsilon: the ``della`` trim's half-width of keep probabilities (mergekit's default 0.15).
+        dtype: under compat, mergekit's ``dtype``: inputs are cast to it and the arithmetic
+            runs in it (None = the inputs' promoted dtype). See :mod:`trainkit.merge.mergekit_ops`.
+        out_dtype: under compat, mergekit's ``out_dtype``: the output's dtype (None = the
+            dtype the arithmetic ran in).
     """
 
     method: MergeMethod
@@ -140,6 +151,8 @@ class MergeConfig:
     normalize: bool | None = None
     gamma: float = 0.01
     epsilon: float = 0.15
+    dtype: str | None = None
+    out_dtype: str | None = None
 
     def weight(self, i: int) -> float:
         return 1.0 if self.weights is None else self.weights[i]
@@ -157,7 +170,8 @@ class MergeConfig:
         w = None if self.weights is None else (self.weights[i],)
         d = None if self.densities is None else (self.densities[i],)
         return MergeConfig(self.method, self.density, self.lam, self.scope, w, self.compat, self.seed,
-                           self.vocab_mismatch, d, self.normalize, self.gamma, self.epsilon)
+                           self.vocab_mismatch, d, self.normalize, self.gamma, self.epsilon, self.dtype,
+                           self.out_dtype)
 
     def to_json(self) -> dict:
         return {
@@ -173,7 +187,15 @@ class MergeConfig:
             "normalize": self.normalize,
             "gamma": self.gamma,
             "epsilon": self.epsilon,
+            "dtype": self.dtype,
+            "out_dtype": self.out_dtype,
         }
+
+    def notes(self) -> list[str]:
+        """One-line notes for the user about options that have no effect (the CLI prints them)."""
+        if self.method.combine == "linear" and self.lam != 1.0:
+            return [f"lambda={self.lam:g} is ignored: linear has no lambda (mergekit's linear ignores it too)"]
+        return []
 
 
 def make_config(
@@ -191,6 +213,8 @@ def make_config(
     normalize: bool | None = None,
     gamma: float = 0.01,
     epsilon: float = 0.15,
+    dtype: str | None = None,
+    out_dtype: str | None = None,
 ) -> MergeConfig:
     """Validate merge parameters and freeze them; every problem is reported at once.
 
@@ -226,6 +250,13 @@ def make_config(
         problems.append(f"compat='mergekit' has no {spec.name!r} (mergekit's is 'linear')")
     if normalize is not None and compat != "mergekit":
         problems.append("normalize is mergekit's parameter: it needs compat='mergekit'")
+    for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
+        if value is None:
+            continue
+        if value not in MERGEKIT_DTYPES:
+            problems.append(f"{key} must be one of {', '.join(MERGEKIT_DTYPES)}, got {value!r}")
+        elif compat != "mergekit":
+            problems.append(f"{key} is mergekit's parameter: it needs compat='mergekit'")
     if densities is not None:
         densities = tuple(densities)
         if len(densities) != n_models:
@@ -255,4 +286,4 @@ def make_config(
     if problems:
         raise ValueError("invalid merge parameters:\n  - " + "\n  - ".join(problems))
     return MergeConfig(spec, float(density), float(lam), scope, weights, compat, int(seed), vocab_mismatch,  # type: ignore[arg-type]
-                       densities, normalize, float(gamma), float(epsilon))
+                       densities, normalize, float(gamma), float(epsilon), dtype, out_dtype)

@@ -97,13 +97,17 @@ def sweep(
     vocab_mismatch). Ties in score keep the earlier point. Returns the ``sweep.json`` record.
     """
     from trainkit.merge.files import _publish, merge_files
-    from trainkit.merge.methods import make_config
+    from trainkit.merge.methods import METHODS, make_config
 
     final = Path(out)
     if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
         raise SweepError(f"output directory {final} is not empty (use --overwrite)")
     if not densities or not lams:
         raise SweepError("the grid is empty: give at least one --density and one --lam")
+    spec = METHODS.get(method)
+    if spec is not None and spec.combine == "linear" and any(float(lam) != 1.0 for lam in lams):
+        raise SweepError(f"{method} has no lambda (mergekit's linear ignores it too), so every --lam point "
+                         "would be the same merge: drop --lam")
     grid = [(float(d), float(lam)) for d in densities for lam in lams]
     configs = []
     for d, lam in grid:  # every point validated before the first merge
