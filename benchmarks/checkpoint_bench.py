@@ -365,6 +365,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3,
                    help="fsdp part: interleaved rounds of every arm, the first a warm-up "
                         "(default 3; at least 2); medians are reported")
+    p.add_argument("--background-nice", type=int, default=None,
+                   help="fsdp part: the trainkit arms' Checkpointer(background_nice=) "
+                        "(default: the Checkpointer's)")
     args = p.parse_args()
     parts = set(args.parts.split(","))
     if parts - {"loop", "tiers", "fsdp"}:
@@ -383,7 +386,8 @@ def main() -> int:
         if "fsdp" in parts:
             import checkpoint_fsdp
 
-            fsdp_result = checkpoint_fsdp.run(args.scale, root / "fsdp", rounds=args.rounds)
+            fsdp_result = checkpoint_fsdp.run(args.scale, root / "fsdp", rounds=args.rounds,
+                                              background_nice=args.background_nice)
         if "tiers" in parts:
             import checkpoint_tiers
 

@@ -130,7 +130,7 @@ def _to_local(obj: Any) -> Any:
     return obj
 
 
-def _arms(root: Path, budget: int) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+def _arms(root: Path, budget: int, nice: dict) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
     """(name, start(model, opt, state, step) -> wait()) for every arm, and what they hold."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -143,7 +143,8 @@ def _arms(root: Path, budget: int) -> tuple[list[tuple[str, Any]], dict[str, Any
     held: dict[str, Any] = {}
 
     def trainkit_lazy(model, opt, state, step):
-        ck = held.setdefault("ck", Checkpointer(root / "trainkit", timeout=600))
+        ck = held.setdefault("ck", Checkpointer(root / "trainkit", timeout=600,
+                                                    **nice))
         ck.attach(opt)
         h = ck.save(step, state)
         return h.result
@@ -169,7 +170,7 @@ def _arms(root: Path, budget: int) -> tuple[list[tuple[str, Any]], dict[str, Any
     def trainkit_budget(model, opt, state, step):
         ck = held.setdefault("budget", Checkpointer(root / "budget", timeout=600,
                                                     chunk_bytes=MiB,
-                                                    host_budget_bytes=budget))
+                                                    host_budget_bytes=budget, **nice))
         h = ck.save(step, _to_local(state), replicated=False)
         held["budget_stats"] = ck.stats
         return h.result
@@ -196,7 +197,7 @@ def _init_rank(rank: int, world: int, port: int) -> Any:
 
 
 def _save_rank(rank: int, world: int, port: int, root: str, total: int, budget: int,
-               rounds: int, queue: Any) -> None:
+               rounds: int, nice: dict, queue: Any) -> None:
     try:
         dist = _init_rank(rank, world, port)
         from checkpoint_bench import PeakRSS
@@ -204,7 +205,7 @@ def _save_rank(rank: int, world: int, port: int, root: str, total: int, budget: 
 
         model, opt = _build(total, 0)
         _train(model, opt, 1)
-        arms, held = _arms(Path(root), budget)
+        arms, held = _arms(Path(root), budget, nice)
         rows: list[list[dict]] = [[] for _ in arms]     # per arm, one row per round
         for rnd in range(rounds):
             for k in range(len(arms)):
@@ -323,15 +324,19 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def run(scale: float, root: Path, budget: int | None = None, *, rounds: int = 3) -> dict:
+def run(scale: float, root: Path, budget: int | None = None, *, rounds: int = 3,
+        background_nice: int | None = None) -> dict:
     """Save arms on 4 ranks, then restores on 2; ``rounds`` (>= 2) of each, the first a
-    warm-up. Figures: the median over the measured rounds of the slowest rank's."""
+    warm-up. Figures: the median over the measured rounds of the slowest rank's.
+    ``background_nice``: the trainkit arms' ``Checkpointer(background_nice=)`` (None:
+    its default)."""
     if rounds < 2:
         raise ValueError(f"--rounds must be at least 2 (the first is a warm-up), got {rounds}")
     total = int(1024 * MiB / scale)
     budget = budget or max(4 * MiB, total // 4 // 8)        # 1/8 of a rank's state
     root.mkdir(parents=True, exist_ok=True)
-    per_rank = _spawn(_save_rank, 4, str(root), total, budget, rounds)
+    nice = {} if background_nice is None else {"background_nice": background_nice}
+    per_rank = _spawn(_save_rank, 4, str(root), total, budget, rounds, nice)
     keys = ("blocked_s", "loop_cost_s", "durable_s", "peak_extra", "train_extra",
             "own_extra", "buffer_peak")
     rows = []
@@ -360,7 +365,7 @@ def run(scale: float, root: Path, budget: int | None = None, *, rounds: int = 3)
         worst = [max(r[name][j] for r in restore.values()) for j in range(rounds)]
         times[name] = {"median": _median(worst[1:]), "rounds": worst[1:]}
     return {"total_bytes": total, "budget": budget, "model": _shape(total), "rows": rows,
-            "restore_4_to_2": times, "rounds": rounds}
+            "restore_4_to_2": times, "rounds": rounds, "background_nice": background_nice}
 
 
 def report(res: dict) -> str:
@@ -368,7 +373,8 @@ def report(res: dict) -> str:
     n = res["rounds"] - 1
     out = [f"FSDP2, 4 gloo ranks, {res['total_bytes'] / MiB:.0f} MiB of parameters + AdamW "
            f"state (vocab {vocab}, dim {dim}, {blocks} blocks); median of {n} measured "
-           f"round(s) after a warm-up, the slowest rank per round",
+           f"round(s) after a warm-up, the slowest rank per round; trainkit background_nice="
+           f"{'default' if res.get('background_nice') is None else res['background_nice']}",
            "", "| arm | blocked (ms) | loop cost / ckpt (ms) | % of dcp.save | durable (s) "
            "| peak extra RSS / rank state | ckpt's own extra RSS (MiB) |",
            "|---|---|---|---|---|---|---|"]
