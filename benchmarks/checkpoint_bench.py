@@ -362,11 +362,19 @@ def main() -> int:
                    help="loop, tiers, fsdp (comma-separated; default loop,tiers)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="fsdp part: divide its ~1 GiB of model + AdamW state by this")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="fsdp part: interleaved rounds of every arm, the first a warm-up "
+                        "(default 3; at least 2); medians are reported")
+    p.add_argument("--background-nice", type=int, default=None,
+                   help="fsdp part: the trainkit arms' Checkpointer(background_nice=) "
+                        "(default: the Checkpointer's)")
     args = p.parse_args()
     parts = set(args.parts.split(","))
     if parts - {"loop", "tiers", "fsdp"}:
         p.error(f"unknown part(s) {sorted(parts - {'loop', 'tiers', 'fsdp'})}; use loop, "
                 f"tiers and/or fsdp")
+    if args.rounds < 2:
+        p.error(f"--rounds must be at least 2 (the first round is a warm-up), got {args.rounds}")
     torch.set_num_threads(1)    # training uses one core; the other is left for checkpointing
     scale = 16 if args.quick else 1
     reps = args.reps or (2 if args.quick else 3)
@@ -378,7 +386,8 @@ def main() -> int:
         if "fsdp" in parts:
             import checkpoint_fsdp
 
-            fsdp_result = checkpoint_fsdp.run(args.scale, root / "fsdp")
+            fsdp_result = checkpoint_fsdp.run(args.scale, root / "fsdp", rounds=args.rounds,
+                                              background_nice=args.background_nice)
         if "tiers" in parts:
             import checkpoint_tiers
 

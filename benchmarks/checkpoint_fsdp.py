@@ -2,13 +2,13 @@
 
     .venv/bin/python benchmarks/checkpoint_bench.py --parts fsdp             # ~1 GiB in all
     .venv/bin/python benchmarks/checkpoint_bench.py --parts fsdp --scale 8   # ~128 MiB
+    .venv/bin/python benchmarks/checkpoint_bench.py --parts fsdp --scale 16 --rounds 5
 
 An Embedding / LayerNorm / Linear model under ``fully_shard`` with AdamW: parameters and
 optimizer state together are about 1 GiB over the 4 ranks (divided by ``--scale``).
 Every arm saves the same DTensor state (``get_state_dict``) while training continues:
 
-* ``trainkit lazy``: ``Checkpointer.attach(optimizer)`` + ``save()``; skipped, with the
-  reason printed, where ``Checkpointer`` does not take DTensor state yet;
+* ``trainkit lazy``: ``Checkpointer.attach(optimizer)`` + ``save()``;
 * ``dcp.async_save`` + ``DefaultStager(StagingOptions(False, False, True, False))`` into
   ``FileSystemWriter``;
 * ``dcp.async_save`` + ``LazyStager(optimizer)`` into ``ZarrWriter``;
@@ -17,21 +17,29 @@ Every arm saves the same DTensor state (``get_state_dict``) while training conti
   shards as plain tensors (eager; what the budget costs and bounds, independent of the
   DTensor path).
 
-Per arm, on the slowest rank: *loop cost per checkpoint* = time from the save call to
-the end of the next 3 training steps minus 3 steps just before without a checkpoint;
-time until durable; peak extra RSS over the rank's state bytes. DCP's collectives run on
+Arms run interleaved over ``--rounds`` rounds (default 3, the first a warm-up that is not
+reported; the arm order rotates each round), and every figure is the median over the
+measured rounds of the slowest rank's value in that round: *loop cost per checkpoint* =
+time from the save call to the end of the next 3 training steps minus 3 steps just
+before without a checkpoint; time until durable; peak extra RSS over the rank's state
+bytes; and the checkpoint's *own* extra RSS: the peak RSS rise during the save (call,
+3 steps, wait) minus the peak rise of the 3 steps just before without a save. Why the
+difference: the training steps themselves (gloo buffers, autograd) raise RSS by more
+than a small host budget, and a figure that mixes them in says nothing about the budget. DCP's collectives run on
 a gloo group of their own, as torchtitan does. Then a 2-rank job restores the 4-rank
 steps into its own FSDP2 model (resharding), page cache dropped first: ``dcp.load`` from
 ``FileSystemReader`` against ``ZarrReader`` (checksums verified) and, where it exists,
-``Checkpointer.load(step, into=...)``.
+``Checkpointer.load(step, into=...)``, interleaved over the same number of rounds (the
+first a warm-up), median reported.
 """
 
 from __future__ import annotations
 
-import inspect
 import multiprocessing as mp
 import os
+import shutil
 import socket
+import statistics
 import time
 import traceback
 import warnings
@@ -122,7 +130,7 @@ def _to_local(obj: Any) -> Any:
     return obj
 
 
-def _arms(root: Path, budget: int) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+def _arms(root: Path, budget: int, nice: dict) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
     """(name, start(model, opt, state, step) -> wait()) for every arm, and what they hold."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -135,7 +143,8 @@ def _arms(root: Path, budget: int) -> tuple[list[tuple[str, Any]], dict[str, Any
     held: dict[str, Any] = {}
 
     def trainkit_lazy(model, opt, state, step):
-        ck = held.setdefault("ck", Checkpointer(root / "trainkit", timeout=600))
+        ck = held.setdefault("ck", Checkpointer(root / "trainkit", timeout=600,
+                                                    **nice))
         ck.attach(opt)
         h = ck.save(step, state)
         return h.result
@@ -161,7 +170,7 @@ def _arms(root: Path, budget: int) -> tuple[list[tuple[str, Any]], dict[str, Any
     def trainkit_budget(model, opt, state, step):
         ck = held.setdefault("budget", Checkpointer(root / "budget", timeout=600,
                                                     chunk_bytes=MiB,
-                                                    host_budget_bytes=budget))
+                                                    host_budget_bytes=budget, **nice))
         h = ck.save(step, _to_local(state), replicated=False)
         held["budget_stats"] = ck.stats
         return h.result
@@ -188,7 +197,7 @@ def _init_rank(rank: int, world: int, port: int) -> Any:
 
 
 def _save_rank(rank: int, world: int, port: int, root: str, total: int, budget: int,
-               queue: Any) -> None:
+               rounds: int, nice: dict, queue: Any) -> None:
     try:
         dist = _init_rank(rank, world, port)
         from checkpoint_bench import PeakRSS
@@ -196,45 +205,45 @@ def _save_rank(rank: int, world: int, port: int, root: str, total: int, budget: 
 
         model, opt = _build(total, 0)
         _train(model, opt, 1)
-        arms, held = _arms(Path(root), budget)
-        rows = []
-        for step, (name, start) in enumerate(arms):
-            dist.barrier()
-            base = _train(model, opt, STEPS_AFTER)
-            model_sd, optim_sd = get_state_dict(model, opt)
-            state = {"model": model_sd, "optim": optim_sd}
-            nbytes = _local_nbytes(state)
-            row: dict[str, Any] = {"arm": name, "state_bytes": nbytes}
-            with PeakRSS() as rss:
-                t0 = time.perf_counter()
-                try:
+        arms, held = _arms(Path(root), budget, nice)
+        rows: list[list[dict]] = [[] for _ in arms]     # per arm, one row per round
+        for rnd in range(rounds):
+            for k in range(len(arms)):
+                i = (k + rnd) % len(arms)           # rotate the order every round
+                name, start = arms[i]
+                step = rnd * len(arms) + i
+                dist.barrier()
+                with PeakRSS() as train_rss:
+                    base = _train(model, opt, STEPS_AFTER)
+                model_sd, optim_sd = get_state_dict(model, opt)
+                state = {"model": model_sd, "optim": optim_sd}
+                row: dict[str, Any] = {"arm": name, "state_bytes": _local_nbytes(state),
+                                       "step": step}
+                with PeakRSS() as rss:
+                    t0 = time.perf_counter()
                     wait = start(model, opt, state, step)
-                except (TypeError, RuntimeError) as exc:
-                    if name != "trainkit lazy":
-                        raise
-                    row["skipped"] = (f"skipped: Checkpointer cannot store DTensor state on "
-                                      f"this branch ({type(exc).__name__}: "
-                                      f"{str(exc).splitlines()[0][:90]})")
-                    rows.append(row)
-                    continue
-                blocked = time.perf_counter() - t0
-                after = _train(model, opt, STEPS_AFTER)
-                loop = time.perf_counter() - t0
-                wait()
-                durable = time.perf_counter() - t0
-            row.update(blocked_s=blocked, loop_cost_s=loop - base, durable_s=durable,
-                       steps_s=base, peak_extra=rss.peak - rss.base)
-            if "budget_stats" in held and name.startswith("trainkit, host"):
-                row["buffer_peak"] = held["budget_stats"].get("host_buffer_peak_bytes")
-                row["waves"] = held["budget_stats"].get("waves")
-            rows.append(row)
-            del state, model_sd, optim_sd
+                    blocked = time.perf_counter() - t0
+                    after = _train(model, opt, STEPS_AFTER)
+                    loop = time.perf_counter() - t0
+                    wait()
+                    durable = time.perf_counter() - t0
+                train_extra = train_rss.peak - train_rss.base
+                row.update(blocked_s=blocked, loop_cost_s=loop - base, durable_s=durable,
+                           steps_s=base, after_s=after, peak_extra=rss.peak - rss.base,
+                           train_extra=train_extra,
+                           own_extra=max(0, rss.peak - rss.base - train_extra))
+                if "budget_stats" in held and name.startswith("trainkit, host"):
+                    row["buffer_peak"] = held["budget_stats"].get("host_buffer_peak_bytes")
+                    row["waves"] = held["budget_stats"].get("waves")
+                    row["buffer_held"] = held["budget_stats"].get("host_buffer_bytes")
+                rows[i].append(row)
+                del state, model_sd, optim_sd
+                if rnd < rounds - 1 and rank == 0:      # keep only the last round's DCP dirs
+                    for pre in ("fs_", "sync_"):
+                        shutil.rmtree(Path(root) / f"{pre}{step}", ignore_errors=True)
         for key in ("ck", "budget"):
             if key in held:
-                try:
-                    held[key].close(persist_last=False)
-                except Exception:  # noqa: BLE001 - a skipped arm's checkpointer
-                    pass
+                held[key].close(persist_last=False)
         for key in ("lazy", "default"):
             if key in held:
                 held[key].close()
@@ -246,7 +255,7 @@ def _save_rank(rank: int, world: int, port: int, root: str, total: int, budget: 
 
 
 def _restore_rank(rank: int, world: int, port: int, root: str, total: int, steps: dict,
-                  queue: Any) -> None:
+                  rounds: int, queue: Any) -> None:
     try:
         dist = _init_rank(rank, world, port)
         import torch.distributed.checkpoint as dcp
@@ -258,32 +267,29 @@ def _restore_rank(rank: int, world: int, port: int, root: str, total: int, steps
 
         model, opt = _build(total, 1)
         _train(model, opt, 1)
-        out: dict[str, Any] = {}
-
-        def timed(name: str, files_root: Path, load: Any) -> None:
-            if rank == 0:
-                drop_cache(files_under(files_root))
-            dist.barrier()
-            m_sd, o_sd = get_state_dict(model, opt)
-            t0 = time.perf_counter()
-            load({"model": m_sd, "optim": o_sd})
-            dist.barrier()
-            out[name] = time.perf_counter() - t0
-
+        out: dict[str, list[float]] = {}
         r = Path(root)
-        timed("dcp.load <- FileSystemReader", r / f"fs_{steps['fs']}",
-              lambda s: dcp.load(s, storage_reader=FileSystemReader(str(r / f"fs_{steps['fs']}"))))
-        timed("dcp.load <- ZarrReader (checksums)", r / "zarr",
-              lambda s: dcp.load(s, storage_reader=ZarrReader(r / "zarr", step=steps["zarr"], allow_pickle=True)))
-        if "into" in inspect.signature(Checkpointer.load).parameters and \
-                (r / "trainkit").is_dir() and steps.get("trainkit") is not None:
-            ck = Checkpointer(r / "trainkit", timeout=600)
-            timed("Checkpointer.load(into=)", r / "trainkit",
-                  lambda s: ck.load(steps["trainkit"], into=s))
-            ck.close(persist_last=False)
-        else:
-            out["Checkpointer.load(into=)"] = ("skipped: Checkpointer.load has no into= on "
-                                               "this branch (DTensor restore, issue 12 part 2)")
+        ck = Checkpointer(r / "trainkit", timeout=600)
+        loads = [("dcp.load <- FileSystemReader", r / f"fs_{steps['fs']}",
+                  lambda s: dcp.load(s, storage_reader=FileSystemReader(
+                      str(r / f"fs_{steps['fs']}")))),
+                 ("dcp.load <- ZarrReader (checksums)", r / "zarr",
+                  lambda s: dcp.load(s, storage_reader=ZarrReader(
+                      r / "zarr", step=steps["zarr"], allow_pickle=True))),
+                 ("Checkpointer.load(into=)", r / "trainkit",
+                  lambda s: ck.load(steps["trainkit"], into=s))]
+        for rnd in range(rounds):
+            for k in range(len(loads)):
+                name, files_root, load = loads[(k + rnd) % len(loads)]
+                if rank == 0:
+                    drop_cache(files_under(files_root))
+                dist.barrier()
+                m_sd, o_sd = get_state_dict(model, opt)
+                t0 = time.perf_counter()
+                load({"model": m_sd, "optim": o_sd})
+                dist.barrier()
+                out.setdefault(name, []).append(time.perf_counter() - t0)
+        ck.close(persist_last=False)
         queue.put((rank, True, out))
         dist.barrier()
         dist.destroy_process_group()
@@ -315,57 +321,102 @@ def _spawn(target: Any, world: int, *args: Any, timeout: float = 3000) -> dict[i
     return got
 
 
-def run(scale: float, root: Path, budget: int | None = None) -> dict:
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def run(scale: float, root: Path, budget: int | None = None, *, rounds: int = 3,
+        background_nice: int | None = None) -> dict:
+    """Save arms on 4 ranks, then restores on 2; ``rounds`` (>= 2) of each, the first a
+    warm-up. Figures: the median over the measured rounds of the slowest rank's.
+    ``background_nice``: the trainkit arms' ``Checkpointer(background_nice=)`` (None:
+    its default)."""
+    if rounds < 2:
+        raise ValueError(f"--rounds must be at least 2 (the first is a warm-up), got {rounds}")
     total = int(1024 * MiB / scale)
     budget = budget or max(4 * MiB, total // 4 // 8)        # 1/8 of a rank's state
     root.mkdir(parents=True, exist_ok=True)
-    per_rank = _spawn(_save_rank, 4, str(root), total, budget)
+    nice = {} if background_nice is None else {"background_nice": background_nice}
+    per_rank = _spawn(_save_rank, 4, str(root), total, budget, rounds, nice)
+    keys = ("blocked_s", "loop_cost_s", "durable_s", "peak_extra", "train_extra",
+            "own_extra", "buffer_peak")
     rows = []
-    for i, row in enumerate(per_rank[0]):
-        worst = dict(row)
-        for r in per_rank.values():
-            other = r[i]
-            for k in ("blocked_s", "loop_cost_s", "durable_s", "peak_extra", "buffer_peak"):
-                if other.get(k) is not None and worst.get(k) is not None:
-                    worst[k] = max(worst[k], other[k])
-        rows.append(worst)
-    steps = {"fs": 1, "zarr": 2}
-    if "skipped" not in rows[0]:
-        steps["trainkit"] = 0
-    restore = _spawn(_restore_rank, 2, str(root), total, steps)
-    times = {k: max(r[k] for r in restore.values()) if not isinstance(restore[0][k], str)
-             else restore[0][k] for k in restore[0]}
+    for i, arm_rows in enumerate(per_rank[0]):
+        measured = []
+        for rnd in range(1, rounds):
+            worst = dict(arm_rows[rnd])
+            for k in keys:
+                vals = [r[i][rnd][k] for r in per_rank.values() if r[i][rnd].get(k) is not None]
+                if vals:
+                    worst[k] = max(vals)
+            measured.append(worst)
+        row = dict(measured[-1])
+        for k in keys:
+            if measured[0].get(k) is not None:
+                row[k] = _median([m[k] for m in measured])
+        row["rounds"] = {k: [m[k] for m in measured] for k in ("loop_cost_s", "own_extra")}
+        # the first save allocates the reused host buffer: its own rise is the full peak
+        row["first_own_extra"] = max(r[i][0]["own_extra"] for r in per_rank.values())
+        held = [r[i][-1].get("buffer_held") for r in per_rank.values()]
+        if None not in held:
+            row["buffer_held"] = max(held)
+        rows.append(row)
+    last = {r["arm"]: r["step"] for r in rows}
+    steps = {"fs": next(v for k, v in last.items() if "DefaultStager" in k),
+             "zarr": next(v for k, v in last.items() if "LazyStager" in k),
+             "trainkit": last["trainkit lazy"]}
+    restore = _spawn(_restore_rank, 2, str(root), total, steps, rounds)
+    times = {}
+    for name in restore[0]:
+        worst = [max(r[name][j] for r in restore.values()) for j in range(rounds)]
+        times[name] = {"median": _median(worst[1:]), "rounds": worst[1:]}
     return {"total_bytes": total, "budget": budget, "model": _shape(total), "rows": rows,
-            "restore_4_to_2": times}
+            "restore_4_to_2": times, "rounds": rounds, "background_nice": background_nice}
 
 
 def report(res: dict) -> str:
     vocab, dim, blocks = res["model"]
+    n = res["rounds"] - 1
     out = [f"FSDP2, 4 gloo ranks, {res['total_bytes'] / MiB:.0f} MiB of parameters + AdamW "
-           f"state (vocab {vocab}, dim {dim}, {blocks} blocks); the slowest rank per figure",
+           f"state (vocab {vocab}, dim {dim}, {blocks} blocks); median of {n} measured "
+           f"round(s) after a warm-up, the slowest rank per round; trainkit background_nice="
+           f"{'default' if res.get('background_nice') is None else res['background_nice']}",
            "", "| arm | blocked (ms) | loop cost / ckpt (ms) | % of dcp.save | durable (s) "
-           "| peak extra RSS / rank state |", "|---|---|---|---|---|---|"]
+           "| peak extra RSS / rank state | ckpt's own extra RSS (MiB) |",
+           "|---|---|---|---|---|---|---|"]
     ref = next((r for r in res["rows"] if r["arm"].startswith("dcp.save")), None)
     for r in res["rows"]:
-        if "skipped" in r:
-            out.append(f"| {r['arm']} | {r['skipped']} | | | | |")
-            continue
         pct = "" if ref is None else f"{100 * r['loop_cost_s'] / ref['loop_cost_s']:.1f}%"
         out.append(f"| {r['arm']} | {1000 * r['blocked_s']:.0f} | {1000 * r['loop_cost_s']:.0f} "
-                   f"| {pct} | {r['durable_s']:.2f} | {r['peak_extra'] / r['state_bytes']:.2f}x |")
+                   f"| {pct} | {r['durable_s']:.2f} | {r['peak_extra'] / r['state_bytes']:.2f}x "
+                   f"| {r['own_extra'] / MiB:.1f} |")
+    out += ["", "loop cost per round (ms): " + "; ".join(
+        f"{r['arm'].split(' (')[0].split(' ->')[0]}: "
+        + ", ".join(f"{1000 * x:.0f}" for x in r["rounds"]["loop_cost_s"]) for r in res["rows"])]
     budget_row = next((r for r in res["rows"] if "buffer_peak" in r), None)
     if budget_row is not None:
-        out += ["", f"host budget {res['budget'] / MiB:.1f} MiB per rank, rank state "
+        own, b = budget_row["own_extra"], res["budget"]
+        held = budget_row.get("buffer_held") or 0
+        first = budget_row["first_own_extra"]
+        out += ["", f"host budget {b / MiB:.1f} MiB per rank, rank state "
                     f"{budget_row['state_bytes'] / MiB:.1f} MiB, {budget_row['waves']} waves: "
                     f"snapshot buffer peak {budget_row['buffer_peak'] / MiB:.2f} MiB "
-                    f"({budget_row['buffer_peak'] / res['budget']:.2f}x the budget), "
-                    f"peak extra RSS {budget_row['peak_extra'] / MiB:.1f} MiB "
-                    f"({budget_row['peak_extra'] / res['budget']:.2f}x)"]
-    out += ["", "restore of the 4-rank steps on 2 ranks (FSDP2, resharded, page cache dropped):"]
-    dcp_t = res["restore_4_to_2"].get("dcp.load <- FileSystemReader")
+                    f"({budget_row['buffer_peak'] / b:.2f}x the budget). The checkpoint's own "
+                    f"extra RSS (save window minus the same steps without a save): "
+                    f"{first / MiB:.1f} MiB at the first save, which allocates the reused "
+                    f"buffer ({first / b:.2f}x the budget); at later saves "
+                    f"{own / MiB:.1f} MiB on top of the {held / MiB:.1f} MiB buffer it "
+                    f"keeps, {(own + held) / MiB:.1f} MiB in all ({(own + held) / b:.2f}x; "
+                    f"per round: " + ", ".join(f"{(x + held) / b:.2f}x"
+                                               for x in budget_row["rounds"]["own_extra"])
+                    + f"). The total RSS rise in the save window, "
+                    f"{budget_row['peak_extra'] / MiB:.1f} MiB ({budget_row['peak_extra'] / b:.2f}x), "
+                    f"includes {budget_row['train_extra'] / MiB:.1f} MiB for the training steps"]
+    out += ["", "restore of the 4-rank steps on 2 ranks (FSDP2, resharded, page cache "
+                "dropped), median of the measured rounds:"]
+    dcp_t = res["restore_4_to_2"]["dcp.load <- FileSystemReader"]["median"]
     for k, v in res["restore_4_to_2"].items():
-        if isinstance(v, str):
-            out.append(f"- {k}: {v}")
-        else:
-            out.append(f"- {k}: {v:.2f} s ({v / dcp_t:.2f}x dcp.load)")
+        rounds = ", ".join(f"{x:.2f}" for x in v["rounds"])
+        out.append(f"- {k}: {v['median']:.2f} s ({v['median'] / dcp_t:.2f}x dcp.load; "
+                   f"rounds {rounds})")
     return "\n".join(out)

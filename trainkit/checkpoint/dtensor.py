@@ -10,7 +10,9 @@ no collective runs inside ``save()``.
 
 Offsets come from ``torch.distributed.tensor._utils.compute_local_shape_and_global_offset``,
 the function DCP's planner uses, so uneven shards, 2-D meshes and FSDP2's strided
-shards over TP (``_StridedShard``) give the same boxes DCP would write.
+shards over TP (``_StridedShard``) give the same boxes DCP would write. They are cached
+per (mesh, placements, global shape): the layout does not change between saves, and
+recomputing it for every DTensor was most of ``save()``'s CPU on the training thread.
 
 ShardedTensor (FSDP1's ``SHARDED_STATE_DICT``) is refused with a pointer to DCP and
 :class:`~trainkit.checkpoint.interop.dcp.ZarrWriter`, which store it in this format.
@@ -19,6 +21,9 @@ ShardedTensor (FSDP1's ``SHARDED_STATE_DICT``) is refused with a pointer to DCP 
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +35,7 @@ __all__ = ["is_dtensor", "local_of", "describe_dtensor", "target_region", "check
 
 
 def is_dtensor(t: Any) -> bool:
-    if not isinstance(t, torch.Tensor) or type(t) in (torch.Tensor, torch.nn.Parameter):
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not isinstance(t, torch.Tensor):
         return False
     from torch.distributed.tensor import DTensor
 
@@ -55,10 +60,11 @@ def check_not_sharded_tensor(path: codec.KeyPath, t: torch.Tensor) -> None:
         f"DTensors Checkpointer.save stores directly")
 
 
-def _placements(path: codec.KeyPath, t: Any) -> list[str]:
+def _placements(t: Any) -> tuple[str | None, ...]:
+    """The encoded placements of ``t``; None for a Partial one, which cannot be stored."""
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    out = []
+    out: list[str | None] = []
     for p in t.placements:
         if isinstance(p, _StridedShard):
             out.append(encode_placement("strided", p.dim, int(p.split_factor)))
@@ -67,39 +73,91 @@ def _placements(path: codec.KeyPath, t: Any) -> list[str]:
         elif p.is_replicate():
             out.append(encode_placement("replicate"))
         else:
-            raise TypeError(f"cannot store the DTensor at {codec.format_key_path(path)}: its "
-                            f"placement {p} holds unreduced partial values; redistribute it "
-                            f"to Shard or Replicate first")
-    return out
+            out.append(None)
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """Where this rank's piece of a DTensor sits: everything ``save()`` and ``load(into=)``
+    need that depends only on (mesh, placements, global shape), not on the values."""
+
+    placements: tuple[str | None, ...]     # encoded (format.dtensor_meta); None: Partial
+    local_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    coord: tuple[int, ...] | None          # None: this rank is not in the mesh
+    held: bool                             # whether this rank's copy is the one written
+    mesh_shape: tuple[int, ...]
+    mesh_dims: tuple[str, ...] | None
+
+
+# mesh -> {(placements, global shape): layout}. Why a cache: torch's
+# compute_local_shape_and_global_offset and the placement checks cost ~50 us per DTensor
+# in Python, and FSDP2 hands save() hundreds of DTensors with the same few layouts on
+# every step (most of save()'s CPU on the training thread before). Weak on the mesh so
+# a job that rebuilds its meshes does not keep the old ones alive.
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LAYOUTS_LOCK = threading.Lock()
+_MAX_PER_MESH = 4096
+
+
+def _layout(t: Any) -> _Layout:
+    mesh, key = t.device_mesh, (tuple(t.placements), tuple(t.shape))
+    per_mesh = _LAYOUTS.get(mesh)
+    if per_mesh is not None:
+        hit = per_mesh.get(key)
+        if hit is not None:
+            return hit
+    layout = _compute_layout(t)
+    with _LAYOUTS_LOCK:
+        per_mesh = _LAYOUTS.setdefault(mesh, {})
+        if len(per_mesh) >= _MAX_PER_MESH:
+            per_mesh.clear()
+        per_mesh[key] = layout
+    return layout
+
+
+def _compute_layout(t: Any) -> _Layout:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    placements = _placements(t)
+    mesh = t.device_mesh
+    coord = mesh.get_coordinate()
+    if coord is None:          # this rank is not in the mesh: it holds nothing
+        local_shape, offsets, held = (0,) * t.ndim, (0,) * t.ndim, False
+    else:
+        local_shape, offsets = compute_local_shape_and_global_offset(t.shape, mesh, t.placements)
+        held = (all(c == 0 for c, p in zip(coord, placements) if p == "R")
+                and _first_replica_group(mesh))
+    return _Layout(placements, tuple(int(n) for n in local_shape),
+                   tuple(int(o) for o in offsets),
+                   None if coord is None else tuple(int(c) for c in coord), held,
+                   tuple(int(n) for n in mesh.shape),
+                   tuple(mesh.mesh_dim_names) if mesh.mesh_dim_names else None)
 
 
 def describe_dtensor(path: codec.KeyPath, t: Any) -> tuple[torch.Tensor, dict]:
     """The tensor this rank stores for DTensor ``t`` (its local piece, or an empty
     placeholder when another replica writes it) and its entry's ``dtensor`` metadata."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    placements = _placements(path, t)
-    mesh = t.device_mesh
-    coord = mesh.get_coordinate()
+    lay = _layout(t)
+    if None in lay.placements:
+        bad = t.placements[lay.placements.index(None)]
+        raise TypeError(f"cannot store the DTensor at {codec.format_key_path(path)}: its "
+                        f"placement {bad} holds unreduced partial values; redistribute it "
+                        f"to Shard or Replicate first")
     local = t._local_tensor
-    if coord is None:          # this rank is not in the mesh: it holds nothing
-        local_shape, offsets = (0,) * t.ndim, (0,) * t.ndim
-        held = False
-    else:
-        local_shape, offsets = compute_local_shape_and_global_offset(t.shape, mesh, t.placements)
-        held = (all(c == 0 for c, p in zip(coord, placements) if p == "R")
-                and _first_replica_group(mesh))
-        if tuple(local.shape) != tuple(local_shape):
-            raise TypeError(f"cannot store the DTensor at {codec.format_key_path(path)}: its "
-                            f"local tensor has shape {tuple(local.shape)}, but its placements "
-                            f"{placements} on mesh {tuple(mesh.shape)} give {tuple(local_shape)}")
+    if lay.coord is not None and tuple(local.shape) != lay.local_shape:
+        raise TypeError(f"cannot store the DTensor at {codec.format_key_path(path)}: its "
+                        f"local tensor has shape {tuple(local.shape)}, but its placements "
+                        f"{list(lay.placements)} on mesh {lay.mesh_shape} give "
+                        f"{lay.local_shape}")
     meta = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-            "offsets": [int(o) for o in offsets], "local_shape": [int(n) for n in local_shape],
-            "mesh": {"shape": list(mesh.shape),
-                     "dims": list(mesh.mesh_dim_names) if mesh.mesh_dim_names else None},
-            "coord": None if coord is None else [int(c) for c in coord],
-            "placements": placements, "held": held}
-    return (local if held else local.new_empty((0,))), meta
+            "offsets": list(lay.offsets), "local_shape": list(lay.local_shape),
+            "mesh": {"shape": list(lay.mesh_shape),
+                     "dims": None if lay.mesh_dims is None else list(lay.mesh_dims)},
+            "coord": None if lay.coord is None else list(lay.coord),
+            "placements": list(lay.placements), "held": lay.held}
+    return (local if lay.held else local.new_empty((0,))), meta
 
 
 def _first_replica_group(mesh: Any) -> bool:
@@ -137,14 +195,11 @@ def target_region(t: torch.Tensor) -> tuple[torch.Tensor, Box]:
     coordinates (a DTensor's local piece, or a plain tensor whole)."""
     if not is_dtensor(t):
         return t, ((0,) * t.ndim, tuple(t.shape))
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     local = t._local_tensor  # type: ignore[attr-defined]
-    if t.device_mesh.get_coordinate() is None:  # type: ignore[attr-defined]
+    lay = _layout(t)
+    if lay.coord is None:
         return local, ((0,) * t.ndim, (0,) * t.ndim)
-    shape, offsets = compute_local_shape_and_global_offset(
-        t.shape, t.device_mesh, t.placements)  # type: ignore[attr-defined]
-    if tuple(local.shape) != tuple(shape):
+    if tuple(local.shape) != lay.local_shape:
         raise ValueError(f"the target DTensor's local tensor has shape {tuple(local.shape)}, "
-                         f"its placements give {tuple(shape)}")
-    return local, (tuple(int(o) for o in offsets), tuple(int(n) for n in shape))
+                         f"its placements give {lay.local_shape}")
+    return local, (lay.offsets, lay.local_shape)

@@ -31,6 +31,7 @@ import torch
 from trainkit import rundir
 from trainkit.checkpoint import reader
 from trainkit.checkpoint.coord import Coordinator, make_coordinator
+from trainkit.checkpoint._priority import DEFAULT_BACKGROUND_NICE, lower_thread_priority
 from trainkit.checkpoint.dtensor import local_of
 from trainkit.checkpoint.errors import CheckpointError, CheckpointWriteError, CommitError
 from trainkit.checkpoint.format.layout import COMMIT_FILE, DEFAULT_CHUNK_BYTES, step_dirname
@@ -119,6 +120,10 @@ class Checkpointer:
             host memory stays at or below the budget plus one chunk, at the price of a
             longer ``save()`` (eager part) and ``optimizer.step()`` stall (lazy part):
             they wait for writes, not only copies. ``stats["host_buffer_peak_bytes"]``.
+        background_nice: added to the nice value of the threads that checksum and write
+            chunks and commit (Linux; 0 leaves them alone), so on busy cores they yield to
+            training instead of slowing it; the copy ``optimizer.step()`` may wait for
+            keeps its priority. See :mod:`~trainkit.checkpoint._priority`.
     """
 
     def __init__(self, path: str | os.PathLike, *, local_dir: str | os.PathLike | None = None,
@@ -128,7 +133,8 @@ class Checkpointer:
                  keeper_ttl: float = 300.0, timeout: float = 300.0,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, io_threads: int = 4,
                  direct_io: bool = True, storage_options: dict | None = None,
-                 host_budget_bytes: int | None = None) -> None:
+                 host_budget_bytes: int | None = None,
+                 background_nice: int = DEFAULT_BACKGROUND_NICE) -> None:
         if host_budget_bytes is not None and (isinstance(host_budget_bytes, bool) or not
                                               isinstance(host_budget_bytes, int)
                                               or host_budget_bytes <= 0):
@@ -150,8 +156,11 @@ class Checkpointer:
         self.world_size = self._coord.world_size
         self._pool = HostBufferPool(pin=torch.cuda.is_available())
         self._data = ThreadPoolExecutor(1, thread_name_prefix="trainkit-ckpt-data")
-        self._commit = ThreadPoolExecutor(1, thread_name_prefix="trainkit-ckpt-commit")
-        self._io = ThreadPoolExecutor(self._io_threads, thread_name_prefix="trainkit-ckpt-io")
+        nice = (lower_thread_priority, (int(background_nice),))
+        self._commit = ThreadPoolExecutor(1, thread_name_prefix="trainkit-ckpt-commit",
+                                          initializer=nice[0], initargs=nice[1])
+        self._io = ThreadPoolExecutor(self._io_threads, thread_name_prefix="trainkit-ckpt-io",
+                                      initializer=nice[0], initargs=nice[1])
         self._flow = TierFlow(self.path, config, self._coord, self._io,
                               storage_options=storage_options)
         self._tier = self._flow.first

@@ -6,7 +6,11 @@ target is one box too: a DTensor's local piece on this rank (``Shard``: a slice;
 ``Replicate``: the whole tensor), or a plain tensor whole. For every saved piece that
 overlaps the target box, :func:`fill_region` reads only the bytes that span the overlap,
 widened to whole checksum segments (a blob's part in one chunk file, the unit the
-writer checksummed), verifies each segment's CRC and copies the overlap into place.
+writer checksummed), verifies each segment's CRC and puts the overlap into place. Where
+the overlap is one contiguous run of bytes both in the saved blob and in the target
+(FSDP2 row shards, plain tensors whole) the bytes are read straight into the target's
+storage; anything else (a column cut, a strided or non-CPU target) is read into a
+temporary and copied.
 
 Why segments, not exact bytes: a CRC can only be checked over the bytes it was taken
 over. A segment is at most one chunk (~16 MiB), so a rank that needs a few rows of a
@@ -60,13 +64,50 @@ class PieceReaders:
         piece in a checksum error."""
         index = self.index(rank)
         b = index["blobs"][blob]
+        cb = index["arrays"][b.get("array", "rank")]["chunk_bytes"]
+        off, nbytes = b["offset"], b["nbytes"]
+        lo = max(off, (off + start) // cb * cb)
+        hi = min(off + nbytes, ((off + end - 1) // cb + 1) * cb)
+        out = torch.empty(hi - lo, dtype=torch.uint8)
+        view = memoryview(out.numpy())
+        self._read_segments(rank, blob, start, end, what,
+                            lambda s0, s1: [view[s0 - lo:s1 - lo]])
+        return out, lo - off
+
+    def read_exact(self, rank: int, blob: int, start: int, end: int, dst: memoryview,
+                   what: str) -> None:
+        """Bytes ``[start, end)`` of a blob straight into ``dst`` (``end - start`` bytes,
+        e.g. a target tensor's storage), every segment they touch verified.
+
+        Why: a load that lands in one contiguous region of the target need not read into
+        a temporary and copy it over; only the parts of the first and last segments
+        outside ``[start, end)`` (needed for their CRCs) go to small scratch buffers.
+        On a checksum error ``dst`` may hold some of the bad bytes; the caller's
+        fallback to another tier rewrites it."""
+        off = self.index(rank)["blobs"][blob]["offset"]
+        a, e = off + start, off + end
+
+        def place(s0: int, s1: int) -> list[memoryview]:
+            views = []
+            if s0 < a:
+                views.append(memoryview(bytearray(a - s0)))
+            views.append(dst[max(s0, a) - a:min(s1, e) - a])
+            if s1 > e:
+                views.append(memoryview(bytearray(s1 - e)))
+            return views
+        self._read_segments(rank, blob, start, end, what, place)
+
+    def _read_segments(self, rank: int, blob: int, start: int, end: int, what: str,
+                       place: Any) -> None:
+        """Read and verify every segment of a blob that ``[start, end)`` touches;
+        ``place(s0, s1)`` gives the buffers (in order) that segment ``[s0, s1)`` of the
+        packed array is read into."""
+        index = self.index(rank)
+        b = index["blobs"][blob]
         array = b.get("array", "rank")
         cb = index["arrays"][array]["chunk_bytes"]
         off, nbytes = b["offset"], b["nbytes"]
         first, c0, c1 = off // cb, (off + start) // cb, (off + end - 1) // cb
-        lo, hi = max(off, c0 * cb), min(off + nbytes, (c1 + 1) * cb)
-        out = torch.empty(hi - lo, dtype=torch.uint8)
-        view = memoryview(out.numpy())
         for c in range(c0, c1 + 1):
             s0, s1 = max(off, c * cb), min(off + nbytes, (c + 1) * cb)
             rel = chunk_location(index, array, c)
@@ -79,24 +120,49 @@ class PieceReaders:
                          f"{expected[0]}")
                 raise CorruptCheckpointError(f"step {self.step}, rank {rank}: {where} "
                                              f"({what}) {state}")
-            piece = view[s0 - lo:s1 - lo]
+            views = place(s0, s1)
             try:
-                self.tier.read_into(self._rel(rel), [piece], s0 - c * cb)
+                self.tier.read_into(self._rel(rel), views, s0 - c * cb)
             except (EOFError, FileNotFoundError) as exc:
                 raise CorruptCheckpointError(f"step {self.step}, rank {rank}: {where}: "
                                              f"{exc}") from exc
-            if crc32(piece) != b["crc32"][c - first]:
+            crc = 0
+            for v in views:
+                crc = crc32(v, crc)
+            if crc != b["crc32"][c - first]:
                 raise CorruptCheckpointError(
                     f"step {self.step}, rank {rank}: checksum mismatch in {what} stored in "
                     f"{where} on the {self.tier.name} tier: the data was altered after it "
                     f"was written")
             self.bytes_read += s1 - s0
-        return out, lo - off
 
 
 def _describe(name: str, piece: Piece) -> str:
     rank, _, offsets, shape = piece
     return f"tensor {name!r} (piece at offsets {list(offsets)}, shape {list(shape)}, saved by rank {rank})"
+
+
+def _dense(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """Whether elements of ``shape`` laid out with ``stride`` are one gap-free run in
+    row-major order (sizes of 1 may have any stride)."""
+    expected = 1
+    for n, st in zip(reversed(shape), reversed(stride)):
+        if n != 1 and st != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview | None:
+    """A writable byte view of ``t``'s elements when they are one contiguous run of CPU
+    memory that holds the values as they are (no conjugate or negative bit); else None."""
+    if (t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg()
+            or t.numel() == 0 or type(t) not in (torch.Tensor, torch.nn.Parameter)):
+        return None
+    isz = t.element_size()
+    raw = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage(), t.storage_offset() * isz,
+                                                 (t.numel() * isz,), (1,))
+    return memoryview(raw.numpy())
 
 
 def fill_region(dst: torch.Tensor, box: Box, pieces: Sequence[Piece], readers: PieceReaders,
@@ -118,15 +184,22 @@ def fill_region(dst: torch.Tensor, box: Box, pieces: Sequence[Piece], readers: P
         first = sum(r * s for r, s in zip(rel, stride))
         last = sum((r + n - 1) * s for r, n, s in zip(rel, ov[1], stride))
         a, e = entry["offset"] + first * isz, entry["offset"] + (last + 1) * isz
-        raw, base = readers.span(rank, entry["blob"], a, e, _describe(name, piece))
-        sub = raw[a - base:e - base]
-        if sub.storage_offset() % isz:
-            sub = sub.clone()
-        src = torch.empty(0, dtype=dtype).set_(sub.untyped_storage(),
-                                                sub.storage_offset() // isz, ov[1], stride)
         where = tuple(slice(o - b0, o - b0 + n) for o, b0, n in zip(ov[0], box[0], ov[1]))
+        what = _describe(name, piece)
         with torch.no_grad():
-            dst[where].copy_(src)
+            region = dst[where]
+        direct = _bytes_of(region) if _dense(ov[1], stride) and region.dtype == dtype else None
+        if direct is not None:       # one contiguous run on both sides: read into place
+            readers.read_exact(rank, entry["blob"], a, e, direct, what)
+        else:
+            raw, base = readers.span(rank, entry["blob"], a, e, what)
+            sub = raw[a - base:e - base]
+            if sub.storage_offset() % isz:
+                sub = sub.clone()
+            src = torch.empty(0, dtype=dtype).set_(sub.untyped_storage(),
+                                                    sub.storage_offset() // isz, ov[1], stride)
+            with torch.no_grad():
+                region.copy_(src)
         covered += volume(ov[1])
     if covered != volume(box[1]):
         raise CorruptCheckpointError(

@@ -26,6 +26,7 @@ Everything here is pure: plans are frozen dataclasses built from tensor descript
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import struct
@@ -194,14 +195,24 @@ def _align(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
 
-def plan_shard(specs: list[TensorSpec], *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> ShardPlan:
+def plan_shard(specs: Sequence[TensorSpec], *,
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> ShardPlan:
     """Group tensors by storage into blobs and pack the blobs into chunks.
 
     Tensors sharing a storage become one blob covering the bytes they touch, unless that
     span is much larger than the tensors (a small strided view of a huge buffer); then
     each is copied densely on its own. The chunk size is adjusted so the last, padded,
     chunk wastes little: ``k`` chunks of about ``chunk_bytes`` each.
+
+    Memoised: a training loop saves the same tensors (same storages, shapes, strides)
+    every time, and the plan is a pure function of their descriptions, so a repeat save
+    gets the frozen plan back without re-planning on the training thread.
     """
+    return _plan_shard(tuple(specs), chunk_bytes)
+
+
+@functools.lru_cache(maxsize=16)
+def _plan_shard(specs: tuple[TensorSpec, ...], chunk_bytes: int) -> ShardPlan:
     groups: dict[tuple[str, int], list[int]] = {}
     order: list[tuple[str, object]] = []
     for i, s in enumerate(specs):
