@@ -32,6 +32,7 @@ import torch
 
 from trainkit._units import Progress
 from trainkit.io.readers import TensorReader
+from trainkit.merge import fused
 from trainkit.merge.kernel import (
     DEFER,
     Keep,
@@ -46,6 +47,7 @@ from trainkit.merge.kernel import (
 )
 from trainkit.merge.methods import MergeConfig
 from trainkit.merge.plan import MergeInputError, MergePlan, TensorTask, plan_merge
+from trainkit.merge.sampleselect import GlobalSelection, tensor_keeps
 from trainkit.merge.threshold import RadixSelect
 
 __all__ = ["TensorSink", "DictSink", "MergeStats", "run_merge", "limit_heap_retention"]
@@ -167,12 +169,16 @@ def _parallel(
             raise
 
 
+def _nonfinite(task: TensorTask, model: TensorReader) -> str:
+    return f"{task.name}: non-finite values (inf/nan) in {model.description} or the base"
+
+
 def _check_finite(task: TensorTask, tvs: list[torch.Tensor], models: list[TensorReader]) -> list[str]:
     bad = []
     for tv, m in zip(tvs, models):
         # A sum is non-finite whenever an entry is; confirm, since a sum can also overflow.
         if not torch.isfinite(tv.sum()) and not bool(torch.isfinite(tv).all()):
-            bad.append(f"{task.name}: non-finite values (inf/nan) in {m.description} or the base")
+            bad.append(_nonfinite(task, m))
     return bad
 
 
@@ -242,7 +248,20 @@ def run_merge(
 
     global_keeps: list[Keep] | None = None
     ranks = [magnitude_rank(plan.total, cfg, i)[0] for i in range(n)]  # exact-k (mergekit): tensor scope only
-    if cfg.method.trim == "magnitude" and cfg.scope == "global" and any(ranks):
+    use_fused = fused.applies(cfg, device)
+    if use_fused and cfg.scope == "global" and any(ranks):  # sample bracket + one counting pass, exact
+        gs = GlobalSelection(ranks, plan.total, cfg, plan.dtype)
+        run_pass("threshold 1 (sample)", merged, lambda t: gs.sample(*inputs.operands(t)[1:]), lambda t, r: None)
+        gs.close_samples()
+        run_pass("threshold 2 (count)", merged,
+                 lambda t: [_nonfinite(t, models[i]) for i in gs.count(*inputs.operands(t)[1:])],
+                 lambda t, r: problems.extend(r))
+        checked_finite = True
+        found = gs.thresholds()
+        if found is not None:  # else a bracket missed: radix selection below
+            stats.thresholds = found
+            global_keeps = [Keep(thr, None) for thr in found]
+    if cfg.method.trim == "magnitude" and cfg.scope == "global" and any(ranks) and global_keeps is None:
         sel = RadixSelect(ranks, plan.dtype)
         first = True
 
@@ -275,8 +294,21 @@ def run_merge(
             res = _merge_once(t, res.retry_majority)
         return res
 
+    def _merge_fused(t: TensorTask, majority: int | None, full, b, ms):
+        keeps = global_keeps
+        if keeps is None:
+            keeps, bad = tensor_keeps(b, ms, cfg, plan.dtype)
+            if bad:
+                return [_nonfinite(t, models[i]) for i in bad]
+        res = fused.fused_combine(b, ms, keeps, cfg, majority, t.dtype, plan.dtype)
+        return None if res is None else _write(t, full, res)  # None: the plain kernel redoes it
+
     def _merge_once(t: TensorTask, majority: int | None):
         full, b, ms = inputs.operands(t)
+        if use_fused:
+            res = _merge_fused(t, majority, full, b, ms)
+            if res is not None:
+                return res
         if cfg.method.combine == "linear":  # the models themselves, not task vectors
             bad = [] if checked_finite else _check_finite(t, ms, models)
             return bad or _write(t, full, TensorResult(linear(ms, cfg, plan.dtype), 0.0, False))
