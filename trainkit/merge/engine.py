@@ -215,8 +215,25 @@ def run_merge(
     """Merge ``models`` into ``base`` tensor by tensor, writing each result to ``sink``.
 
     ``device="cuda"``: operands go to the GPU as they are read, results come back
-    to the CPU before ``sink.write``.
+    to the CPU before ``sink.write``. On the CPU the default TIES rule runs the
+    fused kernel (``merge/fused.py``), with torch ops single-threaded meanwhile:
+    the ``threads`` workers are the parallelism.
     """
+    with fused.serial_ops(fused.applies(cfg, device)):
+        return _run_merge(base, models, cfg, sink, plan=plan, threads=threads, progress=progress, device=device)
+
+
+def _run_merge(
+    base: TensorReader,
+    models: list[TensorReader],
+    cfg: MergeConfig,
+    sink: TensorSink,
+    *,
+    plan: MergePlan | None,
+    threads: int,
+    progress: bool,
+    device: str,
+) -> MergeStats:
     plan = plan or plan_merge(base, models, cfg)
     limit_heap_retention()
     inputs = _Inputs(base, models, device)

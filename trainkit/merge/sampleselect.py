@@ -5,10 +5,10 @@ tensors (``kthvalue``, or the two radix histogram passes of
 :mod:`trainkit.merge.threshold`) costs several full-tensor passes with
 tensor-sized temporaries. Here:
 
-1. A deterministic pseudo-random sample of |tv| (gathered by index, so a
-   column- or row-structured tensor is not sampled on a lattice) is sorted, and
-   two sample order statistics ``lo <= hi`` a few standard deviations either
-   side of the wanted quantile bracket the k-th value with near certainty.
+1. A deterministic pseudo-random sample of |tv| is gathered by index (so a
+   column- or row-structured tensor is not sampled on a lattice); two sample
+   order statistics ``lo <= hi``, a few standard deviations either side of the
+   wanted quantile, bracket the k-th value with near certainty.
 2. One pass over the tensor, in cache-sized chunks, counts the entries
    ``>= lo`` and collects those in ``[lo, hi]`` (a few percent of them).
 3. If ``below = d - count(>= lo)`` satisfies ``below < k <= below + #candidates``
@@ -22,6 +22,7 @@ The same pass checks that every task vector entry is finite (max |tv|).
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass, field
@@ -46,8 +47,10 @@ SMALL = 4 * TENSOR_SAMPLE
 """Tensors up to this size get their threshold by ``kthvalue`` over all of |tv|."""
 
 
+@functools.lru_cache(maxsize=256)
 def sample_indices(d: int, s: int) -> torch.Tensor:
-    """``s`` sorted positions in ``[0, d)``, the same for every model and every run."""
+    """``s`` sorted positions in ``[0, d)``, the same for every model and every run
+    (cached: many tensors share a shape; callers only read it)."""
     g = torch.Generator().manual_seed(0x5EED ^ d)
     return torch.randint(0, d, (s,), generator=g).sort().values
 
@@ -55,22 +58,22 @@ def sample_indices(d: int, s: int) -> torch.Tensor:
 def sample_abs(b_flat: torch.Tensor, m_flat: torch.Tensor, w: float, dtype: torch.dtype,
                idx: torch.Tensor) -> torch.Tensor:
     """|w * (m - b)| at positions ``idx``."""
-    b = b_flat.take(idx).to(dtype)
-    tv = torch.sub(m_flat.take(idx), b)
+    b = b_flat.index_select(0, idx).to(dtype)  # index_select: far faster than take on the CPU
+    tv = torch.sub(m_flat.index_select(0, idx), b)
     if w != 1.0:
         tv.mul_(w)
     return tv.abs_()
 
 
-def bracket(sorted_sample: torch.Tensor, k: int, d: int) -> tuple[float, float]:
+def bracket(sample: torch.Tensor, k: int, d: int) -> tuple[float, float]:
     """Sample order statistics around rank ``k`` (1-based) of ``d``: (lo, hi)."""
-    s = sorted_sample.numel()
+    s = sample.numel()
     q = k / d
     j = q * s - 0.5
     half = Z * math.sqrt(s * max(q * (1 - q), 1.0 / s)) + 2
     lo_i, hi_i = math.floor(j - half), math.ceil(j + half)
-    lo = float(sorted_sample[lo_i]) if lo_i >= 0 else 0.0
-    hi = float(sorted_sample[hi_i]) if hi_i < s else math.inf
+    lo = float(sample.kthvalue(lo_i + 1).values) if lo_i >= 0 else 0.0  # two selections: cheaper than a sort
+    hi = float(sample.kthvalue(hi_i + 1).values) if hi_i < s else math.inf
     return lo, hi
 
 
@@ -171,7 +174,7 @@ def tensor_keeps(base: torch.Tensor, models: list[torch.Tensor], cfg: MergeConfi
         if ranks[i] == 0:
             brackets.append(None)
             continue
-        brackets.append(bracket(sample_abs(b_flat, m_flat[i], ws[i], dtype, idx).sort().values, ranks[i], d))
+        brackets.append(bracket(sample_abs(b_flat, m_flat[i], ws[i], dtype, idx), ranks[i], d))
     tallies = tally(base, models, ws, brackets, dtype, chunk=chunk)
     bad = [i for i, t in enumerate(tallies) if not t.finite]
     if bad:
@@ -224,8 +227,7 @@ class GlobalSelection:
             if rank == 0 or not self._samples[i]:
                 self._brackets.append(None)
                 continue
-            srt = torch.cat(self._samples[i]).sort().values
-            self._brackets.append(bracket(srt, rank, self.total))
+            self._brackets.append(bracket(torch.cat(self._samples[i]), rank, self.total))
         self._samples = [[] for _ in self.ranks]
 
     def count(self, base: torch.Tensor, models: list[torch.Tensor]) -> list[int]:
