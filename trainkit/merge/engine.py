@@ -3,14 +3,18 @@
 Memory: at any moment at most ``threads`` tensors are in flight, each holding
 its base and one float32 task vector per model plus a few accumulators, so peak
 anonymous memory is about ``threads * (n_models + 5) * largest tensor * 4`` bytes,
-whatever the model size. Inputs are memory-mapped (file-backed pages) and each
-output tensor is written to its final place in its shard at once.
+whatever the model size (on the fused path, the output tensor, the threshold
+candidates and ``(n_models + 5) * fused.CHUNK`` floats of scratch per thread).
+Inputs are memory-mapped (file-backed pages) and each output tensor is written
+to its final place in its shard at once.
 
 Passes:
 
-1. ``scope="global"`` with a magnitude trim: radix-selection histogram passes
-   (two for float32) find each task vector's exact threshold over all tensors.
-   (mergekit-compat is tensor scope only: mergekit has no global threshold.)
+1. ``scope="global"`` with a magnitude trim: each task vector's exact threshold
+   over all tensors, from a sample pass and one counting pass on the fused path
+   (``sampleselect.GlobalSelection``), else (or when its bracket misses) from
+   radix-selection histogram passes (two for float32). (mergekit-compat is tensor
+   scope only: mergekit has no global threshold.)
 2. The merge pass. In global scope a tensor whose exact-zero vote sums make its
    values depend on the global majority sign (known only at the end) is
    deferred and merged again after the pass; this is rare (exact cancellation).
