@@ -52,9 +52,10 @@ def _inputs(shape, n, dtype, seed=0, base_zero=False, quantize=None):
 
 
 def _same_result(rf, rp, dtype) -> None:
-    """The fused result equals the plain one, or (own majority needed) was handed back."""
-    if rf is None:
-        assert rp.ambiguous
+    """The fused result equals the plain one: values, vote tally, and the retry request."""
+    assert (rf.ambiguous, rf.sign_balance, rf.retry_majority) == (rp.ambiguous, rp.sign_balance, rp.retry_majority)
+    if rp.values is None:
+        assert rf.values is None
         return
     _assert_bits(rf.values, rp.values.to(dtype))
 
@@ -132,13 +133,21 @@ def test_zero_vote_sums_under_each_majority(sampled, majority):
         _assert_bits(rf.values, rp.values)
 
 
-def test_own_majority_is_handed_back_to_the_plain_kernel(sampled):
+@pytest.mark.parametrize("flip", [1.0, -1.0])
+def test_own_majority_in_tensor_scope(sampled, flip):
+    # exact cancellations, and a majority of +1 or (flipped deltas) -1
     base, models = _inputs((1000,), 2, torch.float32, seed=9, quantize=0.001)
+    models = [base + flip * (m - base) for m in models]
     cfg = make_config("ties", 2, density=0.9, scope="tensor")
     keeps = [Keep(0.001), Keep(0.001)]
     _, rp = _plain(base, models, cfg, torch.float32, None, keeps=keeps)
     assert rp.ambiguous  # the case exists in these inputs
-    assert _fused(base, models, cfg, torch.float32, None, 96, keeps=keeps)[1] is None
+    _, rf = _fused(base, models, cfg, torch.float32, None, 96, keeps=keeps)
+    _same_result(rf, rp, torch.float32)
+    if rp.retry_majority is not None:
+        _, rp = _plain(base, models, cfg, torch.float32, rp.retry_majority, keeps=keeps)
+        _, rf = _fused(base, models, cfg, torch.float32, rf.retry_majority, 96, keeps=keeps)
+        _same_result(rf, rp, torch.float32)
 
 
 def _state(seed, dtype=torch.float32, quantize=None):

@@ -321,15 +321,12 @@ def _run_merge(
             keeps, bad = tensor_keeps(b, ms, cfg, plan.dtype)
             if bad:
                 return [_nonfinite(t, models[i]) for i in bad]
-        res = fused.fused_combine(b, ms, keeps, cfg, majority, t.dtype, plan.dtype)
-        return None if res is None else _write(t, full, res)  # None: the plain kernel redoes it
+        return _write(t, full, fused.fused_combine(b, ms, keeps, cfg, majority, t.dtype, plan.dtype))
 
     def _merge_once(t: TensorTask, majority: int | None):
         full, b, ms = inputs.operands(t)
         if use_fused:
-            res = _merge_fused(t, majority, full, b, ms)
-            if res is not None:
-                return res
+            return _merge_fused(t, majority, full, b, ms)
         if cfg.method.combine == "linear":  # the models themselves, not task vectors
             bad = [] if checked_finite else _check_finite(t, ms, models)
             return bad or _write(t, full, TensorResult(linear(ms, cfg, plan.dtype), 0.0, False))

@@ -16,10 +16,11 @@ same bits: the elected sign ``sign(s) + (s == 0)`` is ``sign(sign(s) + 0.5)``
 ``sign(clamp_min(k * e, 0))`` (1 where ``k * e > 0``, a zero elsewhere) instead
 of a bool mask. Both yield the exact same floats, without bool round trips.
 
-The tensor's own-majority case (tensor scope, an exact-zero vote sum over a
-nonzero entry) is detected with two counts per chunk (entries with a nonzero
-sum vs entries with an agreeing model: they differ exactly there) and is
-handed back to the plain kernel, which redoes the tensor; it is rare.
+An exact-zero vote sum over a nonzero entry (its sign then comes from a
+majority) is detected with two counts per chunk: entries with a nonzero sum vs
+entries with an agreeing model differ exactly there. The majority tally is the
+sum of the vote signs. Such a tensor in tensor scope whose own majority is not
++1 is redone with -1, as the plain kernel does; in global scope it is deferred.
 
 Thresholds come from :mod:`trainkit.merge.sampleselect` (exact).
 """
@@ -138,14 +139,13 @@ def fused_combine(
     dtype: torch.dtype,
     *,
     chunk: int | None = None,
-) -> TensorResult | None:
+) -> TensorResult:
     """``base + lam * disjoint_mean(trim(w_i * (m_i - base)))`` chunk by chunk.
 
     Returns the same :class:`TensorResult` as ``combine`` after ``apply_trim`` on the
-    plain path, with ``values`` already in ``out_dtype``; or ``None`` when the
-    tensor's values depend on its own majority sign (``majority=None`` and an
-    exact-zero vote sum over a nonzero entry): the caller then runs the plain
-    kernel, which recomputes it with that majority.
+    plain path, with ``values`` already in ``out_dtype``; that includes
+    ``retry_majority=-1`` when the tensor's own majority sign decides an exact-zero
+    vote sum (``majority=None``) and is not +1, which the caller redoes with it.
     """
     chunk = chunk or CHUNK
     n = len(models)
@@ -180,7 +180,7 @@ def fused_combine(
             for k in kept[2:]:
                 acc.add_(k)
         e = acc.sign_()
-        if majority == DEFER:
+        if unknown:  # the tally that fixes a zero sum's sign, if this tensor needs it
             balance += e.sum(dtype=torch.float64)
         if unknown:  # e is -1/0/+1: sum |e| counts the nonzero sums (exactly: < 2**24)
             nonzero_sum += int(torch.abs(e, out=tmp).sum())
@@ -204,9 +204,10 @@ def fused_combine(
         else:
             out[lo:hi].copy_(torch.add(mean, b, out=res))
     ambiguous = unknown and agreeing > nonzero_sum
-    bal = float(balance) if majority == DEFER else 0.0
+    bal = float(balance) if (majority == DEFER or ambiguous) else 0.0
     if ambiguous:
         if majority == DEFER:
             return TensorResult(None, bal, True)
-        return None
-    return TensorResult(out.reshape(shape), bal, False)
+        if bal <= 0:  # the tensor's own majority is not +1: redo with it, as the plain kernel does
+            return TensorResult(None, bal, True, retry_majority=-1)
+    return TensorResult(out.reshape(shape), bal, ambiguous)
