@@ -249,6 +249,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3 quick, 1 full)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--skip-compat", action="store_true",
+                    help="leave out trainkit --compat mergekit (with --skip-mergekit: a shorter run for the plain-TIES bar)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     repeats = args.repeats or (3 if args.quick else 1)
@@ -278,6 +280,8 @@ def main() -> int:
         "plain_torch_ties": [sys.executable, "-c", PLAIN_TIES, str(args.threads), str(args.density),
                              str(outs / "plain_ties"), str(base), *map(str, fts)],
     }
+    if args.skip_compat:
+        del jobs["trainkit_tensor_compat"]
     if not args.skip_mergekit:
         exe = ensure_mergekit(args.venv)
         cfg = outs.parent / "mergekit.yml"
@@ -314,7 +318,7 @@ def main() -> int:
                                  "input_gb_per_s": input_bytes / med / 1e9, "all_seconds": [x["seconds"] for x in rs],
                                  "all_cpu_seconds": [x["cpu_seconds"] for x in rs]}
     R = summary["runs"]
-    if "mergekit" in R:
+    if "mergekit" in R and "trainkit_tensor_compat" in R:
         summary["speedup_vs_mergekit"] = R["mergekit"]["median_seconds"] / R["trainkit_tensor_compat"]["median_seconds"]
         summary["cpu_time_ratio_mergekit_over_trainkit"] = (
             R["mergekit"]["median_cpu_seconds"] / R["trainkit_tensor_compat"]["median_cpu_seconds"]

@@ -3,14 +3,18 @@
 Memory: at any moment at most ``threads`` tensors are in flight, each holding
 its base and one float32 task vector per model plus a few accumulators, so peak
 anonymous memory is about ``threads * (n_models + 5) * largest tensor * 4`` bytes,
-whatever the model size. Inputs are memory-mapped (file-backed pages) and each
-output tensor is written to its final place in its shard at once.
+whatever the model size (on the fused path, the output tensor, the threshold
+candidates and ``(n_models + 5) * fused.CHUNK`` floats of scratch per thread).
+Inputs are memory-mapped (file-backed pages) and each output tensor is written
+to its final place in its shard at once.
 
 Passes:
 
-1. ``scope="global"`` with a magnitude trim: radix-selection histogram passes
-   (two for float32) find each task vector's exact threshold over all tensors.
-   (mergekit-compat is tensor scope only: mergekit has no global threshold.)
+1. ``scope="global"`` with a magnitude trim: each task vector's exact threshold
+   over all tensors, from a sample pass and one counting pass on the fused path
+   (``sampleselect.GlobalSelection``), else (or when its bracket misses) from
+   radix-selection histogram passes (two for float32). (mergekit-compat is tensor
+   scope only: mergekit has no global threshold.)
 2. The merge pass. In global scope a tensor whose exact-zero vote sums make its
    values depend on the global majority sign (known only at the end) is
    deferred and merged again after the pass; this is rare (exact cancellation).
@@ -35,6 +39,7 @@ import torch
 
 from trainkit._units import Progress
 from trainkit.io.readers import TensorReader
+from trainkit.merge import fused
 from trainkit.merge.kernel import (
     DEFER,
     Keep,
@@ -50,6 +55,7 @@ from trainkit.merge.kernel import (
 from trainkit.merge import mergekit_ops
 from trainkit.merge.methods import MergeConfig
 from trainkit.merge.plan import MergeInputError, MergePlan, TensorTask, plan_merge
+from trainkit.merge.sampleselect import GlobalSelection, tensor_keeps
 from trainkit.merge.threshold import RadixSelect
 
 __all__ = ["TensorSink", "DictSink", "MergeStats", "run_merge", "limit_heap_retention"]
@@ -175,12 +181,16 @@ def _parallel(
             raise
 
 
+def _nonfinite(task: TensorTask, model: TensorReader) -> str:
+    return f"{task.name}: non-finite values (inf/nan) in {model.description} or the base"
+
+
 def _check_finite(task: TensorTask, tvs: list[torch.Tensor], models: list[TensorReader]) -> list[str]:
     bad = []
     for tv, m in zip(tvs, models):
         # A sum is non-finite whenever an entry is; confirm, since a sum can also overflow.
         if not torch.isfinite(tv.sum()) and not bool(torch.isfinite(tv).all()):
-            bad.append(f"{task.name}: non-finite values (inf/nan) in {m.description} or the base")
+            bad.append(_nonfinite(task, m))
     return bad
 
 
@@ -217,8 +227,25 @@ def run_merge(
     """Merge ``models`` into ``base`` tensor by tensor, writing each result to ``sink``.
 
     ``device="cuda"``: operands go to the GPU as they are read, results come back
-    to the CPU before ``sink.write``.
+    to the CPU before ``sink.write``. On the CPU the default TIES rule runs the
+    fused kernel (``merge/fused.py``), with torch ops single-threaded meanwhile:
+    the ``threads`` workers are the parallelism.
     """
+    with fused.serial_ops(fused.applies(cfg, device)):
+        return _run_merge(base, models, cfg, sink, plan=plan, threads=threads, progress=progress, device=device)
+
+
+def _run_merge(
+    base: TensorReader,
+    models: list[TensorReader],
+    cfg: MergeConfig,
+    sink: TensorSink,
+    *,
+    plan: MergePlan | None,
+    threads: int,
+    progress: bool,
+    device: str,
+) -> MergeStats:
     plan = plan or plan_merge(base, models, cfg)
     limit_heap_retention()
     inputs = _Inputs(base, models, device)
@@ -256,7 +283,20 @@ def run_merge(
 
     global_keeps: list[Keep] | None = None
     ranks = [magnitude_rank(plan.total, cfg, i)[0] for i in range(n)]  # exact-k (mergekit): tensor scope only
-    if cfg.method.trim == "magnitude" and cfg.scope == "global" and any(ranks):
+    use_fused = fused.applies(cfg, device)
+    if use_fused and cfg.scope == "global" and any(ranks):  # sample bracket + one counting pass, exact
+        gs = GlobalSelection(ranks, plan.total, cfg, plan.dtype)
+        run_pass("threshold 1 (sample)", merged, lambda t: gs.sample(*inputs.operands(t)[1:]), lambda t, r: None)
+        gs.close_samples()
+        run_pass("threshold 2 (count)", merged,
+                 lambda t: [_nonfinite(t, models[i]) for i in gs.count(*inputs.operands(t)[1:])],
+                 lambda t, r: problems.extend(r))
+        checked_finite = True
+        found = gs.thresholds()
+        if found is not None:  # else a bracket missed: radix selection below
+            stats.thresholds = found
+            global_keeps = [Keep(thr, None) for thr in found]
+    if cfg.method.trim == "magnitude" and cfg.scope == "global" and any(ranks) and global_keeps is None:
         sel = RadixSelect(ranks, plan.dtype)
         first = True
 
@@ -289,6 +329,14 @@ def run_merge(
             res = _merge_once(t, res.retry_majority)
         return res
 
+    def _merge_fused(t: TensorTask, majority: int | None, full, b, ms):
+        keeps = global_keeps
+        if keeps is None:
+            keeps, bad = tensor_keeps(b, ms, cfg, plan.dtype)
+            if bad:
+                return [_nonfinite(t, models[i]) for i in bad]
+        return _write(t, full, fused.fused_combine(b, ms, keeps, cfg, majority, t.dtype, plan.dtype))
+
     def _merge_once(t: TensorTask, majority: int | None):
         if cfg.compat == "mergekit":
             try:
@@ -298,6 +346,8 @@ def run_merge(
                     stream.abort()
                 raise
         full, b, ms = inputs.operands(t)
+        if use_fused:
+            return _merge_fused(t, majority, full, b, ms)
         if cfg.method.combine == "linear":  # the models themselves, not task vectors
             bad = [] if checked_finite else _check_finite(t, ms, models)
             return bad or _write(t, full, TensorResult(linear(ms, cfg, plan.dtype), 0.0, False))
