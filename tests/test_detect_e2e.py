@@ -55,6 +55,26 @@ def test_hang_noncomm_names_rank_with_stack(tmp_path):
 
 
 @pytest.mark.timeout(90)
+def test_ranks_with_different_restart_counts_share_rank_0s_attempt(tmp_path):
+    # An elastic agent's TORCHELASTIC_RESTART_COUNT is its own: after a crash under NVRx's
+    # ft_launcher one node's can be 1 while another's is 0, in the same round. Every rank
+    # must still find the self-started aggregator and land on one timeline.
+    env = dict(os.environ)
+    env.pop("TRAINKIT_AGGREGATOR", None)
+    env.pop("TRAINKIT_GENERATION", None)
+    env["TORCHELASTIC_RESTART_COUNT"] = "0"
+    res = run_drill(DEMO, world=3, run_dir=tmp_path, fault="rank=1,step=8,kind=hang",
+                    script_args=[*FAST, "--steps", "200"], timeout=60, env=env,
+                    env_per_rank={1: {"TORCHELASTIC_RESTART_COUNT": "1"},
+                                  2: {"TORCHELASTIC_RESTART_COUNT": "3"}})
+    f = _only(res.findings, "hang_noncomm")
+    assert f["ranks"] == [1] and f["evidence"]["never_arrived"] == [1]
+    assert [i["attempt"] for i in f["ids"]] == [0]         # rank 0's, not rank 1's own 1
+    for out in res.outputs:      # every rank found it (the drill's stop closes it later)
+        assert "no aggregator" not in out, out[-2000:]
+
+
+@pytest.mark.timeout(90)
 def test_hang_comm_names_group(tmp_path):
     res = run_drill(DEMO, world=3, run_dir=tmp_path, fault="rank=2,step=6,kind=hang_comm",
                     script_args=[*FAST, "--steps", "200"], timeout=60)

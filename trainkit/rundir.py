@@ -104,6 +104,9 @@ def local_identity() -> tuple[str, int, int, int | None]:
     generation, so it sets ``TRAINKIT_GENERATION`` (the attempt) and
     ``TRAINKIT_NODE_INDEX`` (a node index that survives re-rendezvous); they take
     precedence over torchelastic's ``TORCHELASTIC_RESTART_COUNT`` and ``GROUP_RANK``.
+    That count is per agent and can differ between the nodes of one round, so anything
+    that must agree across ranks (a store key, the aggregator's timeline) takes rank 0's:
+    ``CollectiveMonitor.attempt``.
     """
     host = os.environ.get(HOSTNAME_ENV) or socket.gethostname()
     local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)

@@ -31,8 +31,10 @@ the ranks they name. The protocol of a seam classifier is
 
 ``--standalone`` (used when ``CollectiveMonitor`` starts it) exits a couple of
 seconds after every rank has gone; otherwise it runs until SIGTERM/SIGINT and a
-higher restart attempt (``TORCHELASTIC_RESTART_COUNT`` of the ranks) starts a
-fresh timeline.
+higher restart attempt starts a fresh timeline. The attempt is ``TRAINKIT_GENERATION``
+under ``trainkit run``; otherwise every rank reports rank 0's
+``TORCHELASTIC_RESTART_COUNT`` (agreed through the store), because an elastic agent's
+count can differ between the nodes of one round.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ from __future__ import annotations
 import argparse
 import hmac
 import json
-import math
 import os
 import selectors
 import signal
@@ -54,6 +55,8 @@ from typing import Any
 from trainkit import rundir
 from trainkit.detect.classifiers import Classifier, make_classifiers
 from trainkit.detect.knobs import ClassifierConfig
+from trainkit.detect.messages import (MAX_RANK, BadMessage, apply_batch, as_dict, as_float,
+                                      as_int, as_list, parse_hello)
 from trainkit.detect.timeline import RankInfo, Timeline
 from trainkit.rundir import Finding
 
@@ -62,12 +65,6 @@ __all__ = ["Aggregator", "main"]
 _TICK_S = 0.1
 MAX_LINE = 1 << 20          # bytes; a longer line drops the connection
 _HELLO_TIMEOUT_S = 10.0     # an unauthenticated connection is closed after this
-_MAX_RANK = 1 << 24
-_MAX_ATTEMPT = 1 << 31
-
-
-class BadMessage(ValueError):
-    """A message from a connection that does not follow the protocol."""
 
 
 class _Conn:
@@ -341,49 +338,40 @@ class Aggregator:
             self._hello(conn, msg)
             return
         if kind == "exit_code":
-            info = self.timeline.ranks.get(_int(msg["rank"], 0, _MAX_RANK))
+            info = self.timeline.ranks.get(as_int(msg["rank"], 0, MAX_RANK))
             if info is not None:
-                info.exit_code = _int(msg["code"], -(1 << 31), 1 << 31)
+                info.exit_code = as_int(msg["code"], -(1 << 31), 1 << 31)
             return
         info = self._info(conn)
         if info is None:
             return
         info.last_seen = time.time()
         if kind == "b":
-            self._batch(conn, info, _list(msg["ev"]))
+            self._batch(conn, info, as_list(msg["ev"]))
         elif kind == "clock":
-            conn.offset = _float(msg["offset"])
+            conn.offset = as_float(msg["offset"])
         elif kind == "group":
-            self.timeline.groups[str(msg["name"])] = [_int(r, 0, _MAX_RANK)
-                                                      for r in _list(msg["ranks"])]
+            self.timeline.groups[str(msg["name"])] = [as_int(r, 0, MAX_RANK)
+                                                      for r in as_list(msg["ranks"])]
         elif kind == "stack":
             info.stack, info.stack_time = str(msg["text"]), time.time()
         elif kind == "exit":
             info.exit_error = str(msg.get("error"))
             info.comm_error = bool(msg.get("comm_error"))
         elif kind == "probe_result":
-            self.timeline.probe_results.setdefault(_int(msg["id"]), {}).update(
-                {str(k): _float(v) for k, v in _dict(msg["rtt"]).items()})
+            self.timeline.probe_results.setdefault(as_int(msg["id"]), {}).update(
+                {str(k): as_float(v) for k, v in as_dict(msg["rtt"]).items()})
         elif kind == "peer_probe_result":
-            self.timeline.peer_probe_results.setdefault(_int(msg["id"]), {})[info.rank] = {
-                _int(int(k), 0, _MAX_RANK): _dict(v) for k, v in _dict(msg["results"]).items()}
+            self.timeline.peer_probe_results.setdefault(as_int(msg["id"]), {})[info.rank] = {
+                as_int(int(k), 0, MAX_RANK): as_dict(v) for k, v in as_dict(msg["results"]).items()}
         elif kind == "bye":
             info.bye = True
 
     def _hello(self, conn: _Conn, msg: dict[str, Any]) -> None:
         if not self._authentic(msg):          # also a second hello on a live connection
             raise BadMessage("hello without the job's secret")
-        attempt = _int(msg.get("attempt", 0), 0, _MAX_ATTEMPT)
-        rank = _int(msg["rank"], 0, _MAX_RANK)
-        world = _int(msg["world"], 1, _MAX_RANK + 1) if msg.get("world") is not None else None
-        local_rank = _int(msg["local_rank"], 0, _MAX_RANK) if msg.get("local_rank") is not None \
-            else None
-        pid = _int(msg["pid"], 1, 1 << 31) if msg.get("pid") is not None else None
-        node = str(msg["node"])[:256] if msg.get("node") is not None else None
-        auto = msg.get("hang_timeout") == "auto"
-        timeout = _float(msg["hang_timeout"]) if msg.get("hang_timeout") and not auto else None
-        if timeout is not None and not timeout > 0:
-            raise BadMessage(f"hang_timeout {timeout} is not > 0")
+        h = parse_hello(msg)
+        attempt, rank, world, auto, timeout = h.attempt, h.rank, h.world, h.auto, h.timeout
         conn.authenticated = True
         tl = self.timeline
         if attempt > tl.attempt or (attempt == tl.attempt and not self.ever_connected):
@@ -404,56 +392,14 @@ class Aggregator:
         self.last_change = time.time()
         if attempt == tl.attempt:
             tl.world = world or tl.world or None
-            tl.ranks[conn.rank] = RankInfo(rank=conn.rank, host=str(msg.get("host", "?"))[:256],
-                                           local_rank=local_rank, attempt=attempt,
-                                           node=node, pid=pid,
+            tl.ranks[conn.rank] = RankInfo(rank=conn.rank, host=h.host,
+                                           local_rank=h.local_rank, attempt=attempt,
+                                           node=h.node, pid=h.pid,
                                            peer_probe=_probe_address(conn, msg.get("peer_probe")))
         self._send(conn, {"t": "welcome", "time": time.time()})
 
     def _batch(self, conn: _Conn, info: RankInfo, events: list) -> None:
-        tl, rank, off = self.timeline, info.rank, conn.offset
-        for ev in events:
-            tag = _list(ev)[0]
-            if tag == "i":
-                _, group, seq, op, nbytes, dtype, t, step, _peer = ev
-                tl.on_issue(rank, str(group), _int(seq), str(op), _int(nbytes), str(dtype),
-                            _float(t) + off, None if step is None else _int(step))
-            elif tag == "d":
-                _, group, seq, t, ok = ev
-                tl.on_done(rank, str(group), _int(seq), _float(t) + off, bool(ok))
-            elif tag == "w":
-                _, group, seq, t = ev
-                tl.on_wait(rank, str(group), _int(seq), _float(t) + off)
-            elif tag == "s":
-                _, step, t = ev
-                info.step = _int(step)
-                info.steps.append((info.step, _float(t) + off))
-
-
-def _int(value: Any, lo: int = -(1 << 62), hi: int = 1 << 62) -> int:
-    """An integer of the protocol (a JSON int, not a bool) within [lo, hi)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value < hi:
-        raise BadMessage(f"expected an integer in [{lo}, {hi}), got {str(value)[:40]!r}")
-    return value
-
-
-def _float(value: Any) -> float:
-    """A finite number of the protocol."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BadMessage(f"expected a finite number, got {str(value)[:40]!r}")
-    return float(value)
-
-
-def _list(value: Any) -> list:
-    if not isinstance(value, list):
-        raise BadMessage(f"expected a list, got {type(value).__name__}")
-    return value
-
-
-def _dict(value: Any) -> dict:
-    if not isinstance(value, dict):
-        raise BadMessage(f"expected an object, got {type(value).__name__}")
-    return value
+        apply_batch(self.timeline, info, conn.offset, events)
 
 
 def _probe_address(conn: _Conn, advertised: Any) -> tuple[str, int] | None:

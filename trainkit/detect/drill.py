@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,11 +83,13 @@ def run_drill(script: str | os.PathLike, *, world: int, run_dir: str | os.PathLi
               fault: str | None = None, script_args: Sequence[str] = (),
               env: dict[str, str] | None = None, timeout: float = 60.0,
               stop_on_finding: bool = True, settle_s: float = 1.0,
-              python: str = sys.executable) -> DrillResult:
+              python: str = sys.executable,
+              env_per_rank: Mapping[int, Mapping[str, str]] | None = None) -> DrillResult:
     """Run ``script`` as ``world`` local ranks; stop at the first finding or at exit.
 
-    Every process started (ranks and the detached aggregator) is stopped
-    before this returns.
+    ``env_per_rank`` adds variables for single ranks (say, a restart count that differs
+    between nodes, as an elastic agent's can). Every process started (ranks and the
+    detached aggregator) is stopped before this returns.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -109,6 +111,7 @@ def run_drill(script: str | os.PathLike, *, world: int, run_dir: str | os.PathLi
             rank_env = dict(base, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                             LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                             MASTER_PORT=str(port), GROUP_RANK="0")
+            rank_env.update((env_per_rank or {}).get(rank, {}))
             log = open(run_dir / f"rank{rank}.log", "w+")
             logs.append(log)
             procs.append(subprocess.Popen([python, str(script), "--run-dir", str(run_dir),

@@ -30,6 +30,7 @@ only for a malformed ``TRAINKIT_FAULT`` (a clear error at start-up).
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import os
 import secrets
@@ -58,6 +59,7 @@ from trainkit.rundir import local_identity
 __all__ = ["CollectiveMonitor", "job_secret", "start_aggregator"]
 
 _STORE_KEY = "trainkit/detect/aggregator"
+_lookups = itertools.count()     # store-based aggregator look-ups by this process, in order
 _STATUS_PERIOD_S = 0.5
 
 
@@ -170,6 +172,7 @@ class CollectiveMonitor:
         self._peer_probe: PeerProbeServer | None = None
         self._prev_excepthook: Any = None
         self._secret = ""
+        self._attempt: int | None = None     # agreed with rank 0 when found through the store
         self._started = False
         self._adopted: CollectiveMonitor | None = None
         self._status_at = 0.0 if os.environ.get(rundir.RUN_DIR_ENV) else float("inf")
@@ -232,6 +235,8 @@ class CollectiveMonitor:
                           RuntimeWarning, stacklevel=3)
             return None
         host, local_rank, attempt, node = local_identity()
+        if self._attempt is not None:
+            attempt = self._attempt
         hello = {"rank": rank, "world": world, "host": host, "local_rank": local_rank,
                  "attempt": attempt, "node": node, "pid": os.getpid(),
                  "hang_timeout": self.hang_timeout, "secret": self._secret}
@@ -263,7 +268,14 @@ class CollectiveMonitor:
             self._secret = os.environ.get(rundir.AGG_SECRET_ENV, "")
             return knobs.parse_address(text)
         store = c10d._get_default_store()
-        key = f"{_STORE_KEY}/{local_identity()[2]}"   # per restart attempt: never a stale one
+        # The key holds no restart count, and every rank takes rank 0's attempt: an elastic
+        # agent's TORCHELASTIC_RESTART_COUNT can differ between nodes of one round (NVRx's
+        # ft_launcher after a crash), and ranks with different counts would wait on
+        # different keys, or open timelines of different attempts in the aggregator.
+        # Staleness needs no count either: torch prefixes a shared agent store per attempt,
+        # and otherwise every round has a fresh store. The look-up number keeps a second
+        # monitor on the same group (all ranks start them in the same order) off the first's.
+        key = f"{_STORE_KEY}/{next(_lookups)}"
         if rank == 0:
             try:
                 given = os.environ.get(rundir.AGG_SECRET_ENV)
@@ -278,6 +290,8 @@ class CollectiveMonitor:
                 raise
             # Made here: the other ranks cannot have it in their environment.
             store.set(f"{key}/secret", "" if given else self._secret)
+            self._attempt = local_identity()[2]
+            store.set(f"{key}/attempt", str(self._attempt))
             store.set(key, value)
         else:
             store.wait([key], _timedelta(60.0))
@@ -285,6 +299,7 @@ class CollectiveMonitor:
             if value.startswith("error:"):
                 raise RuntimeError(f"rank 0 could not start the aggregator: {value[6:]}")
             published = store.get(f"{key}/secret").decode()
+            self._attempt = int(store.get(f"{key}/attempt").decode())
             self._secret = published or os.environ.get(rundir.AGG_SECRET_ENV, "")
         return knobs.parse_address(value)
 
@@ -375,9 +390,15 @@ class CollectiveMonitor:
         """The latest step, for ``trainkit run``'s live status line (rank 0, rate-limited)."""
         try:
             rundir.write_status(self.run_dir, "step", {
-                "step": step, "time": now, "gen": local_identity()[2]})
+                "step": step, "time": now, "gen": self.attempt})
         except OSError:
             self._status_at = float("inf")
+
+    @property
+    def attempt(self) -> int:
+        """The restart attempt this monitor reports: rank 0's when the aggregator was found
+        through the store (so every rank of a round agrees), else this process's own."""
+        return self._attempt if self._attempt is not None else local_identity()[2]
 
     @property
     def process_group(self) -> dist.ProcessGroup:
