@@ -282,7 +282,9 @@ def _run_merge(
             raise MergeInputError(problems)
 
     global_keeps: list[Keep] | None = None
-    ranks = [magnitude_rank(plan.total, cfg, i)[0] for i in range(n)]  # exact-k (mergekit): tensor scope only
+    # global thresholds only: compat is tensor scope, and its trims are mergekit_ops'
+    ranks = ([magnitude_rank(plan.total, cfg, i) for i in range(n)]
+             if cfg.scope == "global" and cfg.compat is None else [0] * n)
     use_fused = fused.applies(cfg, device)
     if use_fused and cfg.scope == "global" and any(ranks):  # sample bracket + one counting pass, exact
         gs = GlobalSelection(ranks, plan.total, cfg, plan.dtype)
@@ -295,7 +297,7 @@ def _run_merge(
         found = gs.thresholds()
         if found is not None:  # else a bracket missed: radix selection below
             stats.thresholds = found
-            global_keeps = [Keep(thr, None) for thr in found]
+            global_keeps = [Keep(thr) for thr in found]
     if cfg.method.trim == "magnitude" and cfg.scope == "global" and any(ranks) and global_keeps is None:
         sel = RadixSelect(ranks, plan.dtype)
         first = True
@@ -318,7 +320,7 @@ def _run_merge(
         checked_finite = True
         thresholds = [sel.threshold(i) for i in range(n)]
         stats.thresholds = thresholds
-        global_keeps = [Keep(thr, None) for thr in thresholds]
+        global_keeps = [Keep(thr) for thr in thresholds]
 
     balance = 0.0
     deferred: list[TensorTask] = []

@@ -122,8 +122,6 @@ class _Trim:
 def _trims(keeps: list[Keep], dtype: torch.dtype) -> list[_Trim]:
     out = []
     for k in keeps:
-        if k.quota is not None or k.argsort_k is not None:
-            raise ValueError("fused TIES implements the authors' rule (keep all ties), not exact-k")
         thr = k.threshold
         out.append(_Trim(None if thr is None or thr <= 0.0 else _prev_float(thr, dtype)))
     return out

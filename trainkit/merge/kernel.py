@@ -7,6 +7,11 @@ storage dtype; the result is cast back to the base dtype by the caller.
 
 Summations over models run in model order with plain adds, so every result is
 reproducible and independent of thread scheduling.
+
+This is the authors' TIES and its relatives. ``compat="mergekit"`` does not come here:
+:mod:`trainkit.merge.mergekit_ops` runs mergekit 0.1.5's own ops (its exact-k trim,
+its mask draws, its weighting) so that the bits match, and this kernel refuses a
+compat config instead of computing something close to it.
 """
 
 from __future__ import annotations
@@ -47,17 +52,11 @@ depend on the global majority sign, which is known only after a full pass."""
 class Keep:
     """How one task vector is trimmed inside one tensor.
 
-    ``threshold=None`` keeps everything. Otherwise entries with ``|tv| > threshold``
-    are kept, plus those equal to it: all of them (``quota=None``, the authors'
-    rule) or only ``quota`` of them (mergekit's exact-k rule), the first in flat
-    order, or, with ``argsort_k`` set, exactly the ``argsort_k`` entries that
-    ``torch.argsort(|tv|, descending=True)`` puts first, which is how mergekit
-    breaks ties (torch's unstable sort order).
+    ``threshold=None`` keeps everything. Otherwise entries with ``|tv| >= threshold``
+    are kept: every tie at the cut survives (the authors' rule).
     """
 
     threshold: float | None = None
-    quota: int | None = None
-    argsort_k: int | None = None
 
 
 @dataclass(slots=True)
@@ -81,39 +80,39 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def _refuse_compat(cfg: MergeConfig) -> None:
+    if cfg.compat is not None:
+        raise ValueError(f"merge.kernel computes the authors' methods; compat={cfg.compat!r} "
+                         f"merges run in trainkit.merge.mergekit_ops")
+
+
 def task_vectors(
     base: torch.Tensor, models: list[torch.Tensor], cfg: MergeConfig, dtype: torch.dtype
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Return (base in the compute dtype, [w_i * (m_i - base)]).
-
-    In mergekit-compat mode weights are applied after the trim (as mergekit does),
-    so they are not folded in here.
-    """
+    """Return (base in the compute dtype, [w_i * (m_i - base)])."""
+    _refuse_compat(cfg)
     b = base.to(dtype)
     tvs = []
     for i, m in enumerate(models):
         tv = torch.sub(m, b) if m.dtype == dtype else m.to(dtype).sub_(b)
         w = cfg.weight(i)
-        if w != 1.0 and cfg.compat is None:
+        if w != 1.0:
             tv.mul_(w)
         tvs.append(tv)
     return b, tvs
 
 
-def magnitude_rank(d: int, cfg: MergeConfig, model: int = 0) -> tuple[int, bool]:
+def magnitude_rank(d: int, cfg: MergeConfig, model: int = 0) -> int:
     """The 1-based rank (k-th smallest |tv|) of the trim threshold among ``d`` entries.
 
-    Returns (rank, exact_k). rank 0 means keep everything. The authors keep
-    ``|tv| >= kth smallest`` with k = d - int(d * density); mergekit keeps exactly
-    max(1, int(density * d)) largest, i.e. the threshold is the k-th largest.
+    0 means keep everything. The authors keep ``|tv| >= kth smallest`` with
+    k = d - int(d * density).
     """
+    _refuse_compat(cfg)
     density = cfg.density_of(model)
     if density >= 1.0 or d == 0:
-        return 0, False
-    if cfg.compat == "mergekit":
-        keep = max(1, int(density * d))
-        return d - keep + 1, True
-    return d - int(d * density), False
+        return 0
+    return d - int(d * density)
 
 
 def tensor_thresholds(tvs: list[torch.Tensor], cfg: MergeConfig) -> list[Keep]:
@@ -125,7 +124,7 @@ def tensor_thresholds(tvs: list[torch.Tensor], cfg: MergeConfig) -> list[Keep]:
     keeps = []
     for i, tv in enumerate(tvs):
         d = tv.numel()
-        rank, exact_k = magnitude_rank(d, cfg, i)
+        rank = magnitude_rank(d, cfg, i)
         if rank == 0:
             keeps.append(Keep())
             continue
@@ -135,16 +134,7 @@ def tensor_thresholds(tvs: list[torch.Tensor], cfg: MergeConfig) -> list[Keep]:
             sel.add(0, sel.histogram(a, 0))
             sel.advance()
         del a
-        thr = sel.threshold(0)
-        if not exact_k:
-            keeps.append(Keep(thr))
-            continue
-        keep = d - rank + 1
-        quota = keep - sel.count_greater(0, d)
-        if sel.count_equal(0) > quota:  # ties straddle the cut: break them as mergekit does
-            keeps.append(Keep(thr, quota, argsort_k=keep))
-        else:
-            keeps.append(Keep(thr))
+        keeps.append(Keep(sel.threshold(0)))
     return keeps
 
 
@@ -158,55 +148,28 @@ def apply_trim(tv: torch.Tensor, keep: Keep) -> torch.Tensor:
     if keep.threshold is None:
         return tv
     thr = keep.threshold
-    if keep.argsort_k is not None:
-        w = tv.abs().reshape(-1)
-        mask = torch.zeros(w.numel(), dtype=tv.dtype, device=tv.device)
-        mask[torch.argsort(w, descending=True)[: keep.argsort_k]] = 1
-        return tv.mul_(mask.reshape(tv.shape))
-    if keep.quota is None:
-        if thr <= 0.0:
-            return tv
-        # hardshrink zeroes |x| <= lambd; with lambd the float just below thr
-        # this keeps exactly |x| >= thr, in one fused pass.
-        return F.hardshrink(tv, _prev_float(thr, tv.dtype))
-    a = tv.abs()
-    mask = a > thr
-    if keep.quota > 0:
-        ties = (a == thr).reshape(-1).nonzero().reshape(-1)[: keep.quota]
-        mask.reshape(-1)[ties] = True
-    return tv.mul_(mask)
+    if thr <= 0.0:
+        return tv
+    # hardshrink zeroes |x| <= lambd; with lambd the float just below thr
+    # this keeps exactly |x| >= thr, in one fused pass.
+    return F.hardshrink(tv, _prev_float(thr, tv.dtype))
 
 
-def random_keep(tv: torch.Tensor, density: float, seed: int, model: int, name: str,
-                compat: str | None = None) -> torch.Tensor:
+def random_keep(tv: torch.Tensor, density: float, seed: int, model: int, name: str) -> torch.Tensor:
     """DARE: keep each entry with probability ``density`` and rescale by 1/density.
 
     The generator is seeded from (seed, model index, tensor name), so the mask is
-    the same whichever thread or pass computes it. ``compat="mergekit"`` draws the
-    mask with ``torch.bernoulli`` and rescales as mergekit's ``rescale: true`` does
-    (to the task vector's L1 norm, unless either norm is below 1e-7).
+    the same whichever thread or pass computes it.
     """
     if density >= 1.0:
         return tv
     g = _generator(seed, model, name)
-    if compat == "mergekit":  # the mask is drawn on the CPU, so it is the same on any device
-        mask = torch.bernoulli(torch.full(tv.shape, density, dtype=tv.dtype), generator=g).to(tv.device)
-        return _l1_rescaled(tv, mask)
     mask = (torch.rand(tv.shape, generator=g, dtype=tv.dtype) < density).to(tv.device)
     return torch.where(mask, tv / density, torch.zeros((), dtype=tv.dtype, device=tv.device))
 
 
 def _generator(seed: int, model: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + model * 7919 + zlib.crc32(name.encode())) % 2**63)
-
-
-def _l1_rescaled(tv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """mergekit's ``rescale: true``: the masked vector scaled back to the L1 norm of ``tv``."""
-    masked = tv * mask
-    before, after = tv.abs().sum(), masked.abs().sum()
-    if before < 1e-7 or after < 1e-7:
-        return masked
-    return masked * (before / after)
 
 
 def outlier_keep(tv: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -226,14 +189,13 @@ def outlier_keep(tv: torch.Tensor, density: float, gamma: float) -> torch.Tensor
     return tv * mask.reshape(tv.shape)
 
 
-def della_keep(tv: torch.Tensor, density: float, epsilon: float, seed: int, model: int, name: str,
-               compat: str | None = None) -> torch.Tensor:
+def della_keep(tv: torch.Tensor, density: float, epsilon: float, seed: int, model: int,
+               name: str) -> torch.Tensor:
     """DELLA's MagPrune: keep entry j of a row with probability from ``density - epsilon``
     (smallest |tv| of the row) rising linearly in rank to ``density + epsilon`` (largest).
 
-    Kept entries are rescaled by 1/p (the paper); ``compat="mergekit"`` rescales to the
-    L1 norm instead, as mergekit 0.1.5 does. Rows are the first dimension (a 1-D tensor
-    is one row). The mask is drawn on the CPU from a generator seeded by (seed, model,
+    Kept entries are rescaled by 1/p (the paper). Rows are the first dimension (a 1-D
+    tensor is one row). The mask is drawn on the CPU from a generator seeded by (seed, model,
     tensor name).
     """
     if density >= 1.0:
@@ -243,22 +205,21 @@ def della_keep(tv: torch.Tensor, density: float, epsilon: float, seed: int, mode
     lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
     probs = (density - epsilon) + ((ranks - lo) / (hi - lo)).clamp(0, 1) * 2 * epsilon
     mask = torch.bernoulli(probs.cpu(), generator=_generator(seed, model, name)).to(tv.device)
-    if compat == "mergekit":
-        return _l1_rescaled(rows, mask).reshape(tv.shape)
     return (rows * mask / probs).reshape(tv.shape)
 
 
 def sparsify(tv: torch.Tensor, cfg: MergeConfig, model: int, name: str) -> torch.Tensor:
     """The method's random or rank-based trim of one task vector (not ``magnitude``,
     whose thresholds the engine finds first; not ``none``)."""
+    _refuse_compat(cfg)
     density = cfg.density_of(model)
     trim = cfg.method.trim
     if trim == "random":
-        return random_keep(tv, density, cfg.seed, model, name, cfg.compat)
+        return random_keep(tv, density, cfg.seed, model, name)
     if trim == "outliers":
         return outlier_keep(tv, density, cfg.gamma)
     if trim == "della":
-        return della_keep(tv, density, cfg.epsilon, cfg.seed, model, name, cfg.compat)
+        return della_keep(tv, density, cfg.epsilon, cfg.seed, model, name)
     raise ValueError(f"sparsify: trim {trim!r} is not a per-tensor trim")
 
 
@@ -290,9 +251,8 @@ def combine(
     (tensor scope); :data:`DEFER` means: return no values if they would depend
     on a majority not known yet.
     """
+    _refuse_compat(cfg)
     method = cfg.method
-    if cfg.compat == "mergekit" and not method.elect:
-        return _combine_mergekit_sum(base, kept, cfg)
     acc = kept[0].clone()
     for k in kept[1:]:
         acc += k
@@ -300,8 +260,6 @@ def combine(
         if method.combine == "mean":
             acc /= sum(cfg.weight(i) for i in range(len(kept)))
         return TensorResult(base + cfg.lam * acc, 0.0, False)
-    if cfg.compat == "mergekit":
-        return _combine_mergekit(base, kept, acc, cfg)
     return _combine_disjoint(base, kept, acc, cfg, majority)
 
 
@@ -316,8 +274,8 @@ def _signs(s: torch.Tensor, zero_to: int) -> tuple[torch.Tensor, torch.Tensor]:
     return e, zero
 
 
-def _agree_in_place(kept: list[torch.Tensor], e: torch.Tensor, weights: list[float] | None = None):
-    """Sum of |entries| whose sign is ``e`` and their count (or summed weights), in model order.
+def _agree_in_place(kept: list[torch.Tensor], e: torch.Tensor):
+    """Sum of |entries| whose sign is ``e`` and their count, in model order.
 
     Each ``kept`` tensor is overwritten: ``k * e`` is exact (a sign flip), and
     summing the agreeing magnitudes then multiplying by ``e`` gives bit for bit
@@ -328,10 +286,7 @@ def _agree_in_place(kept: list[torch.Tensor], e: torch.Tensor, weights: list[flo
     for i, k in enumerate(kept):
         p = k.mul_(e)
         agree = p > 0
-        if weights is None or weights[i] == 1.0:
-            cnt.add_(agree)
-        else:
-            cnt.add_(agree * torch.tensor(weights[i], dtype=e.dtype, device=e.device))
+        cnt.add_(agree)
         p.clamp_min_(0)
         if sel is None:
             sel = p
@@ -364,37 +319,3 @@ def _combine_disjoint(
     if cfg.lam != 1.0:
         mean.mul_(cfg.lam)
     return TensorResult(mean.add_(base), balance, ambiguous)
-
-
-def _combine_mergekit(base: torch.Tensor, kept: list[torch.Tensor], s: torch.Tensor, cfg: MergeConfig) -> TensorResult:
-    """mergekit 0.1.5 ties: weights before the vote, zero sum -> +1, weighted divisor."""
-    ws = [cfg.weight(i) for i in range(len(kept))]
-    if any(w != 1.0 for w in ws):
-        for i, w in enumerate(ws):
-            kept[i].mul_(w)
-        s = kept[0].clone()
-        for x in kept[1:]:
-            s += x
-    e, _ = _signs(s, 1)
-    mixed, divisor = _agree_in_place(kept, e, ws)
-    if cfg.normalizes:
-        divisor.masked_fill_(divisor == 0, 1)
-        mixed.div_(divisor)
-    if cfg.lam != 1.0:
-        mixed.mul_(cfg.lam)
-    return TensorResult(mixed.add_(base), 0.0, False)
-
-
-def _combine_mergekit_sum(base: torch.Tensor, kept: list[torch.Tensor], cfg: MergeConfig) -> TensorResult:
-    """mergekit 0.1.5 without a vote (task_arithmetic, dare_linear, ...): weighted sum,
-    divided by the summed weights only when ``normalize`` (|sum| < 1e-8 counts as 1)."""
-    ws = [cfg.weight(i) for i in range(len(kept))]
-    mixed = kept[0].mul_(ws[0]) if ws[0] != 1.0 else kept[0]
-    for x, w in zip(kept[1:], ws[1:]):
-        mixed.add_(x.mul_(w) if w != 1.0 else x)
-    if cfg.normalizes:
-        total = torch.tensor(ws, dtype=mixed.dtype, device=mixed.device).sum()
-        mixed.div_(torch.ones_like(total) if total.abs() < 1e-8 else total)
-    if cfg.lam != 1.0:
-        mixed.mul_(cfg.lam)
-    return TensorResult(mixed.add_(base), 0.0, False)

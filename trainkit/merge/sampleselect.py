@@ -153,7 +153,7 @@ def tensor_keeps(base: torch.Tensor, models: list[torch.Tensor], cfg: MergeConfi
     n = len(models)
     d = base.numel()
     ws = [cfg.weight(i) for i in range(n)]
-    ranks = [magnitude_rank(d, cfg, i)[0] for i in range(n)]
+    ranks = [magnitude_rank(d, cfg, i) for i in range(n)]
     b_flat = base.reshape(-1)
     m_flat = [m.reshape(-1) for m in models]
     if d <= SMALL:
