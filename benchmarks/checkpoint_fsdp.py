@@ -21,7 +21,12 @@ Arms run interleaved over ``--rounds`` rounds (default 3, the first a warm-up th
 reported; the arm order rotates each round), and every figure is the median over the
 measured rounds of the slowest rank's value in that round: *loop cost per checkpoint* =
 time from the save call to the end of the next 3 training steps minus 3 steps just
-before without a checkpoint; time until durable; peak extra RSS over the rank's state
+before without a checkpoint; *on the training thread* = the save call plus what the
+optimizer's step pre-hook then waited for lazy copies (what the loop pays by itself, with
+no other process on its cores); *ckpt CPU* = the rank process's CPU time in the loop window
+(save call + 3 steps) and until durable, minus that of the 3 steps before: what the
+checkpoint's threads take from cores the ranks share (on this 2-core machine 4 ranks
+already fill them, so that CPU shows up as loop cost); time until durable; peak extra RSS over the rank's state
 bytes; and the checkpoint's *own* extra RSS: the peak RSS rise during the save (call,
 3 steps, wait) minus the peak rise of the 3 steps just before without a save. Why the
 difference: the training steps themselves (gloo buffers, autograd) raise RSS by more
@@ -184,6 +189,11 @@ def _arms(root: Path, budget: int, nice: dict) -> tuple[list[tuple[str, Any]], d
     return arms, held
 
 
+def _hook_wait(held: dict[str, Any]) -> float:
+    """Seconds the arms' optimizer pre-hooks have waited for lazy copies, so far."""
+    return sum(held[k].stats["hook_wait_s"] for k in ("ck", "budget", "lazy") if k in held)
+
+
 def _init_rank(rank: int, world: int, port: int) -> Any:
     """A rank process: its environment, one intra-op thread, the gloo group."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -213,22 +223,31 @@ def _save_rank(rank: int, world: int, port: int, root: str, total: int, budget: 
                 name, start = arms[i]
                 step = rnd * len(arms) + i
                 dist.barrier()
+                c0 = time.process_time()
                 with PeakRSS() as train_rss:
                     base = _train(model, opt, STEPS_AFTER)
+                cpu_base = time.process_time() - c0
                 model_sd, optim_sd = get_state_dict(model, opt)
                 state = {"model": model_sd, "optim": optim_sd}
                 row: dict[str, Any] = {"arm": name, "state_bytes": _local_nbytes(state),
                                        "step": step}
+                hooked0 = _hook_wait(held)
                 with PeakRSS() as rss:
-                    t0 = time.perf_counter()
+                    c0, t0 = time.process_time(), time.perf_counter()
                     wait = start(model, opt, state, step)
                     blocked = time.perf_counter() - t0
                     after = _train(model, opt, STEPS_AFTER)
                     loop = time.perf_counter() - t0
+                    cpu_loop = time.process_time() - c0
                     wait()
                     durable = time.perf_counter() - t0
+                    cpu_total = time.process_time() - c0
+                hooked = _hook_wait(held) - hooked0
                 train_extra = train_rss.peak - train_rss.base
                 row.update(blocked_s=blocked, loop_cost_s=loop - base, durable_s=durable,
+                           thread_s=blocked + hooked, hook_wait_s=hooked,
+                           ckpt_cpu_loop_s=cpu_loop - cpu_base,
+                           ckpt_cpu_s=cpu_total - cpu_base,
                            steps_s=base, after_s=after, peak_extra=rss.peak - rss.base,
                            train_extra=train_extra,
                            own_extra=max(0, rss.peak - rss.base - train_extra))
@@ -339,7 +358,8 @@ def run(scale: float, root: Path, budget: int | None = None, *, rounds: int = 3,
     nice = {} if background_nice is None else {"background_nice": background_nice}
     per_rank = _spawn(_save_rank, 4, str(root), total, budget, rounds, nice)
     keys = ("blocked_s", "loop_cost_s", "durable_s", "peak_extra", "train_extra",
-            "own_extra", "buffer_peak")
+            "own_extra", "buffer_peak", "thread_s", "hook_wait_s", "ckpt_cpu_loop_s",
+            "ckpt_cpu_s")
     rows = []
     for i, arm_rows in enumerate(per_rank[0]):
         measured = []
@@ -381,14 +401,19 @@ def report(res: dict) -> str:
            f"state (vocab {vocab}, dim {dim}, {blocks} blocks); median of {n} measured "
            f"round(s) after a warm-up, the slowest rank per round; trainkit background_nice="
            f"{'default' if res.get('background_nice') is None else res['background_nice']}",
-           "", "| arm | blocked (ms) | loop cost / ckpt (ms) | % of dcp.save | durable (s) "
+           "", "| arm | blocked (ms) | on the training thread (ms) | loop cost / ckpt (ms) "
+           "| % of dcp.save | ckpt CPU in the loop window / all (ms per rank) | durable (s) "
            "| peak extra RSS / rank state | ckpt's own extra RSS (MiB) |",
-           "|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|"]
     ref = next((r for r in res["rows"] if r["arm"].startswith("dcp.save")), None)
     for r in res["rows"]:
         pct = "" if ref is None else f"{100 * r['loop_cost_s'] / ref['loop_cost_s']:.1f}%"
-        out.append(f"| {r['arm']} | {1000 * r['blocked_s']:.0f} | {1000 * r['loop_cost_s']:.0f} "
-                   f"| {pct} | {r['durable_s']:.2f} | {r['peak_extra'] / r['state_bytes']:.2f}x "
+        out.append(f"| {r['arm']} | {1000 * r['blocked_s']:.0f} "
+                   f"| {1000 * r.get('thread_s', r['blocked_s']):.0f} "
+                   f"| {1000 * r['loop_cost_s']:.0f} | {pct} "
+                   f"| {1000 * r.get('ckpt_cpu_loop_s', float('nan')):.0f} / "
+                   f"{1000 * r.get('ckpt_cpu_s', float('nan')):.0f} "
+                   f"| {r['durable_s']:.2f} | {r['peak_extra'] / r['state_bytes']:.2f}x "
                    f"| {r['own_extra'] / MiB:.1f} |")
     out += ["", "loop cost per round (ms): " + "; ".join(
         f"{r['arm'].split(' (')[0].split(' ->')[0]}: "
