@@ -268,13 +268,10 @@ class CollectiveMonitor:
             self._secret = os.environ.get(rundir.AGG_SECRET_ENV, "")
             return knobs.parse_address(text)
         store = c10d._get_default_store()
-        # The key holds no restart count, and every rank takes rank 0's attempt: an elastic
+        # No restart count in the key, and every rank takes rank 0's attempt: an elastic
         # agent's TORCHELASTIC_RESTART_COUNT can differ between nodes of one round (NVRx's
-        # ft_launcher after a crash), and ranks with different counts would wait on
-        # different keys, or open timelines of different attempts in the aggregator.
-        # Staleness needs no count either: torch prefixes a shared agent store per attempt,
-        # and otherwise every round has a fresh store. The look-up number keeps a second
-        # monitor on the same group (all ranks start them in the same order) off the first's.
+        # ft_launcher after a crash). torch prefixes a shared agent store per attempt (else
+        # each round has a fresh store); the look-up number separates a second monitor.
         key = f"{_STORE_KEY}/{next(_lookups)}"
         if rank == 0:
             try:
