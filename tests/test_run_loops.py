@@ -167,3 +167,15 @@ def test_the_coordinator_restores_older_or_stops_with_the_cause(tmp_path: Path, 
         assert control.get("tk/gen/1/plan")["restore_before"] is None
     assert all(e["fault"] == "bad_step" and e["culprits"] == []
                for e in events if e["event"] == "decision")
+
+
+def test_a_reported_bad_step_is_not_a_crash_when_the_exit_code_is_lost():
+    # A worker that sys.exit()s with its process group alive can abort in C++ teardown
+    # (SIGABRT): its BAD_STEP_EXIT is lost, but its bad_step report is not.
+    from trainkit.run.coordinator import Coordinator
+
+    failed = {"vm": {"rc": 1, "exitcodes": [-6, -6], "time": 1.0}}
+    fault = Coordinator._exit_fault(failed, "step 5 (loss is nan)")
+    assert fault.kind == "bad_step" and "step 5 (loss is nan)" in fault.reason
+    assert fault.nodes == ()
+    assert Coordinator._exit_fault(failed).kind == "crash"       # no report: a crash

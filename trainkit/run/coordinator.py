@@ -277,7 +277,8 @@ class Coordinator:
             if failed:
                 first_failure = first_failure or time.monotonic()
                 if time.monotonic() - first_failure >= self.cfg.exit_grace:
-                    return _Outcome(status="fault", state=state, fault=self._exit_fault(failed))
+                    return _Outcome(status="fault", state=state,
+                                    fault=self._exit_fault(failed, self._bad_step_report(gen)))
             lost = self._stale(state.members, done)
             if lost:
                 return _Outcome(status="fault", state=state, fault=Fault(
@@ -320,11 +321,25 @@ class Coordinator:
     def _same_generation(finding: Finding, gen: int) -> bool:
         return not finding.attempts or gen in finding.attempts
 
+    def _bad_step_report(self, gen: int) -> str | None:
+        """What generation ``gen``'s ``bad_step`` report said, if it sent one (read once,
+        when the generation has failed)."""
+        record = generation_records(read_jsonl(self.cfg.run_dir / REPORTS_FILE)).get(gen)
+        if record is None or record.bad_step is None:
+            return None
+        return f"step {record.bad_step}" + (f" ({record.bad_reason})" if record.bad_reason else "")
+
     @staticmethod
-    def _exit_fault(failed: dict[str, dict[str, Any]]) -> Fault:
+    def _exit_fault(failed: dict[str, dict[str, Any]], bad_step: str | None = None) -> Fault:
         """Culprits of a failure the detector did not explain: nodes whose workers died
         from a signal other than the SIGTERM torchrun sends a failed worker's siblings,
-        else the node that failed first."""
+        else the node that failed first.
+
+        A bad step is the job's fault, not a node's: known from ``BAD_STEP_EXIT`` or from
+        the generation's ``bad_step`` report (``bad_step``). The report counts on its own
+        because the exit code can be lost: a worker that calls ``sys.exit`` with its
+        process group still alive can abort in C++ teardown (SIGABRT, "terminate called
+        without an active exception"), and that must not read as a crash."""
         signalled = tuple(m for m, e in failed.items()
                           if any(c < 0 and c != -signal.SIGTERM for c in e["exitcodes"]))
         first = min(failed, key=lambda m: failed[m]["time"])
@@ -333,6 +348,9 @@ class Coordinator:
         if any(BAD_STEP_EXIT in e["exitcodes"] for e in failed.values()):
             return Fault(kind="bad_step", reason=f"the script reported a bad step (exit code "
                          f"{BAD_STEP_EXIT}): {codes}")
+        if bad_step is not None:
+            return Fault(kind="bad_step", reason=f"the script reported a bad step at {bad_step}; "
+                         f"workers exited with {codes}")
         return Fault(kind="crash", nodes=nodes, reason=f"workers exited with {codes}")
 
     def _stale(self, members: tuple[str, ...], done: dict[str, Any]) -> list[str]:
